@@ -1,0 +1,138 @@
+"""`ds-trainer` subcommands. `main(argv) -> int` so tests can call it in-process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ds_trainer.errors import DsTrainerError
+
+log = logging.getLogger(__name__)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML run config (see ds_configs/)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.learning_rate=3e-5 (repeatable)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ds-trainer", description="DeepSpeed trainer for AI-generated image detectors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config (one process per rank; see launch.sh)")
+    _add_config_args(p)
+    p.add_argument("--load-dir", help="resume from the newest complete checkpoint in this directory")
+    # The deepspeed launcher appends --local_rank=N to the script's arguments.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config resolves to")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="micro-batches per rank per epoch (default: from the shard manifest)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="device to resolve precision for (default: this machine's)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="whether that device has fast bf16 (default: detect)")
+
+    p = sub.add_parser("shard", help="GenImage folder → WebDataset tar shards + manifest.json")
+    p.add_argument("--src", required=True, help="GenImage root: <generator>/{train,val}/{ai,nature}/*")
+    p.add_argument("--out", required=True, help="output shard directory, e.g. data_shards/genimage")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    p.add_argument("--generators", nargs="+", default=None, help="only these generator folders")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo-data", help="build the embedded demo set (no download) into data_shards/demo")
+    p.add_argument("--out", default="data_shards/demo")
+    p.add_argument("--train-per-class", type=int, default=400)
+    p.add_argument("--val-per-class", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ds_trainer.config import load_config
+    from ds_trainer.run import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    rows = run_training(cfg, load_dir=args.load_dir, debug=args.debug)
+    if rows:
+        log.debug("final metrics: %s", rows[-1])
+    return 0
+
+
+def _cmd_ds_config(args: argparse.Namespace) -> int:
+    from ds_trainer.config import load_config
+    from ds_trainer.ds_config import DeviceInfo, build_ds_config
+
+    cfg = load_config(args.config, args.overrides)
+    steps = args.steps_per_epoch
+    if steps is None:
+        from ds_trainer.data import load_manifest
+
+        manifest = load_manifest(cfg.data.shards)
+        total = sum(s.count for s in manifest.select(cfg.data.train_split, cfg.data.train_generators))
+        steps = total // (args.world_size * cfg.training.batch_size)
+    if args.device is None:
+        from ds_trainer.distributed import detect_device
+
+        device = detect_device()
+    else:
+        device = DeviceInfo(type=args.device, bf16_supported=args.device == "cuda")
+    if args.bf16 is not None:
+        device = DeviceInfo(type=device.type, bf16_supported=args.bf16)
+    ds = build_ds_config(cfg, args.world_size, steps, device)
+    sys.stdout.write(json.dumps(ds, indent=2) + "\n")
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from ds_trainer.data import write_shards
+
+    manifest = write_shards(args.src, args.out, max_count=args.max_count, generators=args.generators, seed=args.seed)
+    print(f"wrote {len(manifest['shards'])} shards to {args.out} ({_summary(manifest)})")
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from ds_trainer.data import make_demo_shards
+
+    manifest = make_demo_shards(
+        args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed
+    )
+    print(f"wrote demo shards to {args.out} ({_summary(manifest)})")
+    return 0
+
+
+def _summary(manifest: dict) -> str:
+    total = sum(s["count"] for s in manifest["shards"])
+    generators = sorted({s["generator"] for s in manifest["shards"]})
+    return f"{total} images, generators: {', '.join(generators)}"
+
+
+_COMMANDS = {"train": _cmd_train, "ds-config": _cmd_ds_config, "shard": _cmd_shard, "demo-data": _cmd_demo_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except DsTrainerError as exc:
+        if args.debug:
+            raise
+        print(f"ds-trainer {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

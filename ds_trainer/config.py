@@ -1,0 +1,242 @@
+"""The run configuration: one YAML file with sections model, data, training, deepspeed, logging.
+
+Loaded into a typed, validated pydantic tree. Every error names the dotted key; an unknown
+key also names the closest valid one, because a typo in a YAML key would otherwise silently
+fall back to a default and waste a multi-day run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ds_trainer.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, and it unpacks like a mapping.
+
+    The mapping protocol is what lets the seed's `Trainer(..., **config.training)` work.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def keys(self) -> list[str]:
+        return list(type(self).model_fields)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(self.keys())
+
+
+class ModelSection(Section):
+    model_name: str = Field("tiny", description="hub id, local HF directory, or 'tiny' (random init)")
+    mode: Literal["fine-tune"] = "fine-tune"
+    freeze_backbone: bool = False
+    num_classes: int = Field(2, ge=2)
+
+
+class DataSection(Section):
+    shards: str = Field("data_shards/demo", description="shard directory holding manifest.json")
+    train_split: str = "train"
+    val_split: str | None = "val"
+    train_generators: list[str] | None = None
+    eval_generators: list[str] | None = None
+    image_size: int = Field(224, ge=32, le=1024)
+    num_workers: int = Field(2, ge=0, le=64)
+    shuffle_buffer: int = Field(1000, ge=0)
+    eval_batch_size: int | None = Field(None, ge=1)
+
+
+class TrainingSection(Section):
+    """Exactly the keys of the seed's `training:` example."""
+
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    warmup_epochs: float = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    num_epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    grad_accumulation_steps: int = Field(1, ge=1)
+    checkpoint_dir: str = "results/saved_models"
+    save_frequency: int = Field(1, ge=0, description="save every N epochs; 0 = only the last")
+    early_stopping: bool = False
+    patience: int = Field(3, ge=1)
+    mixed_precision: bool = True
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> TrainingSection:
+        if self.min_lr > self.learning_rate:
+            raise ValueError(
+                f"min_lr ({self.min_lr:g}) is above learning_rate ({self.learning_rate:g}); "
+                "it must be lower or equal"
+            )
+        if self.warmup_epochs >= self.num_epochs and self.warmup_epochs > 0:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than num_epochs ({self.num_epochs})"
+            )
+        return self
+
+
+class DeepSpeedSection(Section):
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: follow training.mixed_precision and the device"
+    )
+    config_file: str | None = Field(None, description="a raw DeepSpeed JSON to merge; must agree with the YAML")
+
+
+class LoggingSection(Section):
+    run_dir: str = Field("runs/default", description="where config, metrics.jsonl and train.log go")
+    log_every_n_steps: int = Field(10, ge=1)
+
+
+class Config(Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string. Users write learning rates
+# exactly like that (the seed does), so resolve YAML 1.2 style floats as floats.
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}:{where}: YAML syntax error: {problem}") from None
+
+
+def _section_at(path: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `path` (for did-you-mean suggestions)."""
+    model: type[BaseModel] = Config
+    for part in path[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _unknown_key_message(path: Sequence[str | int]) -> str:
+    dotted = ".".join(str(p) for p in path)
+    model = _section_at(path)
+    if model is None:
+        return f"unknown key {dotted}"
+    prefix = ".".join(str(p) for p in path[:-1])
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.6)
+    if close:
+        full = f"{prefix}.{close[0]}" if prefix else close[0]
+        return f"unknown key {dotted} — did you mean {full}?"
+    where = f"{prefix}" if prefix else "the top level"
+    return f"unknown key {dotted} — valid keys in {where}: {', '.join(valid)}"
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"]]
+        dotted = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(loc))
+            continue
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "value_error" or not dotted:
+            lines.append(f"{dotted or 'config'}: {msg}" if dotted else msg)
+        else:
+            lines.append(f"{dotted}: {msg} (got {err.get('input')!r})")
+    body = "\n".join(f"  {line}" for line in lines)
+    return f"invalid configuration in {source}:\n{body}"
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set a.b.c=value` to a raw config dict (value parsed as YAML)."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set training.learning_rate=3e-5")
+    parts = key.split(".")
+    node: dict[str, Any] = tree
+    for i, part in enumerate(parts[:-1]):
+        # An unknown section is created here and reported by validation with a suggestion.
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = parse_yaml(raw, source=f"--set {key}") if raw.strip() else None
+
+
+def build_config(tree: Any, overrides: Sequence[str] = (), source: str = "<config>") -> Config:
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    tree = _deep_copy(tree)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (see ds_configs/ for examples)")
+    tree = parse_yaml(path.read_text(), source=str(path))
+    return build_config(tree, overrides, source=str(path))
+
+
+def _deep_copy(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}

@@ -1,0 +1,29 @@
+"""Errors a user can cause, each with its own exit code.
+
+The CLI turns these into a short message on stderr (no traceback unless --debug);
+library users catch them like any exception.
+"""
+
+
+class DsTrainerError(Exception):
+    """Base class: a problem the user can fix (bad config, missing file, ...)."""
+
+    exit_code = 1
+
+
+class ConfigError(DsTrainerError):
+    """The YAML, a --set override, or a derived DeepSpeed setting is invalid."""
+
+    exit_code = 2
+
+
+class DataError(DsTrainerError):
+    """Shards, manifests or image folders are missing, empty or unreadable."""
+
+    exit_code = 3
+
+
+class CheckpointError(DsTrainerError):
+    """A checkpoint to resume from is missing, incomplete or does not match."""
+
+    exit_code = 4

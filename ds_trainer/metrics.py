@@ -1,0 +1,66 @@
+"""Detector metrics, computed on predictions gathered from every rank.
+
+Evaluating on rank 0's share alone (a common bug) reports a number from 1/world_size of the
+validation set; everything here works on the gathered whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+def ai_scores(outputs: torch.Tensor) -> torch.Tensor:
+    """Probability of class 1 (ai) from logits: softmax for [B, C>=2], sigmoid for [B] or [B, 1]."""
+    outputs = outputs.detach().float()
+    if outputs.ndim == 2 and outputs.shape[1] >= 2:
+        return outputs.softmax(dim=1)[:, 1]
+    return outputs.reshape(-1).sigmoid()
+
+
+def binary_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """acc, real/fake acc, ROC AUC and AP (NaN where a class is missing, e.g. a one-class batch)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if s.size == 0:
+        nan = math.nan
+        return {"acc": nan, "real_acc": nan, "fake_acc": nan, "auc": nan, "ap": nan}
+    pred = (s >= threshold).astype(np.int64)
+    real, fake = y == 0, y == 1
+    both = real.any() and fake.any()
+    return {
+        "acc": float((pred == y).mean()),
+        "real_acc": float((pred[real] == 0).mean()) if real.any() else math.nan,
+        "fake_acc": float((pred[fake] == 1).mean()) if fake.any() else math.nan,
+        "auc": float(roc_auc_score(y, s)) if both else math.nan,
+        "ap": float(average_precision_score(y, s)) if both else math.nan,
+    }
+
+
+def gather_1d(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any per-rank length from all ranks (same result on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat([p for p in parts if p is not None])
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max_int(value: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ds_trainer",
+    version="0.1.0",
+    description="DeepSpeed-accelerated distributed trainer for CLIP-based AI-generated image detectors",
+    packages=find_packages(include=["ds_trainer", "ds_trainer.*"]),
+    python_requires=">=3.10",
+    # Ranges for users installing into their own environment; requirements.txt pins the
+    # exact versions this repository is tested with (make venv installs those).
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.16",
+        "transformers>=4.40",
+        "webdataset>=0.2.86",
+        "pydantic>=2.5",
+        "pyyaml>=6.0",
+        "pillow>=10.0",
+        "numpy>=1.24",
+        "scikit-learn>=1.3",
+        "tqdm>=4.60",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["ds-trainer=ds_trainer.cli:main"]},
+)

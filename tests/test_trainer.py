@@ -1,0 +1,128 @@
+"""Layer 2: the Trainer in one process (a DeepSpeed world of one), on in-memory data."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ds_trainer import CLIPModel, ConfigError, Trainer
+from ds_trainer.errors import CheckpointError
+
+
+def separable_dataset(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 224, 224, generator=g)
+    y = torch.arange(n) % 2
+    x[y == 1] += 0.75  # a shift the tiny model learns in a few steps
+    return TensorDataset(x, y)
+
+
+def make_trainer(tmp_path, cls=Trainer, epochs=2, freeze=False, **kwargs):
+    torch.manual_seed(0)
+    ds = separable_dataset()
+    model = CLIPModel(model_name="tiny", mode="fine-tune", freeze_backbone=freeze)
+    args = dict(
+        optimizer_type="adamw", learning_rate=1e-3, weight_decay=0.01, scheduler_type="cosine",
+        num_epochs=epochs, device="cpu", checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    args.update(kwargs)
+    return cls(model=model, train_loader=DataLoader(ds, batch_size=8, shuffle=True),
+               val_loader=DataLoader(ds, batch_size=16, shuffle=False), **args)
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_seed_style_training_writes_metrics_and_checkpoints(tmp_path):
+    trainer = make_trainer(tmp_path)
+    history = trainer.train()
+    ckpt = tmp_path / "ckpt"
+    rows = read_rows(ckpt / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "samples_per_s"):
+        assert key in rows[-1]
+    assert rows[-1]["step"] == 12  # 48 samples / batch 8 = 6 steps per epoch
+    assert rows[-1]["val_auc"] > 0.9 and history[-1]["val_auc"] == rows[-1]["val_auc"]
+    assert rows[-1]["val_samples"] == 48
+    assert (ckpt / "latest").read_text() == "epoch_2"
+    for tag in ("epoch_1", "epoch_2", "best"):
+        assert (ckpt / tag / "ds_trainer.json").is_file()
+    assert json.loads((ckpt / "ds_config.json").read_text())["train_batch_size"] == 8
+    assert "learning_rate: 0.001" in (ckpt / "config.yaml").read_text()
+
+
+def test_custom_trainer_loss_is_used(tmp_path):
+    calls = []
+
+    class CustomTrainer(Trainer):
+        def calculate_loss(self, outputs, targets):
+            calls.append(outputs.shape)
+            return F.cross_entropy(outputs.float(), targets, label_smoothing=0.1)
+
+    trainer = make_trainer(tmp_path, cls=CustomTrainer, epochs=1)
+    trainer.train()
+    assert len(calls) == 6 + 3  # 6 training steps, 3 validation batches
+
+
+def test_resume_from_seed_style_pth_path_continues(tmp_path):
+    first = make_trainer(tmp_path, epochs=2)
+    first.train()
+    saved = {k: v.detach().clone() for k, v in first.model.state_dict().items()}
+    lr_at_save = first.engine.get_lr()[0]
+
+    second = make_trainer(tmp_path, epochs=3)
+    state = second.resume_from_checkpoint(str(tmp_path / "ckpt" / "epoch_2.pth"))
+    assert state["epoch"] == 2 and second.epoch == 2
+    assert second.engine.global_steps == 12
+    assert second.engine.lr_scheduler.last_batch_iteration == first.engine.lr_scheduler.last_batch_iteration
+    assert second.engine.get_lr()[0] == pytest.approx(lr_at_save)
+    restored = second.model.state_dict()
+    assert all(torch.equal(restored[k], saved[k]) for k in saved)
+    rows = second.train()
+    assert [r["epoch"] for r in rows] == [3]
+    assert rows[0]["step"] == 18
+
+
+def test_resume_errors(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        trainer.resume_from_checkpoint(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        trainer.resume_from_checkpoint(tmp_path / "empty")
+
+
+def test_freeze_backbone_changes_only_the_head(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1, freeze=True, learning_rate=1e-2)
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+def test_gradient_accumulation_reduces_optimizer_steps(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1, grad_accumulation_steps=3)
+    rows = trainer.train()
+    assert rows[0]["step"] == 2  # 6 micro-batches / 3
+    assert trainer.ds_config["train_batch_size"] == 24
+
+
+def test_early_stopping(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=10, early_stopping=True, patience=1, learning_rate=1e-9, scheduler_type="none")
+    rows = trainer.train()
+    assert len(rows) < 10
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"epoch_{len(rows)}"
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="unknown keyword 'learnig_rate'"):
+        make_trainer(tmp_path, learnig_rate=1e-3)
+    with pytest.raises(ConfigError, match="training.learning_rate"):
+        make_trainer(tmp_path, learning_rate=-1.0)
+    trainer = make_trainer(tmp_path, batch_size=16)
+    with pytest.raises(ConfigError, match="batch_size is 16, but train_loader yields batches of 8"):
+        trainer.train()
