@@ -1,0 +1,75 @@
+"""Layers 3-4: two real CPU ranks through the real deepspeed launcher, driven by the CLI."""
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cmd, write_config
+
+pytestmark = pytest.mark.distributed
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cosine_lr(step, total, warmup, lr, min_lr):
+    """DeepSpeed WarmupCosineLR (linear warmup) after `step` optimizer steps."""
+    it = step - 1  # the scheduler is stepped after each optimizer step, starting from -1
+    if it < warmup:
+        return lr * it / warmup
+    progress = min(1.0, (it - warmup + 1) / max(1, total - warmup))
+    ratio = min_lr / lr
+    return lr * (ratio + (1 - ratio) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+def test_two_ranks_train_checkpoint_and_resume(tmp_path, tiny_shards):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards)
+    first = run_cmd(["./launch.sh", "--config", str(cfg)], DS_TRAINER_CPU_RANKS="2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    rows = rows_of(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # 128 train samples / (2 ranks x batch 8) = 8 steps per epoch on every rank
+    assert [r["step"] for r in rows] == [8, 16, 24]
+    assert all(r["val_samples"] == 48 for r in rows)  # every val image once, gathered from both ranks
+    for r in rows:
+        assert r["lr"] == pytest.approx(cosine_lr(r["step"], 24, 8, 1e-3, 1e-5), rel=1e-6)
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text() == "epoch_3"
+    state = json.loads((ckpt / "epoch_3" / "ds_trainer.json").read_text())
+    assert (state["epoch"], state["global_step"], state["world_size"]) == (3, 24, 2)
+    ds = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 16 and ds["zero_optimization"]["stage"] == 1
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+    # Pretend the job died during epoch 3: its checkpoint never completed.
+    shutil.rmtree(ckpt / "epoch_3")
+    (ckpt / "latest").write_text("epoch_3")  # a stale pointer must not be trusted
+    second = run_cmd(
+        [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "launch.sh", "--config", str(cfg), "--load-dir", str(ckpt),
+         "--set", f"logging.run_dir={tmp_path / 'run2'}"],
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    resumed = rows_of(tmp_path / "run2")
+    assert [r["epoch"] for r in resumed] == [3]
+    assert resumed[0]["step"] == rows[2]["step"] == 24
+    assert resumed[0]["lr"] == pytest.approx(rows[2]["lr"], rel=1e-9)
+    # Same weights, optimizer state and data order as the uninterrupted run: the same epoch.
+    assert resumed[0]["train_loss"] == pytest.approx(rows[2]["train_loss"], rel=1e-3)
+    assert resumed[0]["val_loss"] == pytest.approx(rows[2]["val_loss"], rel=1e-3)
+    assert (ckpt / "latest").read_text() == "epoch_3"
+
+
+def test_cli_user_errors_exit_with_codes_and_no_traceback(tmp_path, tiny_shards):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "no-such-shards")
+    out = run_cmd([sys.executable, "-m", "ds_trainer", "train", "--config", str(cfg)])
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "no-such-shards" in out.stderr and "Traceback" not in out.stderr
+    cfg = write_config(tmp_path / "cfg2.yaml", tiny_shards)
+    out = run_cmd([sys.executable, "-m", "ds_trainer", "train", "--config", str(cfg), "--load-dir", str(tmp_path / "nothing")])
+    assert out.returncode == 4 and "does not exist" in out.stderr and "Traceback" not in out.stderr
