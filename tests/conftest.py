@@ -1,14 +1,22 @@
-"""Shared fixtures: a tiny demo shard set, and a launcher environment free of this process's ranks."""
+"""Shared fixtures: tiny GenImage trees and shard sets, and a launcher environment free of this process's ranks."""
+
+from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests never reach a model hub: fail fast instead of retrying against a closed network.
+# (huggingface_hub reads this once, at import, so it must be set before transformers loads.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Set by in-process DeepSpeed tests (a world of one); a launched job must not inherit them.
 _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "CROSS_RANK", "CROSS_SIZE", "DS_ACCELERATOR")
@@ -50,3 +58,25 @@ def write_config(path: Path, shards: Path, **sections) -> Path:
         cfg.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+TreeSpec = dict[str, dict[str, tuple[int, int]]]  # generator -> split -> (n_ai, n_nature)
+
+
+def _write_tree(root: Path, spec: TreeSpec, size: tuple[int, int] = (40, 32)) -> Path:
+    rng = np.random.default_rng(0)
+    for gen, splits in spec.items():
+        for split, (n_ai, n_nature) in splits.items():
+            for cls, n, ext in (("ai", n_ai, "png"), ("nature", n_nature, "jpg")):
+                folder = root / gen / split / cls
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{cls}_{i:03d}.{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_tree() -> Callable[..., Path]:
+    """make_tree(root, {gen: {split: (n_ai, n_nature)}}, size=(w, h)) -> root (ai PNG, nature JPEG)."""
+    return _write_tree

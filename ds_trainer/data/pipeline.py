@@ -1,0 +1,409 @@
+"""Streaming batches from WebDataset shards, split by rank then by DataLoader worker.
+
+The shape follows open_clip (shards -> split by node -> split by worker -> tar samples ->
+shuffle -> decode -> batch), with two guarantees DeepSpeed needs and open_clip leaves to luck:
+
+* TRAIN: every rank yields exactly len(loader) full batches per epoch. The length comes from the
+  manifest counts alone (no communication); a rank whose share is smaller repeats its stream.
+  If ranks disagreed, the last collective of the epoch would hang.
+* EVAL: every sample of the selection is read by exactly one rank exactly once, and len(loader)
+  is the exact number of batches this rank yields, so the trainer can pad the shorter ranks.
+
+The shard -> rank -> worker assignment is a pure function of the manifest (and of seed/epoch in
+training), which is what makes both guarantees computable up front.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ds_trainer.data.shards import IMAGE_KEYS, ShardInfo, load_manifest
+from ds_trainer.data.transforms import clip_preprocess
+from ds_trainer.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """A shard as one rank reads it: all of it, or (stride > 1) every stride-th sample."""
+
+    url: str
+    generator: str
+    count: int
+    offset: int  # index of the shard's first sample within the whole selection
+    kept: int  # samples of this shard the rank keeps
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank reads: one list of parts per worker stream, and how samples are kept."""
+
+    worker_parts: list[list[ShardPart]]
+    num_workers: int  # DataLoader num_workers; 0 = read in the main process
+    stride: int  # 1: whole shards per rank; world_size: keep index % world_size == rank
+
+    @property
+    def samples_per_worker(self) -> list[int]:
+        return [sum(p.kept for p in parts) for parts in self.worker_parts]
+
+
+def _kept_below(n: int, rank: int, world_size: int) -> int:
+    """How many i in [0, n) have i % world_size == rank."""
+    return max(0, (n - rank + world_size - 1) // world_size)
+
+
+def _balance(parts: list[ShardPart], bins: int) -> list[list[ShardPart]]:
+    # Longest-processing-time assignment: sizes as even as shards allow. Shard counts are
+    # mostly equal, so ties are broken by the given order (which a train epoch shuffles).
+    # A lighter bin repeats its samples more often in training, hence the balancing.
+    out: list[list[ShardPart]] = [[] for _ in range(bins)]
+    loads = [0] * bins
+    for part in sorted(parts, key=lambda p: p.kept, reverse=True):
+        i = min(range(bins), key=lambda b: (loads[b], b))
+        out[i].append(part)
+        loads[i] += part.kept
+    return [sorted(b, key=lambda p: p.offset) for b in out]
+
+
+def plan_rank(
+    shards: list[ShardInfo],
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    shuffle_seed: str | None = None,
+) -> RankPlan:
+    """Assign shards to this rank, then to its DataLoader workers.
+
+    With at least world_size shards each rank reads whole shards. With fewer, every rank reads
+    all shards and keeps samples whose index % world_size == rank, so no rank is left empty.
+    Workers are min(num_workers, parts this rank reads), so no worker is ever idle.
+    `shuffle_seed` (train) reshuffles which shards go to which rank, identically on all ranks.
+    """
+    parts: list[ShardPart] = []
+    offset = 0
+    for s in shards:
+        parts.append(ShardPart(s.url, s.generator, s.count, offset, s.count))
+        offset += s.count
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(parts)
+
+    if len(parts) >= world_size:
+        stride = 1
+        mine = _balance(parts, world_size)[rank]
+    else:
+        stride = world_size
+        mine = []
+        for p in sorted(parts, key=lambda p: p.offset):
+            end = p.offset + p.count
+            kept = _kept_below(end, rank, world_size) - _kept_below(p.offset, rank, world_size)
+            if kept:
+                mine.append(replace(p, kept=kept))
+
+    workers = min(num_workers, len(mine))
+    worker_parts = _balance(mine, workers) if workers > 1 else [mine]
+    return RankPlan(worker_parts=worker_parts, num_workers=workers, stride=stride)
+
+
+def _log_and_continue(exc: Exception) -> bool:
+    # webdataset's warn_and_continue sleeps 0.5 s per error; a log line is enough here
+    logger.warning("skipping unreadable tar data: %s", exc)
+    return True
+
+
+def _shard_samples(parts: list[ShardPart], stride: int, rank: int) -> Iterator[dict[str, Any]]:
+    for part in parts:
+        # one tarfile_samples per shard so the enumerate index is the index inside the shard
+        samples = wds.tarfile_samples([{"url": part.url}], handler=_log_and_continue)
+        for i, sample in enumerate(samples):
+            if stride > 1 and (part.offset + i) % stride != rank:
+                continue
+            sample["__generator__"] = part.generator
+            yield sample
+
+
+def _read_samples(
+    parts: list[ShardPart],
+    *,
+    stride: int,
+    rank: int,
+    repeat: bool,
+    rng: random.Random | None,
+    shuffle_buffer: int,
+) -> Iterator[dict[str, Any]]:
+    """Raw samples of `parts`. With `repeat` (train): pass after pass, each pass in a new shard
+    order and sample-shuffled on its own, so a rank that must repeat its share sees every
+    sample once before it sees any twice."""
+    while True:
+        order = list(parts)
+        if rng is not None:
+            rng.shuffle(order)
+        samples = _shard_samples(order, stride, rank)
+        if rng is not None and shuffle_buffer > 1:
+            samples = wds.shuffle(shuffle_buffer, initial=min(100, shuffle_buffer), rng=rng)(samples)
+        yielded = 0
+        for sample in samples:
+            yielded += 1
+            yield sample
+        if not repeat:
+            return
+        if yielded == 0:
+            urls = ", ".join(p.url for p in parts) or "no shards"
+            raise DataError(f"no sample could be read from {urls}; re-create the shards")
+
+
+def _decode(
+    samples: Iterator[dict[str, Any]],
+    *,
+    train: bool,
+    image_size: int,
+    rng: random.Random | None,
+    max_failures_in_row: int,
+) -> Iterator[dict[str, Any]]:
+    skipped = 0
+    in_row = 0
+    for sample in samples:
+        key = sample.get("__key__", "?")
+        try:
+            image_key = next(k for k in sample if k in IMAGE_KEYS)
+            label = int(sample["cls"])
+            with Image.open(io.BytesIO(sample[image_key])) as img:
+                pixels = clip_preprocess(img, image_size, train=train, rng=rng)
+        except Exception as exc:  # broken images raise many types; one bad file must not stop training
+            skipped += 1
+            in_row += 1
+            logger.warning(
+                "skipping sample %s of %s: %s (%d skipped so far in this worker)",
+                key,
+                sample.get("__url__", "?"),
+                exc,
+                skipped,
+            )
+            if train and in_row > max_failures_in_row:
+                # a repeating stream of nothing but failures would spin forever
+                raise DataError(
+                    f"no image in {sample.get('__url__', '?')} can be decoded; re-create the shards"
+                ) from exc
+            continue
+        in_row = 0
+        yield {"pixel_values": pixels, "label": label, "generator": sample["__generator__"], "key": key}
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "generator": [s["generator"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+class _RankStream(IterableDataset):
+    """One rank's stream; inside a DataLoader worker it reads only that worker's parts."""
+
+    def __init__(
+        self,
+        plan: RankPlan,
+        *,
+        train: bool,
+        batch_size: int,
+        image_size: int,
+        shuffle_buffer: int,
+        seed_tag: str,
+        rank: int,
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.train = train
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed_tag = seed_tag
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        parts = self.plan.worker_parts[worker]
+        tag = f"{self.seed_tag}:{worker}"
+        pipeline = wds.DataPipeline(
+            functools.partial(
+                _read_samples,
+                parts,
+                stride=self.plan.stride,
+                rank=self.rank,
+                repeat=self.train,
+                rng=random.Random(f"{tag}:order") if self.train else None,
+                shuffle_buffer=self.shuffle_buffer,
+            ),
+            functools.partial(
+                _decode,
+                train=self.train,
+                image_size=self.image_size,
+                rng=random.Random(f"{tag}:augment") if self.train else None,
+                max_failures_in_row=max(sum(p.kept for p in parts), 1),
+            ),
+            # train batches are always full: the stream is endless, a partial one never forms
+            wds.batched(self.batch_size, collation_fn=_collate, partial=not self.train),
+        )
+        return iter(pipeline)
+
+
+class ShardLoader:
+    """Iterable of dict batches for one rank; build it with make_shard_loader.
+
+    Batches: {"pixel_values": float [B,3,S,S], "labels": long [B], "generator": list[str],
+    "key": list[str]}. Call set_epoch(e) before each epoch; the same (seed, epoch, rank,
+    world_size, num_workers) always gives the same batches.
+    """
+
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        *,
+        batch_size: int,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        image_size: int = 224,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        name: str = "",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.train = train
+        self.rank = rank
+        self.world_size = world_size
+        self.requested_workers = num_workers
+        self.image_size = image_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.name = name or "shards"
+        self.epoch = 0
+        self.total_samples = sum(s.count for s in self.shards)
+        self.generators = sorted({s.generator for s in self.shards})
+
+        if train:
+            self._len = self.total_samples // (world_size * batch_size)
+            if self._len == 0:
+                raise DataError(
+                    f"{self.name}: {self.total_samples} training samples are too few for "
+                    f"world_size {world_size} x batch_size {batch_size}; use more data, a smaller "
+                    "batch size or fewer ranks"
+                )
+        else:
+            plan = self.plan()
+            self._len = sum(math.ceil(n / batch_size) for n in plan.samples_per_worker)
+            if self._len == 0:
+                logger.warning(
+                    "rank %d gets no %s samples (%d samples over %d ranks)",
+                    rank,
+                    self.name,
+                    self.total_samples,
+                    world_size,
+                )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch (train: len * batch_size, repeats included)."""
+        if self.train:
+            return self._len * self.batch_size
+        return sum(self.plan().samples_per_worker)
+
+    def plan(self) -> RankPlan:
+        """The shard -> worker assignment of this rank for the current epoch."""
+        shuffle_seed = f"{self.seed}:{self.epoch}:shards" if self.train else None
+        return plan_rank(self.shards, self.rank, self.world_size, self.requested_workers, shuffle_seed)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self.plan()
+        if self._len == 0:
+            return
+        stream = _RankStream(
+            plan,
+            train=self.train,
+            batch_size=self.batch_size,
+            image_size=self.image_size,
+            shuffle_buffer=self.shuffle_buffer,
+            seed_tag=f"{self.seed}:{self.epoch}:{self.rank}",
+            rank=self.rank,
+        )
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=plan.num_workers, persistent_workers=False
+        )
+        produced = 0
+        # train streams are endless; stopping at len is what makes every rank agree
+        for batch in loader:
+            yield batch
+            produced += 1
+            if self.train and produced == self._len:
+                return
+        if self.train:
+            raise DataError(
+                f"{self.name}: stream of rank {self.rank} ended after {produced} of {self._len} batches"
+            )
+        if produced != self._len:
+            logger.warning(
+                "%s: rank %d yielded %d batches, expected %d (undecodable samples were skipped)",
+                self.name,
+                self.rank,
+                produced,
+                self._len,
+            )
+
+
+def make_shard_loader(
+    shard_dir: str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    generators: list[str] | None = None,
+    num_workers: int = 2,
+    image_size: int = 224,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+) -> ShardLoader:
+    """Loader over the `split` shards of the shard set in `shard_dir` (see ShardLoader)."""
+    manifest = load_manifest(shard_dir)
+    return ShardLoader(
+        manifest.select(split, generators),
+        batch_size=batch_size,
+        train=train,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        image_size=image_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        name=f"{manifest.root}/{split}",
+    )
