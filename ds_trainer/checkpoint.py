@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 
 MARKER = "ds_trainer.json"
 LATEST = "latest"
-_EPOCH_TAG = re.compile(r"^epoch_(\d+)$")
 
 
 def save(engine: Any, checkpoint_dir: str | Path, tag: str, state: dict[str, Any], update_latest: bool = True) -> Path:
