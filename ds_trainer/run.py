@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = 
     from ds_trainer.sinks import configure_logging
     from ds_trainer.trainer import Trainer
 
+    # ZeRO's internals call a torch collective that torch 2.13 deprecates, once per step and rank.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     env = init_distributed()
     configure_logging(env.rank, cfg.logging.run_dir, debug)
     seed_everything(cfg.seed)

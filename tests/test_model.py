@@ -1,6 +1,5 @@
 """Layer 1-2: the CLIP detector: presets, loading from a local HF directory, freezing."""
 
-import os
 
 import pytest
 import torch
