@@ -72,11 +72,13 @@ def _cmd_ds_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     steps = args.steps_per_epoch
     if steps is None:
-        from ds_trainer.data import load_manifest
+        from ds_trainer.data import make_shard_loader
 
-        manifest = load_manifest(cfg.data.shards)
-        total = sum(s.count for s in manifest.select(cfg.data.train_split, cfg.data.train_generators))
-        steps = total // (args.world_size * cfg.training.batch_size)
+        # The loader owns the steps-per-epoch rule; building it reads only the manifest.
+        steps = len(make_shard_loader(
+            cfg.data.shards, cfg.data.train_split, batch_size=cfg.training.batch_size, train=True,
+            world_size=args.world_size, generators=cfg.data.train_generators,
+        ))  # fmt: skip
     if args.device is None:
         from ds_trainer.distributed import detect_device
 

@@ -15,10 +15,17 @@ from typing import Any
 _CONSOLE = "ds_trainer.console"
 
 
-def configure_logging(rank: int, run_dir: str | Path | None, debug: bool = False) -> None:
-    """Rank 0 prints the seed's console lines; every rank logs with a rank prefix to train.log."""
+def configure_logging(rank: int, run_dir: str | Path | None, debug: bool | None = None) -> None:
+    """Rank 0 prints the seed's console lines; every rank logs with a rank prefix to train.log.
+
+    `debug=None` keeps the level an earlier call chose (the CLI's --debug survives the Trainer's
+    own call for its run directory).
+    """
     root = logging.getLogger("ds_trainer")
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if debug is not None:
+        root.setLevel(logging.DEBUG if debug else logging.INFO)
+    elif root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
     root.propagate = False
     for handler in list(root.handlers):
         if getattr(handler, "_ds_trainer", False):
