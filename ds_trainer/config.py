@@ -39,11 +39,41 @@ class Section(BaseModel):
         return iter(self.keys())
 
 
+class LoraSection(Section):
+    """LoRA adapters (via peft) on the vision tower's attention projections."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
 class ModelSection(Section):
     model_name: str = Field("tiny", description="hub id, local HF directory, or 'tiny' (random init)")
-    mode: Literal["fine-tune"] = "fine-tune"
-    freeze_backbone: bool = False
+    mode: Literal["fine-tune", "zero-shot", "prompt-tuning"] = Field(
+        "fine-tune",
+        description="fine-tune: vision tower + linear head; zero-shot: CLIP text prompts, eval only; "
+        "prompt-tuning: zero-shot with learnable prompt context (CoOp)",
+    )
+    freeze_backbone: bool = Field(False, description="fine-tune only: train the head alone (linear probe)")
     num_classes: int = Field(2, ge=2)
+    real_prompt: str = Field("a real photo", description="zero-shot/prompt-tuning text for class 0 (nature)")
+    ai_prompt: str = Field("an AI-generated image", description="zero-shot/prompt-tuning text for class 1 (ai)")
+    prompt_length: int = Field(10, ge=1, le=64, description="prompt-tuning: learnable context tokens")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+    @model_validator(mode="after")
+    def _check_strategy(self) -> ModelSection:
+        if self.lora.enabled and self.mode != "fine-tune":
+            raise ValueError(f"lora applies to mode fine-tune, not {self.mode}")
+        if self.lora.enabled and self.freeze_backbone:
+            raise ValueError("lora.enabled and freeze_backbone contradict: LoRA trains adapters inside the backbone")
+        if self.freeze_backbone and self.mode != "fine-tune":
+            raise ValueError(f"freeze_backbone applies to mode fine-tune; mode {self.mode} never trains the backbone")
+        if self.mode != "fine-tune" and self.num_classes != 2:
+            raise ValueError(f"mode {self.mode} scores two prompts (real, ai); num_classes must be 2")
+        return self
 
 
 class DataSection(Section):
@@ -58,14 +88,21 @@ class DataSection(Section):
     eval_batch_size: int | None = Field(None, ge=1)
 
 
-class TrainingSection(Section):
-    """Exactly the keys of the seed's `training:` example."""
+# The epoch metrics a run can monitor (early stopping, `best`, the plateau scheduler).
+MONITOR_METRICS = (
+    "val_auc", "val_acc", "val_ap", "val_loss", "val_real_acc", "val_fake_acc", "train_loss", "train_acc",
+)  # fmt: skip
 
+
+class TrainingSection(Section):
+    """The keys of the seed's `training:` example, then the ones it leaves implicit."""
+
+    # --- the seed's keys
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    scheduler: Literal["cosine", "none"] = "cosine"
+    scheduler: Literal["cosine", "step", "plateau", "none"] = "cosine"
     warmup_epochs: float = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     num_epochs: int = Field(10, ge=1)
@@ -77,6 +114,15 @@ class TrainingSection(Section):
     patience: int = Field(3, ge=1)
     mixed_precision: bool = True
     clip_grad_norm: float | None = Field(1.0, gt=0)
+    # --- beyond the seed
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1000, description="backbone LR = learning_rate x this; head gets learning_rate")
+    step_size: int = Field(1, ge=1, description="scheduler step: epochs between LR drops")
+    gamma: float = Field(0.1, gt=0, le=1, description="scheduler step: LR factor at each drop")
+    plateau_factor: float = Field(0.1, gt=0, lt=1, description="scheduler plateau: LR factor on a plateau")
+    plateau_patience: int = Field(1, ge=0, description="scheduler plateau: epochs without improvement before a drop")
+    monitor: str = Field("val_auc", description="metric for early stopping, best and plateau (a metrics.jsonl key)")
+    monitor_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for *loss, max otherwise")
+    keep_last: int | None = Field(None, ge=1, description="keep the K newest epoch checkpoints (never best/latest)")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> TrainingSection:
@@ -89,7 +135,17 @@ class TrainingSection(Section):
             raise ValueError(
                 f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than num_epochs ({self.num_epochs})"
             )
+        if self.monitor not in MONITOR_METRICS:
+            close = difflib.get_close_matches(self.monitor, MONITOR_METRICS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"monitor {self.monitor!r} is not a metric; {hint}choose one of {', '.join(MONITOR_METRICS)}")
         return self
+
+    @property
+    def monitor_higher_is_better(self) -> bool:
+        if self.monitor_mode != "auto":
+            return self.monitor_mode == "max"
+        return not self.monitor.endswith("loss")
 
 
 class DeepSpeedSection(Section):
@@ -97,12 +153,33 @@ class DeepSpeedSection(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: follow training.mixed_precision and the device"
     )
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="cpu: optimizer state in host memory (ZeRO 1-3)")
     config_file: str | None = Field(None, description="a raw DeepSpeed JSON to merge; must agree with the YAML")
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> DeepSpeedSection:
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO: set zero_stage to 1, 2 or 3")
+        return self
+
+
+class WandbSection(Section):
+    enabled: bool = False
+    project: str = "ds_trainer"
+    run_name: str | None = Field(None, description="default: the config's name")
+    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] | None = Field(
+        None, description="default: online when WANDB_API_KEY is set, else offline"
+    )
+    tags: list[str] = Field(default_factory=list)
 
 
 class LoggingSection(Section):
     run_dir: str = Field("runs/default", description="where config, metrics.jsonl and train.log go")
     log_every_n_steps: int = Field(10, ge=1)
+    tensorboard: bool = Field(True, description="scalars under <run_dir>/tensorboard")
+    progress_bar: Literal["auto", "on", "off"] = Field("auto", description="auto: only when stdout is a terminal")
+    wandb: WandbSection = Field(default_factory=WandbSection)
 
 
 class Config(Section):

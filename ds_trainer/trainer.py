@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from ds_trainer import checkpoint
-from ds_trainer.config import Config, build_config
+from ds_trainer.config import Config, TrainingSection, build_config
 from ds_trainer.distributed import DistEnv, detect_device, init_distributed, torch_device
 from ds_trainer.ds_config import build_ds_config
 from ds_trainer.errors import CheckpointError, ConfigError
@@ -34,11 +34,7 @@ log = logging.getLogger(__name__)
 
 # The seed's keyword names → the YAML `training:` keys they set.
 _SEED_ALIASES = {"optimizer_type": "optimizer", "scheduler_type": "scheduler"}
-_TRAINING_KEYS = {
-    "optimizer", "learning_rate", "weight_decay", "momentum", "scheduler", "warmup_epochs", "min_lr",
-    "num_epochs", "batch_size", "grad_accumulation_steps", "checkpoint_dir", "save_frequency",
-    "early_stopping", "patience", "mixed_precision", "clip_grad_norm",
-}  # fmt: skip
+_TRAINING_KEYS = set(TrainingSection.model_fields)
 
 
 class _EvalSampler(Sampler[int]):
