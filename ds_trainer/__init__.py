@@ -2,14 +2,14 @@
 
 from ds_trainer.config import Config, load_config
 from ds_trainer.errors import CheckpointError, ConfigError, DataError, DsTrainerError
-from ds_trainer.models import CLIPModel
+from ds_trainer.models import CLIPModel, PromptTuningWrapper
 from ds_trainer.trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CLIPModel", "CheckpointError", "Config", "ConfigError", "DataError", "DsTrainerError",
-    "GenImageDataset", "Trainer", "load_config",
+    "GenImageDataset", "PromptTuningWrapper", "Trainer", "load_config",
 ]  # fmt: skip
 
 

@@ -1,5 +1,4 @@
-"""Layer 1-2: the CLIP detector: presets, loading from a local HF directory, freezing."""
-
+"""Layer 1-2: the CLIP detector: presets, loading from a local HF directory or hub id, freezing."""
 
 import pytest
 import torch
@@ -24,8 +23,17 @@ def saved_clip(tmp_path_factory):
     from transformers import CLIPModel as HFCLIPModel
 
     torch.manual_seed(1)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                vocab_size=100, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "vocab_size": 100,
+        "max_position_embeddings": 16,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+    }
     hf = HFCLIPModel(CLIPConfig(text_config=text, vision_config=TINY_VISION_CONFIG, projection_dim=64))
     path = tmp_path_factory.mktemp("clip") / "tiny-clip"
     hf.save_pretrained(path)
@@ -84,3 +92,19 @@ def test_freeze_backbone_trains_only_the_head():
 def test_full_finetune_trains_everything():
     model = CLIPModel(model_name="tiny", freeze_backbone=False)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_zero_shot_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="could not load 'openai/clip-vit-nonexistent-zz'"):
+        CLIPModel(model_name="openai/clip-vit-nonexistent-zz", mode="zero-shot")
+
+
+def test_missing_tokenizer_is_not_an_empty_vocabulary(tmp_path):
+    """transformers turns a tokenizer without files into a 3-token vocabulary; that must be an error."""
+    from transformers import CLIPTokenizer
+
+    from ds_trainer.models.loading import _load_tokenizer
+
+    with pytest.raises(ConfigError, match="no tokenizer files found for 'somewhere'"):
+        _load_tokenizer(CLIPTokenizer, str(tmp_path), "somewhere")

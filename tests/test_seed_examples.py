@@ -115,3 +115,28 @@ def test_main_py_example(tmp_path, loaders, monkeypatch):
                       **config.training)
     trainer.train()
     assert (tmp_path / "results/main/latest").read_text() == "epoch_1"
+
+
+def test_prompt_tuning_example(tmp_path, loaders, monkeypatch):
+    from ds_trainer import PromptTuningWrapper
+
+    monkeypatch.chdir(tmp_path)
+    train_loader, val_loader = loaders
+    base_model = CLIPModel(model_name="tiny", mode="zero-shot")
+    model = PromptTuningWrapper(model=base_model, prompt_length=10)
+
+    trainer = Trainer(
+        model=model,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        learning_rate=1e-2,  # Higher learning rate for prompt tuning
+        num_epochs=1,
+        device="cpu",
+        checkpoint_dir="results/saved_models",
+    )
+    ctx_before = model.prompt_ctx.detach().clone()
+    clip_before = {n: p.detach().clone() for n, p in base_model.named_parameters()}
+    trainer.train()
+    assert not torch.equal(model.prompt_ctx.detach().float(), ctx_before.float())
+    assert all(torch.equal(p.detach().float(), clip_before[n].float()) for n, p in base_model.named_parameters())
+    assert (tmp_path / "results/saved_models/epoch_1/ds_trainer.json").is_file()

@@ -1,14 +1,27 @@
-"""Detector models built on Hugging Face CLIP."""
+"""Detector models built on Hugging Face CLIP, one per training strategy, built from `config.model`."""
 
-from ds_trainer.models.clip import CLIPModel, load_vision_tower
+from __future__ import annotations
 
-__all__ = ["CLIPModel", "load_vision_tower", "build_model"]
+from torch import nn
+
+from ds_trainer.models.clip import CLIPModel
+from ds_trainer.models.loading import load_clip, load_vision_tower
+from ds_trainer.models.prompt_tuning import PromptTuningWrapper
+
+__all__ = ["CLIPModel", "PromptTuningWrapper", "build_model", "load_clip", "load_vision_tower"]
 
 
-def build_model(section) -> CLIPModel:  # section: config.ModelSection
+def build_model(section) -> nn.Module:  # section: config.ModelSection
+    """fine-tune (optionally LoRA or frozen backbone) and zero-shot: a CLIPModel; prompt-tuning: wrapped zero-shot."""
+    prompts = {"real_prompt": section.real_prompt, "ai_prompt": section.ai_prompt}
+    if section.mode == "prompt-tuning":
+        base = CLIPModel(model_name=section.model_name, mode="zero-shot", num_classes=section.num_classes, **prompts)
+        return PromptTuningWrapper(base, prompt_length=section.prompt_length)
     return CLIPModel(
         model_name=section.model_name,
         mode=section.mode,
         freeze_backbone=section.freeze_backbone,
         num_classes=section.num_classes,
+        lora=section.lora if section.lora.enabled else None,
+        **prompts,
     )
