@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "ds_trainer.json"
 LATEST = "latest"
+BEST = "best"
+_EPOCH_TAG = re.compile(r"^epoch_(\d+)$")
 
 
 def save(engine: Any, checkpoint_dir: str | Path, tag: str, state: dict[str, Any], update_latest: bool = True) -> Path:
@@ -91,3 +95,26 @@ def resolve(path: str | Path) -> tuple[Path, str]:
 
 def epoch_tag(epoch: int) -> str:
     return f"epoch_{epoch}"
+
+
+def prune(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest complete epoch checkpoints (rank 0, after a save).
+
+    Never touches `best`, the tag `latest` names, incomplete tags, or anything not named epoch_N.
+    Returns the deleted tag directories.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    latest_file = checkpoint_dir / LATEST
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    epochs = sorted(
+        (int(m.group(1)), d)
+        for d in checkpoint_dir.iterdir()
+        if d.is_dir() and (m := _EPOCH_TAG.match(d.name)) and is_complete(d)
+    )
+    doomed = [d for _, d in epochs[: max(0, len(epochs) - keep_last)] if d.name != latest]
+    for d in doomed:
+        # Drop the marker first: a deletion cut short leaves an incomplete tag, never a broken "complete" one.
+        (d / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(d)
+        log.info("keep_last=%d: deleted checkpoint %s", keep_last, d)
+    return doomed

@@ -121,6 +121,7 @@ class TrainingSection(Section):
     plateau_factor: float = Field(0.1, gt=0, lt=1, description="scheduler plateau: LR factor on a plateau")
     plateau_patience: int = Field(1, ge=0, description="scheduler plateau: epochs without improvement before a drop")
     monitor: str = Field("val_auc", description="metric for early stopping, best and plateau (a metrics.jsonl key)")
+    min_delta: float = Field(0.0, ge=0, description="smallest change of the monitored metric that counts as improvement")
     monitor_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for *loss, max otherwise")
     keep_last: int | None = Field(None, ge=1, description="keep the K newest epoch checkpoints (never best/latest)")
 

@@ -78,7 +78,7 @@ def build_ds_config(
         "train_batch_size": t.batch_size * t.grad_accumulation_steps * world_size,
         "steps_per_print": 10**9,  # the trainer logs; DeepSpeed's own step prints would duplicate it
         "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": _zero(cfg, device),
         "optimizer": _optimizer(cfg),
     }
     if t.clip_grad_norm is not None:
@@ -99,6 +99,14 @@ def build_ds_config(
     return ds
 
 
+def _zero(cfg: Config, device: DeviceInfo) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer != "none":
+        # Pinned host memory speeds up GPU<->CPU copies; on a CPU-only run there is nothing to pin.
+        zero["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer, "pin_memory": device.type == "cuda"}
+    return zero
+
+
 def _optimizer(cfg: Config) -> dict[str, Any]:
     t = cfg.training
     params: dict[str, Any] = {"lr": t.learning_rate, "weight_decay": t.weight_decay}
@@ -109,8 +117,8 @@ def _optimizer(cfg: Config) -> dict[str, Any]:
 
 def _scheduler(cfg: Config, steps_per_epoch: int) -> dict[str, Any] | None:
     t = cfg.training
-    if t.scheduler == "none":
-        return None
+    if t.scheduler != "cosine":
+        return None  # step and plateau run as a LambdaLR the Trainer hands to deepspeed.initialize (optim.py)
     per_epoch = optimizer_steps_per_epoch(cfg, steps_per_epoch)
     total = per_epoch * t.num_epochs
     warmup = round(t.warmup_epochs * per_epoch)

@@ -38,11 +38,16 @@ def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = 
             f"data.image_size is {cfg.data.image_size}, but {cfg.model.model_name} expects {model.image_size} px inputs"
         )
     d = cfg.data
+    eval_only = cfg.model.mode == "zero-shot"
+    if eval_only and not d.val_split:
+        raise ConfigError("model.mode zero-shot only evaluates: set data.val_split to the split to score")
     common = dict(rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, image_size=d.image_size, seed=cfg.seed)
-    train_loader = make_shard_loader(
-        d.shards, d.train_split, batch_size=cfg.training.batch_size, train=True,
-        generators=d.train_generators, shuffle_buffer=d.shuffle_buffer, **common,
-    )  # fmt: skip
+    train_loader = None
+    if not eval_only:
+        train_loader = make_shard_loader(
+            d.shards, d.train_split, batch_size=cfg.training.batch_size, train=True,
+            generators=d.train_generators, shuffle_buffer=d.shuffle_buffer, **common,
+        )  # fmt: skip
     val_loader = None
     if d.val_split:
         val_loader = make_shard_loader(
@@ -50,6 +55,10 @@ def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = 
             generators=d.eval_generators, **common,
         )  # fmt: skip
     trainer = Trainer(model, train_loader, val_loader, config=cfg)
+    if eval_only:
+        if load_dir is not None:
+            raise ConfigError("--load-dir: a zero-shot model has no trained state to load")
+        return [trainer.evaluate_and_log()]
     if load_dir is not None:
         trainer.resume_from_checkpoint(load_dir)
     return trainer.train()

@@ -22,13 +22,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from ds_trainer import checkpoint
+from ds_trainer import checkpoint, optim
 from ds_trainer.config import Config, TrainingSection, build_config
 from ds_trainer.distributed import DistEnv, detect_device, init_distributed, torch_device
 from ds_trainer.ds_config import build_ds_config
+from ds_trainer.ds_config import optimizer_steps_per_epoch as optim_steps_per_epoch
 from ds_trainer.errors import CheckpointError, ConfigError
 from ds_trainer.metrics import ai_scores, all_reduce_max_int, all_reduce_sum, binary_metrics, gather_1d
-from ds_trainer.sinks import MetricsSinks, configure_logging, console
+from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ class Trainer:
         self.run_dir = Path(self.cfg.logging.run_dir)
         self.epoch = 0  # last finished epoch
         self.best_metric: float | None = None
+        self.best_row: dict[str, Any] | None = None
         self.epochs_without_improvement = 0
+        self.plateau: optim.PlateauScale | None = None
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- config
@@ -132,19 +135,13 @@ class Trainer:
         if self.distributed is False and env.world_size > 1:
             raise ConfigError(f"distributed=False, but the job has {env.world_size} ranks")
         configure_logging(env.rank, self.run_dir)
-        if self.train_loader is None:
-            raise ConfigError("Trainer: train_loader is required to train (or resume)")
-        self.train_loader = self._distribute(self.train_loader, train=True)
+        self.trainable = any(p.requires_grad for p in self.model.parameters())
         if self.val_loader is not None:
             self.val_loader = self._distribute(self.val_loader, train=False)
-        self._check_batch_size()
-        steps = len(self.train_loader)  # type: ignore[arg-type]
-        self.steps_per_epoch = steps
-        self.ds_config = build_ds_config(self.cfg, env.world_size, steps, detect_device())
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("the model has no trainable parameters (everything is frozen)")
-        self.engine, _, _, _ = deepspeed.initialize(model=self.model, model_parameters=params, config=self.ds_config)
+        if self.trainable:
+            self._init_training_engine(env)
+        else:
+            self._init_eval_engine(env)
         self.device = torch_device(env)
         if self.device.type == "cpu":
             # Near convergence Adam's moments underflow into denormals, which x86 CPUs process
@@ -157,11 +154,77 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
-        self.sinks = MetricsSinks(self.run_dir, env.is_main)
-        log.info(
-            "world size %d, %d micro-batches of %d per rank per epoch, precision %s, ZeRO stage %d",
-            env.world_size, steps, self.t.batch_size, self.input_dtype, self.cfg.deepspeed.zero_stage,
-        )  # fmt: skip
+        self.sinks = MetricsSinks(
+            self.run_dir, env.is_main, self.cfg.logging, run_name=self.cfg.name, run_config=self.cfg.to_dict()
+        )
+        if self.trainable:
+            log.info(
+                "world size %d, %d micro-batches of %d per rank per epoch, precision %s, ZeRO stage %d, "
+                "%d trainable parameters in groups %s",
+                env.world_size, self.steps_per_epoch, self.t.batch_size, self.input_dtype,
+                self.cfg.deepspeed.zero_stage, sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                ", ".join(self.group_names),
+            )  # fmt: skip
+        else:
+            log.info("no trainable parameters: evaluation only (world size %d)", env.world_size)
+
+    def _init_training_engine(self, env: DistEnv) -> None:
+        import deepspeed
+
+        if self.train_loader is None:
+            raise ConfigError("Trainer: train_loader is required to train (or resume)")
+        self.train_loader = self._distribute(self.train_loader, train=True)
+        self._check_batch_size()
+        self._check_monitor()
+        steps = len(self.train_loader)  # type: ignore[arg-type]
+        self.steps_per_epoch = steps
+        self.ds_config = build_ds_config(self.cfg, env.world_size, steps, detect_device())
+        groups = optim.param_groups(self.model, self.t)
+        self.group_names = [g["name"] for g in groups]
+        lr_scheduler = None
+        if self.t.scheduler in ("step", "plateau"):
+            factor = optim.step_lr_factor(self.t, optim_steps_per_epoch(self.cfg, steps))
+            lr_scheduler = optim.make_lambda_scheduler(factor)
+            if self.t.scheduler == "plateau":
+                self.plateau = optim.PlateauScale(self.t, factor)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=groups, config=self.ds_config, lr_scheduler=lr_scheduler
+        )
+        sched = self.engine.lr_scheduler
+        if self.t.scheduler == "cosine" and getattr(sched, "last_batch_iteration", None) == -1:
+            # WarmupCosineLR starts at iteration -1, where its LR is 0, and iteration 0 is 0 too
+            # under a linear warmup: two wasted steps. Start at 1 so optimizer step n runs at
+            # iteration n: warmup n/W, and the last step lands exactly on min_lr.
+            sched.step(1)
+
+    def _init_eval_engine(self, env: DistEnv) -> None:
+        """An engine without optimizer for a model with nothing to train (zero-shot CLIP)."""
+        import deepspeed
+
+        cfg = self.cfg.model_copy(deep=True)
+        if cfg.deepspeed.zero_stage in (1, 2):
+            cfg.deepspeed.zero_stage = 0  # ZeRO 1/2 shard optimizer state, and there is none
+        self.cfg.deepspeed.zero_stage = cfg.deepspeed.zero_stage
+        self.steps_per_epoch = 0
+        self.group_names = []
+        ds = build_ds_config(cfg, env.world_size, max(1, self.t.grad_accumulation_steps), detect_device())
+        for key in ("optimizer", "scheduler", "gradient_clipping", "zero_allow_untested_optimizer"):
+            ds.pop(key, None)
+        ds["zero_optimization"].pop("offload_optimizer", None)
+        self.ds_config = ds
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, config=ds)
+
+    def _check_monitor(self) -> None:
+        """Early stopping, `best` and plateau follow `training.monitor`; a val_* metric needs a val_loader."""
+        if self.val_loader is not None or not self.t.monitor.startswith("val_"):
+            return
+        if "monitor" in self.t.model_fields_set or self.t.scheduler == "plateau":
+            raise ConfigError(
+                f"training.monitor is {self.t.monitor}, but there is no val_loader; "
+                "give one, or monitor train_loss / train_acc"
+            )
+        log.info("no val_loader: monitoring train_loss instead of %s", self.t.monitor)
+        self.t.monitor = "train_loss"
 
     def _select_device(self) -> None:
         request = self.device_request
@@ -245,7 +308,8 @@ class Trainer:
         seen = torch.zeros((), device=self.device)
         every = self.cfg.logging.log_every_n_steps
         bar = tqdm(
-            total=len(loader), desc=f"Epoch {epoch}/{self.t.num_epochs}", disable=not self.env.is_main,
+            total=len(loader), desc=f"Epoch {epoch}/{self.t.num_epochs}",
+            disable=not progress_enabled(self.env.is_main, self.cfg.logging.progress_bar),
             dynamic_ncols=True, mininterval=1.0,
         )  # fmt: skip
         start = time.perf_counter()
@@ -254,14 +318,19 @@ class Trainer:
             outputs = engine(inputs)
             loss = self.calculate_loss(outputs, targets)
             engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            # The LR this optimizer step applies (the scheduler moves it inside engine.step()).
+            lrs = engine.get_lr() if boundary else None
+            log_now = boundary and (engine.global_steps + 1) % every == 0
+            norm = self._grad_norm_before_step() if log_now else None
             engine.step()
             n = targets.shape[0]
             loss_sum += loss.detach().float() * n
             correct += (ai_scores(outputs) >= 0.5).long().eq(targets).sum()
             seen += n
             bar.update(1)
-            if (i + 1) % every == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+            if lrs is not None:
+                self._log_step(lrs, loss if log_now else None, norm, bar)
         bar.close()
         elapsed = time.perf_counter() - start
         totals = all_reduce_sum(torch.stack([loss_sum, correct, seen]))
@@ -274,6 +343,33 @@ class Trainer:
             "samples_per_s": seen_total / elapsed if elapsed > 0 else math.nan,
             "epoch_time_s": elapsed,
         }
+
+    def _grad_norm_before_step(self) -> torch.Tensor | None:
+        """ZeRO and the bf16 optimizer compute the global norm in step(); fp32 ZeRO-0 does not.
+
+        There, gradients are already all-reduced after the boundary backward, so the norm over
+        local `.grad` is the global one (before clipping, as DeepSpeed reports it).
+        """
+        if self.cfg.deepspeed.zero_stage != 0 or self.engine.bfloat16_enabled() or self.engine.fp16_enabled():
+            return None
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else None
+
+    def _log_step(self, lrs: list[float], loss: torch.Tensor | None, norm: torch.Tensor | None, bar: Any) -> None:
+        """Every optimizer step: the LR applied; every log_every_n_steps: loss and grad norm too."""
+        step = int(self.engine.global_steps)
+        scalars: dict[str, float] = {"train/lr": float(lrs[0])}
+        backbone = [lr for name, lr in zip(self.group_names, lrs) if name.startswith("backbone")]
+        if backbone and len(backbone) < len(lrs):
+            scalars["train/lr_backbone"] = float(backbone[0])
+        if loss is not None:
+            scalars["train/loss"] = float(loss.item())
+            if norm is None:
+                norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                scalars["train/grad_norm"] = float(norm)
+            bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lrs[0]:.2e}")
+        self.sinks.step(step, scalars)
 
     @staticmethod
     def _set_epoch(loader: Iterable, epoch: int) -> None:
@@ -332,6 +428,15 @@ class Trainer:
             "val_samples": n,
         }
 
+    def evaluate_and_log(self) -> dict[str, Any]:
+        """Evaluate once and write the row to the sinks (a zero-shot run's whole job)."""
+        row: dict[str, Any] = {"epoch": self.epoch}
+        row.update(self.evaluate())
+        row["step"] = int(self.engine.global_steps)
+        self.sinks.write(row)
+        self.sinks.close()
+        return row
+
     # ------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
         assert self.env is not None
@@ -339,8 +444,11 @@ class Trainer:
             "version": 1,
             "epoch": self.epoch,
             "global_step": int(self.engine.global_steps),
+            "monitor": self.t.monitor,
             "best_metric": self.best_metric,
+            "best_row": self.best_row,
             "epochs_without_improvement": self.epochs_without_improvement,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
             "world_size": self.env.world_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "model_name": getattr(self.model, "model_name", type(self.model).__name__),
@@ -348,41 +456,64 @@ class Trainer:
 
     def save_checkpoint(self, tag: str, update_latest: bool = True) -> Path:
         self._setup()
+        self._require_training("save_checkpoint()")
         tag_dir = checkpoint.save(self.engine, self.t.checkpoint_dir, tag, self._state(), update_latest)
         console().info("Saving checkpoint to: %s", tag_dir)
         return tag_dir
 
     def resume_from_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Restore model, optimizer, LR scheduler, epoch, global step and best metric.
+        """Restore model, optimizer, LR scheduler (plateau state too), epoch, step and best metric.
 
         `path` is a checkpoint directory (its newest complete tag is used), a tag directory, or
         the seed's `.../epoch_N.pth`. `train()` then continues with the next epoch.
         """
         self._setup()
+        self._require_training("resume_from_checkpoint()")
         load_dir, tag = checkpoint.resolve(path)
         loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint at {load_dir}/{tag}")
         state = (client or {}).get("ds_trainer") or checkpoint.read_state(load_dir / tag)
         self.epoch = int(state["epoch"])
-        self.best_metric = state.get("best_metric")
-        self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
+        if state.get("monitor", self.t.monitor) == self.t.monitor:
+            self.best_metric = state.get("best_metric")
+            self.best_row = state.get("best_row")
+            self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
+        else:
+            log.warning("the checkpoint monitored %s, this run monitors %s: best metric reset", state["monitor"], self.t.monitor)
+        if self.plateau is not None:
+            if state.get("plateau"):
+                self.plateau.load_state_dict(state["plateau"], self.engine.lr_scheduler)
+            else:
+                log.warning("the checkpoint has no plateau scheduler state; the plateau scheduler starts afresh")
         log.info("resumed from %s at epoch %d, global step %d", load_dir / tag, self.epoch, self.engine.global_steps)
         return state
 
+    def _require_training(self, what: str) -> None:
+        if not self.trainable:
+            raise ConfigError(
+                f"{what}: the model has no trainable parameters (mode zero-shot is evaluation only); "
+                "call evaluate(), or train a fine-tune / prompt-tuning / LoRA model"
+            )
+
     # ------------------------------------------------------------------ train
-    def _monitor(self, row: dict[str, Any]) -> tuple[str, float, bool]:
-        """The metric early stopping and `best` follow: val AUC when there is one, else train loss."""
-        auc = row.get("val_auc")
-        if auc is not None and not math.isnan(auc):
-            return "val_auc", auc, True
-        return "train_loss", row["train_loss"], False
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best_metric is None:
+            return True
+        delta = self.t.min_delta
+        if self.t.monitor_higher_is_better:
+            return value > self.best_metric + delta
+        return value < self.best_metric - delta
 
     def train(self) -> list[dict[str, Any]]:
         """Train from the epoch after the last finished one to `num_epochs`; returns the metric rows."""
         self._setup()
+        self._require_training("train()")
         assert self.env is not None
         last = self.t.num_epochs
+        monitor = self.t.monitor
         for epoch in range(self.epoch + 1, last + 1):
             row: dict[str, Any] = {"epoch": epoch}
             row.update(self._train_epoch(epoch))
@@ -391,27 +522,46 @@ class Trainer:
             row["step"] = int(self.engine.global_steps)
             row["lr"] = float(self.engine.get_lr()[0])
             self.epoch = epoch
-            name, value, higher_is_better = self._monitor(row)
-            improved = self.best_metric is None or (
-                value > self.best_metric if higher_is_better else value < self.best_metric
-            )
+            value = float(row[monitor])
+            if math.isnan(value):
+                log.warning("epoch %d: %s is NaN (one-class validation set?); counted as no improvement", epoch, monitor)
+            improved = self._improved(value)
             if improved:
                 self.best_metric, self.epochs_without_improvement = value, 0
+                self.best_row = {k: v for k, v in row.items() if isinstance(v, (int, float))}
             else:
                 self.epochs_without_improvement += 1
-            row["monitor"] = name
+            if self.plateau is not None and self.plateau.step(value, self.engine.lr_scheduler):
+                console().info("Plateau: %s did not improve; LR scale now %.3g", monitor, self.plateau.scale)
+            row["monitor"] = monitor
             self.sinks.write(row)
             self.history.append(row)
             stop = self.t.early_stopping and self.epochs_without_improvement >= self.t.patience
             freq = self.t.save_frequency
             if epoch == last or stop or (freq > 0 and epoch % freq == 0):
                 self.save_checkpoint(checkpoint.epoch_tag(epoch))
-            if improved and self.val_loader is not None:
-                self.save_checkpoint("best", update_latest=False)
+                if self.t.keep_last is not None and self.env.is_main:
+                    checkpoint.prune(self.t.checkpoint_dir, self.t.keep_last)
+            if improved:
+                self.save_checkpoint(checkpoint.BEST, update_latest=False)
             if stop:
                 console().info(
                     "Early stopping: %s has not improved for %d epochs (best %.4f)",
-                    name, self.epochs_without_improvement, self.best_metric,
+                    monitor, self.epochs_without_improvement, self.best_metric,
                 )  # fmt: skip
                 break
+        self._report_best()
+        self.sinks.close()
         return self.history
+
+    def _report_best(self) -> None:
+        if self.best_row is None:
+            return
+        shown = ", ".join(
+            f"{k} {self.best_row[k]:.4f}" for k in ("val_auc", "val_acc", "val_loss", "train_loss") if k in self.best_row
+        )
+        console().info(
+            "Best checkpoint: %s (epoch %d, %s %.4f; %s)",
+            Path(self.t.checkpoint_dir) / checkpoint.BEST, self.best_row["epoch"], self.t.monitor,
+            self.best_metric, shown,
+        )  # fmt: skip

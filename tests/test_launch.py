@@ -18,8 +18,8 @@ def rows_of(run_dir):
 
 
 def cosine_lr(step, total, warmup, lr, min_lr):
-    """DeepSpeed WarmupCosineLR (linear warmup) after `step` optimizer steps."""
-    it = step - 1  # the scheduler is stepped after each optimizer step, starting from -1
+    """The LR after `step` optimizer steps: DeepSpeed's WarmupCosineLR at iteration step + 1."""
+    it, warmup = step + 1, max(2, warmup)
     if it < warmup:
         return lr * it / warmup
     progress = min(1.0, (it - warmup + 1) / max(1, total - warmup))
