@@ -300,9 +300,8 @@ class MetricsSinks:
         if not self.is_main:
             return
         out = console()
-        out.info(
-            "Train Loss: %.3f, Train Acc: %.3f", row["train_loss"], row["train_acc"]
-        )
+        if "train_loss" in row:  # a zero-shot run only evaluates
+            out.info("Train Loss: %.3f, Train Acc: %.3f", row["train_loss"], row["train_acc"])
         if row.get("val_loss") is not None:
             out.info(
                 "Val Loss: %.3f, Val Acc: %.3f, Val AUC: %.3f",

@@ -23,7 +23,8 @@ _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZ
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
+    # No W&B credentials or mode from the developer's shell: tests never log online.
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS and not k.startswith("WANDB_")}
     env["PYTHONPATH"] = str(REPO)
     env["DS_TRAINER_PYTHON"] = sys.executable
     env.update(extra)
