@@ -47,9 +47,10 @@ def _free_port() -> int:
 
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Join (or, alone, create) the process group DeepSpeed will use. Idempotent."""
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
-    from datetime import timedelta
 
     if "RANK" not in os.environ:
         # A single process started without a launcher: give it a world of one, so the same

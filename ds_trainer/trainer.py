@@ -128,8 +128,6 @@ class Trainer:
     def _setup(self) -> None:
         if self.engine is not None:
             return
-        import deepspeed
-
         self._select_device()
         self.env = env = init_distributed()
         if self.distributed is False and env.world_size > 1:

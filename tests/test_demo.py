@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import run_cmd
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

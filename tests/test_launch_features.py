@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-
 from conftest import run_cmd, write_config
 
 pytestmark = pytest.mark.distributed

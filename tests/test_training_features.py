@@ -204,3 +204,14 @@ def test_early_stopping_on_min_delta(tmp_path):
     ckpt = tmp_path / "run" / "ckpt"
     assert (ckpt / "latest").read_text() == "epoch_3"
     assert json.loads((ckpt / "best" / "ds_trainer.json").read_text())["epoch"] == 1
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_mixed_precision_trains_with_fp32_master_weights(tmp_path, stage):
+    trainer = make(tmp_path, precision="bf16", zero_stage=stage, num_epochs=1)
+    trainer.train()
+    assert trainer.engine.bfloat16_enabled() and trainer.input_dtype == torch.bfloat16
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16  # the compute copy
+    norms = [r["train/grad_norm"] for r in steps(tmp_path)]
+    assert len(norms) == STEPS_PER_EPOCH and all(math.isfinite(n) and n > 0 for n in norms)
+    assert math.isfinite(trainer.history[0]["val_loss"])
