@@ -27,3 +27,13 @@ class CheckpointError(DsTrainerError):
     """A checkpoint to resume from is missing, incomplete or does not match."""
 
     exit_code = 4
+
+
+class Preempted(DsTrainerError):
+    """SIGTERM/SIGUSR1 arrived; every rank saved a checkpoint at the same step and stopped.
+
+    Exit code 75 is sysexits' EX_TEMPFAIL ("try again later"): scripts/slurm/train.sbatch
+    requeues the job on it, and the requeued job resumes from that checkpoint.
+    """
+
+    exit_code = 75

@@ -450,6 +450,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "model_name": getattr(self.model, "model_name", type(self.model).__name__),
+            # The whole run config: export rebuilds the model from its `model` section.
+            "config": self.cfg.to_dict(),
         }
 
     def save_checkpoint(self, tag: str, update_latest: bool = True) -> Path:
