@@ -1,14 +1,24 @@
-"""Saving and finding DeepSpeed checkpoints.
+"""Saving, verifying and finding DeepSpeed checkpoints; converting them for another world size.
 
 Layout: `checkpoint_dir/<tag>/` as written by `engine.save_checkpoint` on every rank, plus
-`<tag>/ds_trainer.json` written by rank 0 once every rank has finished (the completeness
-marker), and `checkpoint_dir/latest` naming the newest complete tag. DeepSpeed writes its own
-`latest` before the other ranks' ZeRO files are known to be on disk, so we write it ourselves,
-after the barrier, atomically.
+`<tag>/ds_trainer.json` written by rank 0 once every rank has finished: the manifest (epoch,
+step, world size, config hash, every file with its size) and the completeness marker. Then
+`checkpoint_dir/latest` names the newest complete tag. DeepSpeed writes its own `latest` before
+the other ranks' ZeRO files are known to be on disk, so we write it ourselves, after the
+barrier, atomically. A tag whose manifest is missing, or whose files do not match it, is skipped
+on resume with a warning.
+
+Resuming on a different world size goes through DeepSpeed's universal checkpoint format:
+`<tag>/universal/` is converted once (by rank 0, with `ds_to_universal`), cached with its own
+marker, and loaded with `checkpoint.load_universal`.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import io
 import json
 import logging
 import os
@@ -26,17 +36,24 @@ log = logging.getLogger(__name__)
 MARKER = "ds_trainer.json"
 LATEST = "latest"
 BEST = "best"
+UNIVERSAL = "universal"
+# ds_to_universal refuses a checkpoint without this client-state key; its content only matters
+# for tensor/pipeline-parallel layouts, which this trainer does not use.
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 _EPOCH_TAG = re.compile(r"^epoch_(\d+)$")
+_STEP_TAG = re.compile(r"^step_(\d+)$")
 
 
 def save(engine: Any, checkpoint_dir: str | Path, tag: str, state: dict[str, Any], update_latest: bool = True) -> Path:
     """Collective: every rank must call it. Returns the tag directory."""
     checkpoint_dir = Path(checkpoint_dir)
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"ds_trainer": state}, save_latest=False)
+    client_state = {"ds_trainer": state, **UNIVERSAL_INFO}
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
     # save_checkpoint ends with a barrier, so every rank's files are written by now.
     tag_dir = checkpoint_dir / tag
     if engine.global_rank == 0:
-        _atomic_write(tag_dir / MARKER, json.dumps(state, indent=2, sort_keys=True))
+        manifest = dict(state, files=_file_sizes(tag_dir))
+        _atomic_write(tag_dir / MARKER, json.dumps(manifest, indent=2, sort_keys=True))
         if update_latest:
             _atomic_write(checkpoint_dir / LATEST, tag)
     if dist.is_initialized():
@@ -53,8 +70,42 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _file_sizes(tag_dir: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(tag_dir)): p.stat().st_size
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != MARKER and UNIVERSAL not in p.relative_to(tag_dir).parts
+    }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short hash of what shapes the model and the optimisation (paths and logging excluded)."""
+    relevant = {k: config.get(k) for k in ("model", "training", "deepspeed")}
+    relevant["training"] = {k: v for k, v in (relevant["training"] or {}).items() if k != "checkpoint_dir"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def problems(tag_dir: Path) -> list[str]:
+    """Why `tag_dir` is not a complete checkpoint (empty: it is)."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return [f"no {MARKER} (the save did not finish on every rank)"]
+    try:
+        manifest = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"unreadable {MARKER}: {exc}"]
+    out = []
+    for name, size in (manifest.get("files") or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            out.append(f"missing {name}")
+        elif path.stat().st_size != size:
+            out.append(f"{name} is {path.stat().st_size} bytes, the manifest says {size}")
+    return out
+
+
 def is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / MARKER).is_file()
+    return not problems(tag_dir)
 
 
 def read_state(tag_dir: Path) -> dict[str, Any]:
@@ -74,15 +125,20 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not p.is_dir():
         raise CheckpointError(f"checkpoint {path} is a file; give the checkpoint directory (or one of its tags)")
-    if is_complete(p):
+    if (p / MARKER).is_file():
+        bad = problems(p)
+        if bad:
+            raise CheckpointError(f"checkpoint {p} is damaged: {'; '.join(bad[:5])}")
         return p.parent, p.name
     latest = p / LATEST
     if latest.is_file():
         tag = latest.read_text().strip()
-        if is_complete(p / tag):
+        bad = problems(p / tag)
+        if not bad:
             return p, tag
-        log.warning("checkpoint %s: 'latest' names %s, which is incomplete; looking for an older one", p, tag)
-    complete = [d for d in p.iterdir() if d.is_dir() and is_complete(d)]
+        log.warning("checkpoint %s: 'latest' names %s, which is incomplete (%s); looking for an older one",
+                    p, tag, "; ".join(bad[:3]))
+    complete = [d for d in p.iterdir() if d.is_dir() and (d / MARKER).is_file() and is_complete(d)]
     if not complete:
         found = ", ".join(sorted(d.name for d in p.iterdir())[:10]) or "nothing"
         raise CheckpointError(
@@ -95,6 +151,27 @@ def resolve(path: str | Path) -> tuple[Path, str]:
 
 def epoch_tag(epoch: int) -> str:
     return f"epoch_{epoch}"
+
+
+def step_tag(step: int) -> str:
+    """A mid-epoch checkpoint, written when the job is preempted."""
+    return f"step_{step}"
+
+
+def drop_preemption_tags(checkpoint_dir: str | Path, before_step: int) -> list[Path]:
+    """Delete `step_N` tags older than `before_step` (rank 0): an epoch checkpoint supersedes them."""
+    checkpoint_dir = Path(checkpoint_dir)
+    latest_file = checkpoint_dir / LATEST
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    doomed = [
+        d for d in checkpoint_dir.iterdir()
+        if d.is_dir() and (m := _STEP_TAG.match(d.name)) and int(m.group(1)) < before_step and d.name != latest
+    ]  # fmt: skip
+    for d in doomed:
+        (d / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(d)
+        log.info("deleted preemption checkpoint %s (superseded)", d)
+    return doomed
 
 
 def prune(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
@@ -118,3 +195,32 @@ def prune(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
         shutil.rmtree(d)
         log.info("keep_last=%d: deleted checkpoint %s", keep_last, d)
     return doomed
+
+
+def to_universal(tag_dir: Path, is_main: bool) -> Path:
+    """`<tag>/universal`, converted by rank 0 on first use (collective: every rank calls it)."""
+    out = tag_dir / UNIVERSAL
+    if is_main and not (out / MARKER).is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a conversion cut short
+        log.info("converting %s to DeepSpeed's universal format (once; cached in %s)", tag_dir, out)
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        args = argparse.Namespace(
+            input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=2, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=False,
+        )  # fmt: skip
+        chatter = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(chatter):  # it prints every step and every parameter
+                ds_to_universal(args)
+        except Exception as exc:
+            log.debug("ds_to_universal output:\n%s", chatter.getvalue())
+            raise CheckpointError(
+                f"could not convert {tag_dir} to the universal format for a different world size: {exc}"
+            ) from exc
+        _atomic_write(out / MARKER, (tag_dir / MARKER).read_text())
+    if dist.is_initialized():
+        dist.barrier()
+    if not (out / MARKER).is_file():
+        raise CheckpointError(f"{out} was not written; is {tag_dir.parent} on a filesystem every rank sees?")
+    return out

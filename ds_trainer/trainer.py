@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from ds_trainer import checkpoint, optim
 from ds_trainer.config import Config, TrainingSection, build_config
 from ds_trainer.distributed import DistEnv, detect_device, init_distributed, torch_device
+from ds_trainer.ds_compat import patch_universal_loading
 from ds_trainer.ds_config import build_ds_config
 from ds_trainer.ds_config import optimizer_steps_per_epoch as optim_steps_per_epoch
-from ds_trainer.errors import CheckpointError, ConfigError
+from ds_trainer.errors import CheckpointError, ConfigError, Preempted
+from ds_trainer.preemption import PreemptionGuard
 from ds_trainer.metrics import ai_scores, all_reduce_max_int, all_reduce_sum, binary_metrics, gather_1d
 from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_enabled
 
@@ -90,6 +92,9 @@ class Trainer:
         self.best_row: dict[str, Any] | None = None
         self.epochs_without_improvement = 0
         self.plateau: optim.PlateauScale | None = None
+        self.preemption = PreemptionGuard()
+        self._universal = False  # load the checkpoint through DeepSpeed's universal format
+        self._skip_batches = 0  # batches of the next epoch a preempted run had already trained on
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- config
@@ -177,6 +182,9 @@ class Trainer:
         steps = len(self.train_loader)  # type: ignore[arg-type]
         self.steps_per_epoch = steps
         self.ds_config = build_ds_config(self.cfg, env.world_size, steps, detect_device())
+        if self._universal:
+            self.ds_config["checkpoint"] = {"load_universal": True}
+            patch_universal_loading()
         groups = optim.param_groups(self.model, self.t)
         self.group_names = [g["name"] for g in groups]
         lr_scheduler = None
@@ -194,6 +202,7 @@ class Trainer:
             # under a linear warmup: two wasted steps. Start at 1 so optimizer step n runs at
             # iteration n: warmup n/W, and the last step lands exactly on min_lr.
             sched.step(1)
+        self.preemption.install()
 
     def _init_eval_engine(self, env: DistEnv) -> None:
         """An engine without optimizer for a model with nothing to train (zero-shot CLIP)."""
@@ -311,7 +320,15 @@ class Trainer:
             dynamic_ncols=True, mininterval=1.0,
         )  # fmt: skip
         start = time.perf_counter()
+        skip, self._skip_batches = self._skip_batches, 0
+        if skip:
+            log.info("epoch %d: skipping the %d batches trained on before the preemption", epoch, skip)
         for i, batch in enumerate(loader):
+            if i < skip:
+                # The loader is seeded per epoch, so the batches after these are the ones the
+                # interrupted run would have seen next.
+                bar.update(1)
+                continue
             inputs, targets = self._unpack(batch)
             outputs = engine(inputs)
             loss = self.calculate_loss(outputs, targets)
@@ -329,6 +346,9 @@ class Trainer:
             bar.update(1)
             if lrs is not None:
                 self._log_step(lrs, loss if log_now else None, norm, bar)
+                if self.preemption.should_stop():
+                    bar.close()
+                    self._save_preempted(epoch, batches_done=i + 1)
         bar.close()
         elapsed = time.perf_counter() - start
         totals = all_reduce_sum(torch.stack([loss_sum, correct, seen]))
@@ -341,6 +361,18 @@ class Trainer:
             "samples_per_s": seen_total / elapsed if elapsed > 0 else math.nan,
             "epoch_time_s": elapsed,
         }
+
+    def _save_preempted(self, epoch: int, batches_done: int) -> None:
+        """Every rank agreed to stop at this step: save where we are, then exit with code 75."""
+        step = int(self.engine.global_steps)
+        self._batches_done = batches_done
+        tag_dir = self.save_checkpoint(checkpoint.step_tag(step))
+        self._batches_done = 0
+        self.sinks.close()
+        raise Preempted(
+            f"{self.preemption.signal_name} received: saved {tag_dir} at step {step} "
+            f"({batches_done} batches into epoch {epoch}); resume with --load-dir {self.t.checkpoint_dir}"
+        )
 
     def _grad_norm_before_step(self) -> torch.Tensor | None:
         """ZeRO and the bf16 optimizer compute the global norm in step(); fp32 ZeRO-0 does not.
@@ -441,7 +473,12 @@ class Trainer:
         return {
             "version": 1,
             "epoch": self.epoch,
+            "batches_done": getattr(self, "_batches_done", 0),  # into epoch + 1 (a preemption save)
             "global_step": int(self.engine.global_steps),
+            "train_batch_size": int(self.engine.train_batch_size()),
+            "micro_batch_size": int(self.engine.train_micro_batch_size_per_gpu()),
+            "grad_accumulation_steps": int(self.engine.gradient_accumulation_steps()),
+            "config_hash": checkpoint.config_hash(self.cfg.to_dict()),
             "monitor": self.t.monitor,
             "best_metric": self.best_metric,
             "best_row": self.best_row,
@@ -467,14 +504,22 @@ class Trainer:
         `path` is a checkpoint directory (its newest complete tag is used), a tag directory, or
         the seed's `.../epoch_N.pth`. `train()` then continues with the next epoch.
         """
+        load_dir, tag = checkpoint.resolve(path)
+        saved = checkpoint.read_state(load_dir / tag)
+        self._plan_resume(load_dir / tag, saved)
         self._setup()
         self._require_training("resume_from_checkpoint()")
-        load_dir, tag = checkpoint.resolve(path)
-        loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        if self._universal:
+            loaded, client = self.engine.load_checkpoint(str(load_dir / tag), tag=checkpoint.UNIVERSAL)
+        else:
+            loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint at {load_dir}/{tag}")
-        state = (client or {}).get("ds_trainer") or checkpoint.read_state(load_dir / tag)
+        state = (client or {}).get("ds_trainer") or saved
+        if state.get("config_hash") not in (None, checkpoint.config_hash(self.cfg.to_dict())):
+            log.warning("the model/training/deepspeed config differs from the checkpoint's; continuing with this one")
         self.epoch = int(state["epoch"])
+        self._skip_batches = int(state.get("batches_done", 0))
         if state.get("monitor", self.t.monitor) == self.t.monitor:
             self.best_metric = state.get("best_metric")
             self.best_row = state.get("best_row")
@@ -488,6 +533,47 @@ class Trainer:
                 log.warning("the checkpoint has no plateau scheduler state; the plateau scheduler starts afresh")
         log.info("resumed from %s at epoch %d, global step %d", load_dir / tag, self.epoch, self.engine.global_steps)
         return state
+
+    def _plan_resume(self, tag_dir: Path, saved: dict[str, Any]) -> None:
+        """Before the engine exists: adapt to a checkpoint saved on a different world size.
+
+        The global batch stays what it was (the LR schedule and the optimizer's statistics
+        depend on it), so gradient accumulation absorbs the change of rank count; ZeRO-sharded
+        or bf16 optimizer state goes through DeepSpeed's universal format.
+        """
+        old_world = int(saved.get("world_size", 0))
+        if self.engine is not None:
+            assert self.env is not None
+            if old_world and old_world != self.env.world_size:
+                raise CheckpointError(
+                    f"{tag_dir} was saved by {old_world} ranks, this job has {self.env.world_size}: call "
+                    "resume_from_checkpoint() before train()/evaluate(), so the engine is built for it"
+                )
+            return
+        self._select_device()
+        env = init_distributed()
+        if not old_world or old_world == env.world_size:
+            return
+        global_batch = int(saved.get("train_batch_size") or 0)
+        micro = getattr(self.train_loader, "batch_size", None) or self.t.batch_size
+        if global_batch:
+            accumulation, rest = divmod(global_batch, micro * env.world_size)
+            if rest or accumulation < 1:
+                raise ConfigError(
+                    f"{tag_dir} trained with a global batch of {global_batch} "
+                    f"({saved.get('micro_batch_size')} x {saved.get('grad_accumulation_steps')} accumulation x "
+                    f"{old_world} ranks); on {env.world_size} ranks with batch_size {micro} that needs "
+                    f"{global_batch / (micro * env.world_size):g} accumulation steps, not a whole number. "
+                    f"Choose training.batch_size so that batch_size x {env.world_size} divides {global_batch}"
+                )
+            log.info(
+                "resuming a %d-rank checkpoint on %d ranks: grad_accumulation_steps %d (config: %d) keeps the "
+                "global batch %d", old_world, env.world_size, accumulation, self.t.grad_accumulation_steps, global_batch,
+            )  # fmt: skip
+            self.t.grad_accumulation_steps = accumulation
+        if any(tag_dir.glob("*optim_states.pt")):
+            checkpoint.to_universal(tag_dir, env.is_main)
+            self._universal = True
 
     def _require_training(self, what: str) -> None:
         if not self.trainable:
@@ -540,8 +626,10 @@ class Trainer:
             freq = self.t.save_frequency
             if epoch == last or stop or (freq > 0 and epoch % freq == 0):
                 self.save_checkpoint(checkpoint.epoch_tag(epoch))
-                if self.t.keep_last is not None and self.env.is_main:
-                    checkpoint.prune(self.t.checkpoint_dir, self.t.keep_last)
+                if self.env.is_main:
+                    checkpoint.drop_preemption_tags(self.t.checkpoint_dir, before_step=row["step"])
+                    if self.t.keep_last is not None:
+                        checkpoint.prune(self.t.checkpoint_dir, self.t.keep_last)
             if improved:
                 self.save_checkpoint(checkpoint.BEST, update_latest=False)
             if stop:
@@ -552,6 +640,7 @@ class Trainer:
                 break
         self._report_best()
         self.sinks.close()
+        self.preemption.uninstall()
         return self.history
 
     def _report_best(self) -> None:

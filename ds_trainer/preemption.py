@@ -1,0 +1,65 @@
+"""Stop cleanly when the scheduler says so: SIGTERM, or SLURM's pre-timeout SIGUSR1.
+
+A signal reaches the ranks at different moments (or only some of them), so no rank may act on
+its own: at every optimizer-step boundary the ranks all-reduce one flag (MAX) and stop together,
+at the same step, where a collective checkpoint is safe. The flag travels over a gloo group so
+a GPU run does not sync its CUDA stream for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionGuard:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._group: Any = None
+
+    def install(self) -> None:
+        """Collective (creates a gloo group on non-gloo jobs); call on every rank, once."""
+        if dist.is_initialized() and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not on the main thread: SIGTERM/SIGUSR1 will not trigger a checkpoint")
+            return
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # DataLoader workers forked after install() inherit this handler: in them it only sets
+        # a flag in their own memory, so a signal sent to the whole process group cannot kill
+        # the workers before the main process has saved.
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank when any rank has received a signal."""
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a peer rank's signal"

@@ -1,0 +1,137 @@
+"""Layer 3: resume on a different world size, and stop on a signal, through ./launch.sh.
+
+Elastic chain per ZeRO stage: A trains 2 epochs on 2 ranks; B resumes A's epoch 1 on 1 rank and
+trains epochs 2-3; C resumes B's epoch 2 on 2 ranks and trains epoch 3. B's epoch 2 is compared
+with A's and C's epoch 3 with B's: same global step, same LR, global batch kept by accumulation,
+loss within tolerance (the data is split differently across ranks, so not to the bit).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, launch_env, write_config
+
+pytestmark = pytest.mark.distributed
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def launch(cfg, ranks, *args):
+    proc = subprocess.run(
+        ["./launch.sh", "--config", str(cfg), *args], cwd=REPO, env=launch_env(DS_TRAINER_CPU_RANKS=str(ranks)),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_a_different_world_size(tmp_path, tiny_shards, stage):
+    def cfg(name, epochs):
+        return write_config(
+            tmp_path / f"{name}.yaml", tiny_shards,
+            # `step` makes the LR a function of the step alone (cosine would depend on num_epochs).
+            training={"num_epochs": epochs, "learning_rate": 2e-3, "warmup_epochs": 0, "scheduler": "step",
+                      "gamma": 0.7, "checkpoint_dir": str(tmp_path / name / "ckpt")},
+            deepspeed={"zero_stage": stage}, logging={"run_dir": str(tmp_path / name)},
+        )  # fmt: skip
+
+    launch(cfg("a", 2), 2)
+    b = launch(cfg("b", 3), 1, "--load-dir", str(tmp_path / "a" / "ckpt" / "epoch_1"))
+    c = launch(cfg("c", 3), 2, "--load-dir", str(tmp_path / "b" / "ckpt" / "epoch_2"))
+    a_rows, b_rows, c_rows = (jsonl(tmp_path / n / "metrics.jsonl") for n in "abc")
+    assert [r["epoch"] for r in b_rows] == [2, 3] and [r["epoch"] for r in c_rows] == [3]
+    # 128 images / global batch 16: 8 optimizer steps per epoch on any world size.
+    assert [r["step"] for r in a_rows] == [8, 16] and [r["step"] for r in b_rows] == [16, 24]
+    assert c_rows[0]["step"] == 24
+    assert b_rows[0]["lr"] == pytest.approx(a_rows[1]["lr"], rel=1e-9) == 2e-3 * 0.7**2
+    assert c_rows[0]["lr"] == pytest.approx(b_rows[1]["lr"], rel=1e-9)
+    assert b_rows[0]["train_loss"] == pytest.approx(a_rows[1]["train_loss"], rel=0.15)
+    assert c_rows[0]["train_loss"] == pytest.approx(b_rows[1]["train_loss"], rel=0.15)
+    ds_b = json.loads((tmp_path / "b" / "ds_config.json").read_text())
+    ds_c = json.loads((tmp_path / "c" / "ds_config.json").read_text())
+    assert (ds_b["gradient_accumulation_steps"], ds_b["train_batch_size"]) == (2, 16)
+    assert ds_b["checkpoint"] == {"load_universal": True}
+    assert (ds_c["gradient_accumulation_steps"], ds_c["train_batch_size"]) == (1, 16)
+    assert "1 ranks: grad_accumulation_steps 2 (config: 1) keeps the global batch 16" in b.stdout + b.stderr
+    assert (tmp_path / "a" / "ckpt" / "epoch_1" / "universal" / "ds_trainer.json").is_file()  # cached
+    assert "2 ranks: grad_accumulation_steps 1 (config: 1) keeps the global batch 16" in c.stdout + c.stderr
+
+
+def test_indivisible_global_batch_is_refused_with_the_numbers(tmp_path, tiny_shards):
+    cfg = write_config(tmp_path / "a.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
+                       deepspeed={"zero_stage": 1})
+    launch(cfg, 2)
+    proc = subprocess.run(
+        ["./launch.sh", "--config", str(cfg), "--load-dir", str(tmp_path / "ckpt"), "--set", "training.batch_size=6",
+         "--set", "training.num_epochs=2"],
+        cwd=REPO, env=launch_env(DS_TRAINER_CPU_RANKS="1"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "global batch of 16 (8 x 1 accumulation x 2 ranks)" in out and "2.66667 accumulation steps" in out
+
+
+def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_shards):
+    cfg = write_config(
+        tmp_path / "cfg.yaml", tiny_shards,
+        training={"num_epochs": 40, "warmup_epochs": 0, "scheduler": "none", "save_frequency": 0},
+        deepspeed={"zero_stage": 2}, logging={"log_every_n_steps": 1},
+    )  # fmt: skip
+    env = launch_env(DS_TRAINER_CPU_RANKS="2")
+    proc = subprocess.Popen(["./launch.sh", "--config", str(cfg)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    steps_file = tmp_path / "run" / "steps.jsonl"
+    deadline = time.time() + 300
+    while len(jsonl(steps_file)) < 12 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    # SLURM's pre-timeout signal goes to every task; here: to both ranks (the launcher's children).
+    ranks = _rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGUSR1)  # one rank is enough: the ranks agree at the next step
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert "SIGUSR1 received: saved" in out
+    ckpt = tmp_path / "ckpt"
+    tag = (ckpt / "latest").read_text()
+    assert tag.startswith("step_")
+    state = json.loads((ckpt / tag / "ds_trainer.json").read_text())
+    step = state["global_step"]
+    assert step == int(tag.split("_")[1]) and step >= 12
+    assert state["epoch"] == step // 8 and state["batches_done"] == step % 8
+    # Resume: the next logged step is the one after the saved one, and the epoch finishes at its usual step.
+    resumed = subprocess.run(
+        ["./launch.sh", "--config", str(cfg), "--load-dir", str(ckpt), "--set", f"training.num_epochs={state['epoch'] + 1}",
+         "--set", f"logging.run_dir={tmp_path / 'run2'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = jsonl(tmp_path / "run2" / "steps.jsonl")
+    assert after[0]["step"] == step + 1 and after[-1]["step"] == (state["epoch"] + 1) * 8
+    rows = jsonl(tmp_path / "run2" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [state["epoch"] + 1]
+
+
+def _rank_pids(launcher_pid):
+    """PIDs of the processes running `launch.sh --local_rank=N` under the launcher."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            rank = any(a.startswith("--local_rank=") for a in p.cmdline())
+            # DataLoader workers are forks of a rank, with the same command line.
+            if rank and not any(a.startswith("--local_rank=") for a in p.parent().cmdline()):
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(found)
