@@ -51,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-class", type=int, default=400)
     p.add_argument("--val-per-class", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("export", help="DeepSpeed checkpoint → Hugging Face directory (fp32, loads without DeepSpeed)")
+    p.add_argument("--load-dir", required=True, help="checkpoint directory (newest complete tag), or a tag directory")
+    p.add_argument("--tag", default=None, help="export this tag of --load-dir, e.g. best or epoch_3")
+    p.add_argument("--out", required=True, help="new or empty output directory")
+    p.add_argument("--force", action="store_true", help="replace --out when it holds a previous export")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reloading the export and comparing its logits with the checkpoint's")
+
+    p = sub.add_parser("predict", help="P(ai-generated) for image files, from an exported model")
+    p.add_argument("--model", required=True, help="a directory written by ds-trainer export")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of path<TAB>p_ai lines")
     return parser
 
 
@@ -116,7 +130,41 @@ def _summary(manifest: dict) -> str:
     return f"{total} images, generators: {', '.join(generators)}"
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    from ds_trainer.export import export_checkpoint
+
+    # Consolidation reads files on the CPU; without this DeepSpeed probes for a GPU and logs to stdout.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = export_checkpoint(args.load_dir, args.out, tag=args.tag, force=args.force, verify=args.verify)
+    print(f"exported to {out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """One line per image, in argument order; unreadable files are skipped, named on stderr, and exit 3."""
+    from ds_trainer.errors import ConfigError, DataError
+    from ds_trainer.export import load_exported, predict_paths
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    results = predict_paths(load_exported(args.model), args.images, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([{"path": r.path, "p_ai": r.p_ai, "error": r.error} for r in results], indent=2))
+    else:
+        for r in results:
+            if r.error is None:
+                print(f"{r.path}\t{r.p_ai:.6f}")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        listing = "\n".join(f"  {r.error}" for r in failed)
+        raise DataError(f"{len(failed)} of {len(results)} images unreadable:\n{listing}")
+    return 0
+
+
 _COMMANDS = {"train": _cmd_train, "ds-config": _cmd_ds_config, "shard": _cmd_shard, "demo-data": _cmd_demo_data}
+_COMMANDS.update({"export": _cmd_export, "predict": _cmd_predict})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,429 @@
+"""Export a DeepSpeed checkpoint to a plain Hugging Face directory, load it back, and score images.
+
+A DeepSpeed checkpoint is tied to DeepSpeed: under ZeRO the fp32 weights are split across one
+optimizer file per rank, and the model file may hold only shapes. `export_checkpoint` turns one
+into a directory any machine can use without DeepSpeed, a process group or the training world size:
+
+    OUT/config.json, model.safetensors   the CLIP tower (`CLIPVisionModel` for fine-tune, LoRA merged
+                                         into it; the whole `CLIPModel` for zero-shot/prompt-tuning)
+    OUT/tokenizer files                  zero-shot/prompt-tuning only
+    OUT/head.safetensors                 fine-tune: the linear head (`weight`, `bias`);
+                                         prompt-tuning: the learned context (`prompt_ctx`)
+    OUT/ds_trainer_export.json           how to rebuild the detector and preprocess its inputs
+
+`load_exported` rebuilds the detector from OUT (eval mode); `predict_paths` scores image files with
+exactly the evaluation preprocessing (`clip_preprocess`, eval mode). Labels: 1 = ai, 0 = nature (real).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_trainer import checkpoint
+from ds_trainer.errors import CheckpointError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "ds_trainer_export.json"
+HEAD_FILE = "head.safetensors"
+FORMAT_VERSION = 1
+MODEL_STATES = "mp_rank_00_model_states.pt"
+# Exported logits must match the checkpoint's model this closely (LoRA merging reorders float sums).
+VERIFY_ATOL, VERIFY_RTOL = 1e-4, 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- export
+@dataclass
+class Source:
+    """A resolved checkpoint: `checkpoint_dir/tag` and the ds_trainer.json state rank 0 wrote last."""
+
+    checkpoint_dir: Path
+    tag: str
+    state: dict[str, Any]
+
+    @property
+    def tag_dir(self) -> Path:
+        return self.checkpoint_dir / self.tag
+
+
+def resolve_source(load_dir: str | Path, tag: str | None = None) -> Source:
+    """The checkpoint to export: `checkpoint.resolve`'s pick, or `tag` inside `load_dir` when given."""
+    if tag is None:
+        ckpt_dir, tag = checkpoint.resolve(load_dir)
+    else:
+        ckpt_dir = Path(load_dir).expanduser()
+        if not ckpt_dir.is_dir():
+            raise CheckpointError(f"checkpoint {load_dir} does not exist")
+        if not checkpoint.is_complete(ckpt_dir / tag):
+            what = "an incomplete" if (ckpt_dir / tag).is_dir() else "no"
+            raise CheckpointError(
+                f"{what} checkpoint {tag!r} in {ckpt_dir} (complete tags: {_complete_tags(ckpt_dir)}); "
+                "a checkpoint is complete once ds_trainer.json is written next to DeepSpeed's files"
+            )
+    state = checkpoint.read_state(ckpt_dir / tag)
+    if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+        raise CheckpointError(
+            f"{ckpt_dir / tag / checkpoint.MARKER} has no run config (written by an older ds_trainer); "
+            "export rebuilds the model from it: resume that run for one more epoch with this version "
+            "(ds-trainer train --load-dir ...) to write a checkpoint that has it"
+        )
+    return Source(ckpt_dir, tag, state)
+
+
+def _complete_tags(ckpt_dir: Path) -> str:
+    tags = sorted(d.name for d in ckpt_dir.iterdir() if d.is_dir() and checkpoint.is_complete(d))
+    return ", ".join(tags) or "none"
+
+
+def consolidated_state_dict(source: Source, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a checkpoint, from any world size, without a process group.
+
+    Which files exist says how DeepSpeed saved it (looked at for 0.19.8):
+    - ZeRO 1-3 (fp32 or bf16): fp32 master partitions in `*zero_pp_rank_*_optim_states.pt`, one per
+      rank; DeepSpeed's `zero_to_fp32` merges them (frozen weights come from the model files).
+    - ZeRO 0, fp32: `mp_rank_00_model_states.pt`'s `module` is the full fp32 model.
+    - ZeRO 0, bf16/fp16: `module` is half precision; the fp32 masters are the optimizer's
+      `fp32_groups_flat`, one flat tensor per parameter group (see `_unflatten_masters`).
+    """
+    tag_dir = source.tag_dir
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        return _from_zero_partitions(source)
+    model_file = tag_dir / MODEL_STATES
+    if not model_file.is_file():
+        found = ", ".join(sorted(p.name for p in tag_dir.iterdir())) or "nothing"
+        raise CheckpointError(f"{tag_dir} has neither ZeRO optimizer files nor {MODEL_STATES} (found: {found})")
+    saved = torch.load(model_file, map_location="cpu", weights_only=False)  # our own file: DeepSpeed objects inside
+    module = saved["module"]
+    floats = [v for v in module.values() if v.is_floating_point()]
+    if all(v.dtype == torch.float32 for v in floats):
+        return dict(module)
+    masters = (saved.get("optimizer") or {}).get("fp32_groups_flat")
+    if masters is None:
+        log.warning("%s: no fp32 master weights; exporting the %s weights upcast to fp32", tag_dir, floats[0].dtype)
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    return _unflatten_masters(module, masters, model, source)
+
+
+def _from_zero_partitions(source: Source) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    quiet = io.StringIO()  # zero_to_fp32 prints progress and tqdm bars; stdout is the user's channel
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(source.checkpoint_dir), source.tag)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(f"{source.tag_dir}: DeepSpeed could not consolidate the ZeRO checkpoint: {exc}") from None
+    log.debug("zero_to_fp32: %s", quiet.getvalue().strip())
+    return state
+
+
+def _unflatten_masters(
+    module: dict[str, torch.Tensor], masters: list[torch.Tensor], model: nn.Module, source: Source
+) -> dict[str, torch.Tensor]:
+    """Split ZeRO-0 mixed precision's flat fp32 masters back into named tensors.
+
+    DeepSpeed's FP16_Optimizer flattens each parameter group's trainable parameters in order with no
+    padding; the groups are `optim.param_groups`' for the rebuilt model (same code, same names).
+    Frozen weights have no master copy and are upcast from the half-precision module.
+    """
+    from ds_trainer import optim
+    from ds_trainer.config import TrainingSection
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optim.param_groups(model, TrainingSection())]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if len(groups) != len(masters):
+        raise CheckpointError(f"{source.tag_dir}: {len(masters)} fp32 master groups, the model has {len(groups)}")
+    for group, flat in zip(groups, masters):
+        sizes = [state[n].numel() for n in group]
+        if sum(sizes) != flat.numel():
+            raise CheckpointError(
+                f"{source.tag_dir}: an fp32 master group holds {flat.numel()} values, expected {sum(sizes)}"
+            )
+        for name, chunk in zip(group, flat.float().split(sizes)):
+            state[name] = chunk.view_as(state[name]).clone()
+    return state
+
+
+def rebuild_model(source: Source) -> nn.Module:
+    """The detector of the checkpoint's run, with the checkpoint's fp32 weights, on CPU in eval mode."""
+    from pydantic import ValidationError
+
+    from ds_trainer.config import ModelSection
+    from ds_trainer.models import build_model
+
+    try:
+        section = ModelSection.model_validate(source.state["config"]["model"])
+    except ValidationError as exc:  # a config layout from another version
+        raise CheckpointError(
+            f"{source.tag_dir}: the saved model config is not valid for this version: {exc}"
+        ) from None
+    model = build_model(section)
+    state = consolidated_state_dict(source, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source.tag_dir} does not match the model its config builds ({section.mode}, {section.model_name}): "
+            f"missing {_some(missing)}, unexpected {_some(unexpected)}"
+        )
+    return model.float().eval()
+
+
+def _some(keys: Sequence[str]) -> str:
+    return f"{len(keys)} keys" + (f" (e.g. {', '.join(list(keys)[:3])})" if keys else "")
+
+
+def export_checkpoint(
+    load_dir: str | Path, out: str | Path, tag: str | None = None, force: bool = False, verify: bool = True
+) -> Path:
+    """Write the checkpoint at `load_dir` (its `tag`, default: `checkpoint.resolve`'s pick) to `out`.
+
+    The export is assembled in a sibling temporary directory and moved into place at the end, so an
+    interrupted export never leaves a half-written `out`. With `verify`, the written directory is
+    loaded back with `load_exported` and must give the checkpoint model's logits on a random batch.
+    """
+    out = Path(out).expanduser()
+    _check_out(out, force)
+    source = resolve_source(load_dir, tag)
+    model = rebuild_model(source)
+    probe = _probe_batch(model) if verify else None
+    reference = _logits(model, probe) if probe is not None else None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_export(model, source, tmp)
+        if probe is not None:
+            _verify(tmp, probe, reference)
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (%s, epoch %s, step %s) to %s", source.tag_dir, _mode(model),
+             source.state.get("epoch"), source.state.get("global_step"), out)  # fmt: skip
+    return out
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse to overwrite; `force` replaces a previous export only, never an arbitrary directory."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a new or empty directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise ConfigError(f"--out {out} is not empty; give a new or empty directory, or --force to replace an export")
+    if not (out / EXPORT_FILE).is_file():
+        raise ConfigError(f"--out {out} is not empty and not a ds-trainer export (no {EXPORT_FILE}); --force "
+                          "only replaces a previous export, so nothing else gets deleted by mistake")  # fmt: skip
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _mode(model: nn.Module) -> str:
+    return str(model.mode)
+
+
+def _write_export(model: nn.Module, source: Source, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    mode = _mode(model)
+    clip = model.model if mode == "prompt-tuning" else model
+    if mode == "fine-tune":
+        tower = clip.backbone
+        merged = hasattr(tower, "merge_and_unload")
+        if merged:
+            tower = tower.merge_and_unload()  # plain CLIPVisionModel weights: transformers loads them as is
+        tower.save_pretrained(out)
+        head = {"weight": clip.head.weight, "bias": clip.head.bias}
+    else:
+        merged = False
+        clip.backbone.save_pretrained(out)
+        clip.tokenizer.save_pretrained(out)
+        head = {"prompt_ctx": model.prompt_ctx} if mode == "prompt-tuning" else {}
+    if head:
+        save_file({k: v.detach().float().contiguous().clone() for k, v in head.items()}, str(out / HEAD_FILE))
+    info = _export_info(model, clip, source, lora_merged=merged)
+    (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged: bool) -> dict[str, Any]:
+    from ds_trainer.data.transforms import CLIP_MEAN, CLIP_STD
+
+    section = source.state["config"]["model"]
+    size = int(model.image_size)
+    return {
+        "format_version": FORMAT_VERSION,
+        "mode": _mode(model),
+        "num_classes": int(section.get("num_classes", 2)),
+        "labels": {"0": "nature (real)", "1": "ai (generated)"},
+        "prompts": {"real": clip.real_prompt, "ai": clip.ai_prompt} if _mode(model) != "fine-tune" else None,
+        "prompt_length": int(model.prompt_length) if _mode(model) == "prompt-tuning" else None,
+        "lora_merged": lora_merged,
+        "image_size": size,
+        "preprocessing": {
+            "resize": f"shortest side to {size} px, bicubic",
+            "crop": f"center {size}x{size}",
+            "rescale": "1/255 (RGB, alpha composited on white)",
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "function": "ds_trainer.data.transforms.clip_preprocess(img, image_size, train=False)",
+        },
+        "source": {
+            "checkpoint_dir": str(source.checkpoint_dir.resolve()),
+            "tag": source.tag,
+            "epoch": source.state.get("epoch"),
+            "global_step": source.state.get("global_step"),
+            "world_size": source.state.get("world_size"),
+            "zero_stage": source.state.get("zero_stage"),
+            "model_name": section.get("model_name"),
+            "best_metric": source.state.get("best_metric"),
+            "monitor": source.state.get("monitor"),
+        },
+    }
+
+
+def _probe_batch(model: nn.Module) -> torch.Tensor:
+    size = int(model.image_size)
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    return model(pixels).float()
+
+
+def _verify(out: Path, probe: torch.Tensor, reference: torch.Tensor) -> None:
+    got = _logits(load_exported(out), probe)
+    diff = float((got - reference).abs().max())
+    if not torch.allclose(got, reference, rtol=VERIFY_RTOL, atol=VERIFY_ATOL):
+        raise CheckpointError(
+            f"the export does not reproduce the checkpoint's logits (max difference {diff:.3g}); not written"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- load
+def read_export_info(path: str | Path) -> dict[str, Any]:
+    """The ds_trainer_export.json of an exported directory."""
+    path = Path(path).expanduser()
+    info_file = path / EXPORT_FILE
+    if not info_file.is_file():
+        what = "does not exist" if not path.exists() else f"has no {EXPORT_FILE}"
+        raise CheckpointError(
+            f"exported model {path} {what}; create one with ds-trainer export --load-dir ... --out {path}"
+        )
+    info = json.loads(info_file.read_text())
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{info_file}: format version {info['format_version']} is newer than this ds_trainer reads"
+        )
+    return info
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """The detector from an exported directory, on CPU in eval mode; needs transformers, not DeepSpeed.
+
+    Built by the same `build_model` as training, pointed at the directory (LoRA is already merged),
+    so its forward is the training model's: [B, num_classes] logits, softmax column 1 = ai.
+    """
+    from ds_trainer.config import ModelSection
+    from ds_trainer.models import build_model
+
+    path = Path(path).expanduser()
+    info = read_export_info(path)
+    prompts = info.get("prompts") or {}
+    section = ModelSection(
+        model_name=str(path), mode=info["mode"], num_classes=info["num_classes"],
+        prompt_length=info.get("prompt_length") or 10,
+        **({"real_prompt": prompts["real"], "ai_prompt": prompts["ai"]} if prompts else {}),
+    )  # fmt: skip
+    model = build_model(section)
+    _load_head(model, path, info["mode"])
+    return model.float().eval()
+
+
+def _load_head(model: nn.Module, path: Path, mode: str) -> None:
+    if mode == "zero-shot":
+        return
+    from safetensors.torch import load_file
+
+    head_file = path / HEAD_FILE
+    if not head_file.is_file():
+        raise CheckpointError(f"exported model {path} has no {HEAD_FILE}; export it again")
+    tensors = load_file(str(head_file))
+    target = model.head if mode == "fine-tune" else model
+    missing, unexpected = target.load_state_dict(tensors, strict=False)
+    if mode == "prompt-tuning":
+        missing = [k for k in missing if k == "prompt_ctx"]  # the frozen CLIP comes from the HF files
+    if missing or unexpected:
+        raise CheckpointError(f"{head_file}: missing {_some(missing)}, unexpected {_some(unexpected)}")
+
+
+# ---------------------------------------------------------------------------------------------- predict
+@dataclass
+class Prediction:
+    """One image's result: `p_ai` = softmax probability of class 1 (ai), or `error` when unreadable."""
+
+    path: str
+    p_ai: float | None = None
+    error: str | None = None
+
+
+def load_image_tensor(path: str | Path, image_size: int) -> torch.Tensor:
+    """One file → [3, size, size], decoded and preprocessed as evaluation does (no EXIF rotation there either)."""
+    from PIL import Image
+
+    from ds_trainer.data.transforms import clip_preprocess
+
+    try:
+        with Image.open(path) as img:
+            return clip_preprocess(img, image_size, train=False)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def predict_paths(model: nn.Module, paths: Sequence[str | Path], batch_size: int = 32) -> list[Prediction]:
+    """Score every path in order; unreadable files get an `error` instead of stopping the rest."""
+    size = int(model.image_size)
+    results = [Prediction(str(p)) for p in paths]
+    for chunk in _chunks(results, batch_size):
+        tensors, ok = [], []
+        for pred in chunk:
+            try:
+                tensors.append(load_image_tensor(pred.path, size))
+                ok.append(pred)
+            except DataError as exc:
+                pred.error = str(exc)
+        if tensors:
+            for pred, score in zip(ok, predict_tensors(model, torch.stack(tensors)).tolist()):
+                pred.p_ai = score
+    return results
+
+
+@torch.no_grad()
+def predict_tensors(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """P(ai) [B] for preprocessed images [B, 3, H, W]: softmax column 1, as the evaluation metrics use."""
+    from ds_trainer.metrics import ai_scores
+
+    return ai_scores(model(pixels.float()))
+
+
+def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), max(1, n)):
+        yield items[i : i + n]
