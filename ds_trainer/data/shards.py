@@ -1,27 +1,44 @@
 """GenImage folder tree -> WebDataset tar shards + manifest.json, and reading the manifest back.
 
-Source layout (GenImage): <src>/<generator>/{train,val}/{ai,nature}/<image files>.
-Output layout: <out>/<generator>/<split>/shard-000000.tar ... and <out>/manifest.json.
+Source layout (GenImage release): <src>/<generator>/.../{train,val}/.../{ai,nature}/.../<images>,
+e.g. stable_diffusion_v_1_4/imagenet_ai_0419_sdv4/train/ai/033_sdv4_00134.png: the split and
+class folders are found at any depth below the generator folder.
+Output layout: <out>/<generator>/<split>/shard-000000.tar (+ shard-000000.json sidecar) ... and
+<out>/manifest.json.
+
 The manifest is the only thing the streaming loader trusts for sample counts, which is what
-lets every rank compute the same epoch length without talking to the others.
+lets every rank compute the same epoch length without talking to the others. So every image is
+fully decoded before it goes into a shard (a file that does not decode is skipped and listed),
+and the manifest is written last: a directory without one is unfinished.
+
+Sharding is a deterministic plan (sorted file list, seeded stratified shuffle, cut by count and
+bytes), executed one shard per task in a process pool. Each finished shard gets a sidecar JSON
+naming the plan it was written from; a re-run keeps every shard whose sidecar matches its plan,
+so an interrupted run resumes instead of starting over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
+import sys
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from ds_trainer.errors import DataError
@@ -30,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "ds_trainer.shards"
 FORMAT_VERSION = 1
+SIDECAR_FORMAT = "ds_trainer.shard"
+# bump when what a shard holds for the same plan changes, so old shards are rewritten on resume
+SIDECAR_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 LABELS = {"ai": 1, "nature": 0}
@@ -38,19 +58,34 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # readers (ours, wds.decode) dispatch on the member extension; one spelling per format
 _EXT_KEY = {"jpeg": "jpg"}
 IMAGE_KEYS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS) | {"jpg"}
+# folders that zip tools and desktops leave next to the data; never searched for images
+_IGNORED_DIRS = {"__macosx", "$recycle.bin", "@eadir"}
+# how deep below a generator folder its train/ or val/ folder may sit
+_MAX_SPLIT_DEPTH = 4
+SKIP_KINDS = ("non_image", "outside_layout", "unreadable")
 
 _HOW_TO_MAKE = "run `ds-trainer shard --src /path/to/GenImage --out <dir>` or `ds-trainer demo-data`"
-_LAYOUT = "<src>/<generator>/{train,val}/{ai,nature}/<images>"
+_LAYOUT = "<src>/<generator>/[...]/{train,val}/{ai,nature}/<images>"
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of a GenImage tree; label 1 = ai (generated), 0 = nature (real)."""
+    """One image of a GenImage tree; label 1 = ai (generated), 0 = nature (real).
+
+    `size`/`mtime_ns` come from the scan; they decide whether a finished shard is still current.
+    """
 
     path: Path
     generator: str
     split: str
     label: int
+    size: int = field(default=0, compare=False)
+    mtime_ns: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -100,8 +135,33 @@ class Manifest:
         return picked
 
 
+# ---------------------------------------------------------------- scanning
+
+
+@dataclass
+class ScanResult:
+    """What a scan found: images, files it passed over (with why), and every split folder seen.
+
+    `splits` includes split folders without any image, so an empty one is reported as 0 rather
+    than silently missing from the counts.
+    """
+
+    root: Path
+    generators: list[str]
+    records: list[ImageRecord] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    splits: set[tuple[str, str]] = field(default_factory=set)
+
+    def skip(self, path: Path, kind: str, reason: str) -> None:
+        self.skipped.append({"path": path.relative_to(self.root).as_posix(), "kind": kind, "reason": reason})
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _is_ignored_dir(name: str) -> bool:
+    return name.startswith(".") or name.lower() in _IGNORED_DIRS
 
 
 def _listing(path: Path) -> str:
@@ -111,62 +171,136 @@ def _listing(path: Path) -> str:
     return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
 
 
-def _scan(
-    src: str | Path, generators: list[str] | None = None
-) -> tuple[list[ImageRecord], Counter[str]]:
-    """scan_genimage plus the count of skipped (non-image) files per generator."""
-    root = Path(src)
+def _subdirs(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return sorted((e for e in it if e.is_dir() and not _is_ignored_dir(e.name)), key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _has_split_dir(path: Path) -> bool:
+    """Breadth-first look for a train/ or val/ folder; stops at the first, so it is cheap on big trees."""
+    level = [path]
+    for _ in range(_MAX_SPLIT_DEPTH):
+        nxt: list[Path] = []
+        for folder in level:
+            for entry in _subdirs(folder):
+                if entry.name.lower() in SPLITS:
+                    return True
+                nxt.append(Path(entry.path))
+        level = nxt
+    return False
+
+
+def _find_generators(root: Path) -> list[str]:
+    """Top-level folders that hold a split folder somewhere below; a root that is itself one is an error."""
     if not root.is_dir():
         raise DataError(f"GenImage folder {root} does not exist; expected the layout {_LAYOUT}")
-    found = sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and any((p / s).is_dir() for s in SPLITS)
-    )
-    if not found:
+    top = _subdirs(root)
+    if any(e.name.lower() in SPLITS for e in top):
         raise DataError(
-            f"no generator folders in {root} (expected {_LAYOUT}); it contains: {_listing(root)}"
+            f"{root} has train/ or val/ directly inside, so it looks like one generator's folder; "
+            f"pass its parent as --src (and --generators {root.name} to shard only this one)"
         )
+    found = [e.name for e in top if _has_split_dir(Path(e.path))]
+    for name in sorted({e.name for e in top} - set(found)):
+        logger.info("ignoring %s: no train/ or val/ folder below it", root / name)
+    if not found:
+        raise DataError(f"no generator folders in {root} (expected {_LAYOUT}); it contains: {_listing(root)}")
+    return found
+
+
+def _walk(scan: ScanResult, folder: Path, gen: str, split: str | None, label: int | None, seen: set) -> None:
+    """Collect images below `folder`; `split`/`label` are the nearest train|val and ai|nature above it."""
+    try:
+        st = folder.stat()
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        scan.skip(folder, "unreadable", f"cannot list folder: {exc.strerror or exc}")
+        return
+    if (st.st_dev, st.st_ino) in seen:  # a symlink loop would recurse forever
+        return
+    seen.add((st.st_dev, st.st_ino))
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir():
+            name = entry.name.lower()
+            if _is_ignored_dir(entry.name):
+                scan.skip(path, "non_image", "hidden or system folder, not searched")
+            elif split is None and name in SPLITS:
+                scan.splits.add((gen, name))
+                _walk(scan, path, gen, name, None, seen)
+            elif split is not None and label is None and name in LABELS:
+                _walk(scan, path, gen, split, LABELS[name], seen)
+            else:
+                _walk(scan, path, gen, split, label, seen)
+        elif entry.name.startswith("."):
+            scan.skip(path, "non_image", "hidden file")
+        elif not _is_image(path):
+            scan.skip(path, "non_image", f"not an image extension ({path.suffix or 'none'})")
+        elif split is None or label is None:
+            scan.skip(path, "outside_layout", "not below a {train,val}/{ai,nature}/ folder")
+        else:
+            try:
+                stat = entry.stat()
+            except OSError as exc:  # e.g. a dangling symlink
+                scan.skip(path, "unreadable", f"cannot stat file: {exc.strerror or exc}")
+                continue
+            scan.records.append(ImageRecord(path, gen, split, label, stat.st_size, stat.st_mtime_ns))
+
+
+def scan_tree(src: str | Path, generators: list[str] | None = None) -> ScanResult:
+    """Walk a GenImage tree: images sorted by path, everything passed over listed with its reason."""
+    root = Path(src)
+    found = _find_generators(root)
     if generators is not None:
         unknown = sorted(set(generators) - set(found))
         if unknown:
             raise DataError(
-                f"generator(s) {', '.join(unknown)} not found in {root}; "
-                f"available: {', '.join(found)}"
+                f"generator(s) {', '.join(unknown)} not found in {root}; available: {', '.join(found)}"
             )
         found = [g for g in found if g in set(generators)]
-
-    records: list[ImageRecord] = []
-    skipped: Counter[str] = Counter()
+    scan = ScanResult(root=root, generators=found)
     for gen in found:
-        for split in SPLITS:
-            split_dir = root / gen / split
-            if not split_dir.is_dir():
-                continue
-            for class_dir in sorted(split_dir.iterdir()):
-                label = LABELS.get(class_dir.name.lower())
-                if not class_dir.is_dir() or label is None:
-                    if not class_dir.name.startswith("."):
-                        logger.warning("ignoring %s: expected only ai/ and nature/ there", class_dir)
-                    continue
-                # rglob: some GenImage mirrors nest class folders one level deeper
-                for path in sorted(class_dir.rglob("*")):
-                    if not path.is_file():
-                        continue
-                    if _is_image(path) and not path.name.startswith("."):
-                        records.append(ImageRecord(path, gen, split, label))
-                    else:
-                        skipped[gen] += 1
-    if not records:
+        _walk(scan, root / gen, gen, None, None, set())
+    if not scan.records:
         raise DataError(f"no images found under {root} for {', '.join(found)} (layout {_LAYOUT})")
-    if skipped:
-        logger.info("skipped %d non-image file(s) under %s", sum(skipped.values()), root)
-    return records, skipped
+    scan.records.sort(key=lambda r: (r.generator, r.split, r.path))
+    scan.skipped.sort(key=lambda s: s["path"])
+    if scan.skipped:
+        logger.info("passed over %d non-image or out-of-layout file(s) under %s", len(scan.skipped), root)
+    return scan
+
+
+def _scan(src: str | Path, generators: list[str] | None = None) -> tuple[list[ImageRecord], Counter[str]]:
+    """scan_genimage plus the count of passed-over files per generator (kept for older callers)."""
+    scan = scan_tree(src, generators)
+    skipped = Counter(s["path"].split("/", 1)[0] for s in scan.skipped)
+    return scan.records, skipped
 
 
 def scan_genimage(src: str | Path, generators: list[str] | None = None) -> list[ImageRecord]:
     """List the images of a GenImage tree (sorted, so the result is reproducible)."""
-    return _scan(src, generators)[0]
+    return scan_tree(src, generators).records
+
+
+# ---------------------------------------------------------------- planning
+
+
+def parse_size(value: int | str | None) -> int | None:
+    """'1GB' / '500MB' / '2GiB' / '123456' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    if value is None or isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise DataError(f"shard size '{value}' is not a size; use e.g. 1GB, 500MB, 2GiB or a byte count")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size is not None and size < 1:
+        raise DataError(f"shard size must be at least 1 byte (got {value})")
+    return size
 
 
 def _safe_key_part(name: str) -> str:
@@ -194,87 +328,447 @@ def _mixed_order(records: list[ImageRecord], rng: random.Random, chunk: int) -> 
     return out
 
 
+class _Planned(NamedTuple):
+    """One sample as planned: a plain tuple, so a pool ships thousands of them cheaply."""
+
+    path: str  # absolute source file
+    rel: str  # relative to the source root, recorded in the sample metadata
+    label: int
+    key: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """Everything a pool worker needs to write one shard, with no reference to shared state."""
+
+    out: str
+    rel: str  # <generator>/<split>/shard-NNNNNN.tar
+    generator: str
+    split: str
+    samples: tuple[_Planned, ...]
+    digest: str
+    verify: bool = True
+
+    @property
+    def sidecar_rel(self) -> str:
+        return self.rel[: -len(".tar")] + ".json"
+
+
+def _tar_bytes_estimate(sample: _Planned) -> int:
+    """Bytes a sample adds to a tar: a 512-byte header per member, data padded to 512 (json ~ path + 250)."""
+
+    def padded(n: int) -> int:
+        return 512 + -(-n // 512) * 512
+
+    return padded(sample.size) + padded(1) + padded(len(sample.rel.encode()) + 250)
+
+
+_TAR_END = 10240  # end-of-archive blocks, padded to tarfile's record size
+
+
+def _cut(order: list[_Planned], max_count: int, max_size: int | None) -> Iterator[list[_Planned]]:
+    """Consecutive runs of the plan, each within max_count samples and (estimated) max_size bytes.
+
+    A single image larger than max_size still gets a shard of its own rather than failing the run.
+    """
+    part: list[_Planned] = []
+    used = _TAR_END
+    for sample in order:
+        add = _tar_bytes_estimate(sample)
+        too_big = max_size is not None and part and used + add > max_size
+        if len(part) == max_count or too_big:
+            yield part
+            part, used = [], _TAR_END
+        part.append(sample)
+        used += add
+    if part:
+        yield part
+
+
+def _digest(rel: str, samples: list[_Planned], verify: bool) -> str:
+    """Fingerprint of a shard's plan: which files, in which order, under which keys, at which size/mtime,
+    and whether they were decoded (an unverified shard must not pass for a verified one on resume)."""
+    plan = [SIDECAR_VERSION, rel, verify, [(s.rel, s.label, s.key, s.size, s.mtime_ns) for s in samples]]
+    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
+
+
+def _key_prefixes(generators: list[str]) -> dict[str, str]:
+    safe_names: dict[str, str] = {}
+    for gen in sorted(generators):
+        safe = _safe_key_part(gen)
+        if safe in safe_names.values():
+            safe = f"{safe}_{len(safe_names)}"
+        safe_names[gen] = safe
+    return safe_names
+
+
+def _plan(
+    scan: ScanResult, out: Path, seed: int, max_count: int, max_size: int | None, verify: bool = True
+) -> list[_ShardJob]:
+    """The deterministic shard plan: same tree, seed and limits give the same shards and keys.
+
+    Keys number the samples of a generator/split in planned order, so a shard's keys do not
+    depend on which other files turned out unreadable.
+    """
+    groups: dict[tuple[str, str], list[ImageRecord]] = {}
+    for rec in scan.records:
+        groups.setdefault((rec.generator, rec.split), []).append(rec)
+    prefixes = _key_prefixes([g for g, _ in groups])
+    jobs: list[_ShardJob] = []
+    for (gen, split), recs in sorted(groups.items()):
+        order = _mixed_order(recs, random.Random(f"{seed}:{gen}:{split}"), max_count)
+        planned = [
+            _Planned(str(r.path), r.path.relative_to(scan.root).as_posix(), r.label,
+                     f"{prefixes[gen]}-{split}-{i:07d}", r.size, r.mtime_ns)
+            for i, r in enumerate(order)
+        ]  # fmt: skip
+        for n, part in enumerate(_cut(planned, max_count, max_size)):
+            rel = f"{gen}/{split}/shard-{n:06d}.tar"
+            jobs.append(_ShardJob(str(out), rel, gen, split, tuple(part), _digest(rel, part, verify), verify))
+    return jobs
+
+
+# ---------------------------------------------------------------- writing one shard (runs in a pool worker)
+
+
+class _Unreadable(Exception):
+    """An image that does not fully decode; carries the reason recorded in the manifest."""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "cannot identify image (unknown format or broken header)"
+    # PIL puts object reprs (with memory addresses) into some messages; keep reasons reproducible
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<data>", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _verify(data: bytes, decode: bool = True) -> dict[str, Any]:
+    """Decode every pixel (load(), since verify() passes truncated and corrupt image data).
+
+    Returns width/height/mode/format; any decoding problem raises _Unreadable. Truncated files
+    must fail here even if some caller set ImageFile.LOAD_TRUNCATED_IMAGES, so it is forced off.
+    decode=False reads the header only (write_shards(verify=False)).
+    """
+    tolerant = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if decode:
+                img.load()
+            return {"width": img.width, "height": img.height, "mode": img.mode, "format": img.format}
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, zlib.error ...)
+        raise _Unreadable(_reason(exc)) from exc
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
+
+
+def _read_verified(sample: _Planned, decode: bool = True) -> tuple[bytes, dict[str, Any]]:
+    try:
+        data = Path(sample.path).read_bytes()
+    except OSError as exc:
+        raise _Unreadable(f"cannot read file: {exc.strerror or exc}") from exc
+    if not data:
+        raise _Unreadable("empty file (0 bytes)")
+    return data, _verify(data, decode)
+
+
+def _write_one_shard(job: _ShardJob) -> dict[str, Any]:
+    """Verify and write one planned shard; returns its sidecar (also written next to the tar).
+
+    The tar is written under a .tmp name and renamed when complete, then the sidecar is written:
+    a tar without a matching sidecar is treated as unfinished and rewritten on the next run.
+    Image bytes are stored unchanged: re-encoding would alter the artifacts a detector looks for.
+    """
+    out = Path(job.out)
+    final, tmp = out / job.rel, out / (job.rel + ".tmp")
+    keys: list[str] = []
+    skipped: list[dict[str, str]] = []
+    modes: dict[str, Counter[str]] = {"ai": Counter(), "nature": Counter()}
+    ai = 0
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # fixed mtime: the same tree and seed give byte-identical shards
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:
+            for sample in job.samples:
+                try:
+                    data, info = _read_verified(sample, job.verify)
+                except _Unreadable as exc:
+                    skipped.append({"path": sample.rel, "kind": "unreadable", "reason": str(exc)})
+                    continue
+                writer.write(_tar_sample(job, sample, data, info))
+                keys.append(sample.key)
+                ai += sample.label
+                modes[LABEL_NAMES[sample.label]][info["mode"]] += 1
+        if keys:
+            os.replace(tmp, final)
+        else:  # every image unreadable: no empty tar, the sidecar alone records the outcome
+            tmp.unlink()
+            final.unlink(missing_ok=True)
+        sidecar = {
+            "format": SIDECAR_FORMAT,
+            "version": SIDECAR_VERSION,
+            "plan": job.digest,
+            "path": job.rel,
+            "generator": job.generator,
+            "split": job.split,
+            "count": len(keys),
+            "ai": ai,
+            "nature": len(keys) - ai,
+            "bytes": final.stat().st_size if keys else 0,
+            "modes": {name: dict(sorted(c.items())) for name, c in modes.items()},
+            "skipped": skipped,
+            "keys": keys,
+        }
+        _atomic_write_json(out / job.sidecar_rel, sidecar)
+    except OSError as exc:
+        raise DataError(
+            f"writing shard {final} failed ({exc}); check free space and permissions in {out} and "
+            "re-run the same command: finished shards are kept"
+        ) from exc
+    return sidecar
+
+
+def _tar_sample(job: _ShardJob, sample: _Planned, data: bytes, info: dict[str, Any]) -> dict[str, Any]:
+    ext = Path(sample.rel).suffix.lower().lstrip(".")
+    meta = {
+        "generator": job.generator,
+        "split": job.split,
+        "label": sample.label,
+        "path": sample.rel,
+        **info,  # width, height, mode (before any RGB conversion), format (as decoded)
+    }
+    return {
+        "__key__": sample.key,
+        _EXT_KEY.get(ext, ext): data,
+        "cls": str(sample.label).encode("ascii"),
+        "json": json.dumps(meta).encode("utf-8"),
+    }
+
+
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 
 
-def _image_size(data: bytes, path: Path) -> tuple[int, int] | None:
+# ---------------------------------------------------------------- resuming and running the plan
+
+
+def _reusable(job: _ShardJob) -> dict[str, Any] | None:
+    """The sidecar of a finished shard written from exactly this plan, else None (rewrite it)."""
+    out = Path(job.out)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception as exc:  # PIL raises many types for broken files
-        logger.warning("skipping unreadable image %s: %s", path, exc)
+        sidecar = json.loads((out / job.sidecar_rel).read_text())
+        current = (
+            sidecar.get("format") == SIDECAR_FORMAT
+            and sidecar.get("version") == SIDECAR_VERSION
+            and sidecar.get("plan") == job.digest
+        )
+        if current and sidecar["count"] > 0:
+            current = (out / job.rel).stat().st_size == sidecar["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return sidecar if current else None
 
 
-class _ShardSeries:
-    """Streams the samples of one generator/split into shard-%06d.tar files of max_count.
+def _clean_stale(out: Path, dirs: set[tuple[str, str]], jobs: list[_ShardJob]) -> None:
+    """Remove temp files and shards that are not in the plan, so nothing unlisted lingers."""
+    planned = {j.rel for j in jobs} | {j.sidecar_rel for j in jobs}
+    for gen, split in dirs:
+        folder = out / gen / split
+        if not folder.is_dir():
+            continue
+        for path in [*folder.glob("shard-*.tmp"), *folder.glob("shard-*.tar"), *folder.glob("shard-*.json")]:
+            if path.relative_to(out).as_posix() not in planned:
+                path.unlink()
 
-    Streaming (rather than collecting a shard in memory) keeps memory flat for GenImage's
-    large PNGs; each tar is written under a .tmp name and renamed when complete.
-    """
 
-    def __init__(self, out: Path, src: Path, gen: str, split: str, key_prefix: str, max_count: int):
-        self.out, self.src, self.gen, self.split = out, src, gen, split
-        self.key_prefix, self.max_count = key_prefix, max_count
-        self.entries: list[dict[str, Any]] = []
-        self.total = 0
-        self._writer: wds.TarWriter | None = None
-        self._tmp: Path | None = None
-        self._count = self._ai = 0
+def default_workers() -> int:
+    """CPUs this process may use (respects taskset/Slurm affinity, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
-    def add(self, rec: ImageRecord, data: bytes, width: int, height: int) -> None:
-        if self._writer is None:
-            rel = self._rel(len(self.entries))
-            self._tmp = self.out / (rel + ".tmp")
-            # fixed mtime: the same tree and seed give byte-identical shards
-            self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=0)
-        ext = rec.path.suffix.lower().lstrip(".")
-        meta = {
-            "generator": rec.generator,
-            "split": rec.split,
-            "label": rec.label,
-            "path": rec.path.relative_to(self.src).as_posix(),
-            "width": width,
-            "height": height,
-        }
-        self._writer.write(
-            {
-                "__key__": f"{self.key_prefix}-{self.total:07d}",
-                _EXT_KEY.get(ext, ext): data,
-                "cls": str(rec.label).encode("ascii"),
-                "json": json.dumps(meta).encode("utf-8"),
-            }
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # fork on Linux (as torch's DataLoader does): workers start at once, and a caller's script
+    # needs no `if __name__ == "__main__"` guard, which spawn/forkserver would require because
+    # they re-import the main module. Workers only use PIL and tarfile, never torch's threads.
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+
+
+def _run_jobs(jobs: list[_ShardJob], workers: int, bar: tqdm) -> dict[str, dict[str, Any]]:
+    """Write the shards of `jobs`, one per task; `workers` > 1 uses a process pool."""
+    done: dict[str, dict[str, Any]] = {}
+
+    def finished(sidecar: dict[str, Any]) -> None:
+        done[sidecar["path"]] = sidecar
+        bar.update(sidecar["count"] + len(sidecar["skipped"]))
+        skipped = sum(len(s["skipped"]) for s in done.values())
+        if skipped:
+            bar.set_postfix(unreadable=skipped, refresh=False)
+
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            finished(_write_one_shard(job))
+        return done
+    pool = _pool(min(workers, len(jobs)))
+    try:
+        pending: set[Future] = {pool.submit(_write_one_shard, job) for job in jobs}
+        while pending:
+            ready, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in ready:
+                finished(fut.result())  # re-raises a worker's error here
+    except BrokenProcessPool as exc:
+        raise DataError(
+            f"a shard worker died while writing to {jobs[0].out} (out of memory on a huge image?); "
+            "re-run with fewer --workers: finished shards are kept"
+        ) from exc
+    finally:
+        # on error or Ctrl-C: drop queued shards; running ones finish or die, the next run redoes them
+        pool.shutdown(wait=True, cancel_futures=True)
+    return done
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+@dataclass
+class ShardReport:
+    """The outcome of a sharding run: the manifest as written, plus what this run itself did."""
+
+    manifest: dict[str, Any]
+    out: Path
+    written: int = 0
+    reused: int = 0
+
+
+def _counts(scan: ScanResult, sidecars: list[dict[str, Any]]) -> tuple[dict, dict]:
+    """Per generator/split/label image counts (split folders without images included, as 0) and modes."""
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    modes: dict[str, dict[str, dict[str, Counter[str]]]] = {}
+    for gen, split in sorted(scan.splits):
+        counts.setdefault(gen, {})[split] = {"ai": 0, "nature": 0, "total": 0}
+        modes.setdefault(gen, {})[split] = {"ai": Counter(), "nature": Counter()}
+    for sc in sidecars:
+        c = counts[sc["generator"]][sc["split"]]
+        c["ai"] += sc["ai"]
+        c["nature"] += sc["nature"]
+        c["total"] += sc["count"]
+        for name, by_mode in sc["modes"].items():
+            modes[sc["generator"]][sc["split"]][name].update(by_mode)
+    modes_out = {
+        g: {s: {name: dict(sorted(c.items())) for name, c in labels.items()} for s, labels in splits.items()}
+        for g, splits in modes.items()
+    }
+    return counts, modes_out
+
+
+def _build_manifest(
+    scan: ScanResult, jobs: list[_ShardJob], sidecars: dict[str, dict[str, Any]], *,
+    seed: int, max_count: int, max_size: int | None, verify: bool,
+) -> dict[str, Any]:  # fmt: skip
+    ordered = [sidecars[j.rel] for j in jobs]
+    counts, modes = _counts(scan, ordered)
+    skipped_files = sorted([*scan.skipped, *(s for sc in ordered for s in sc["skipped"])], key=lambda s: s["path"])
+    kinds = Counter(s["kind"] for s in skipped_files)
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "source": str(scan.root),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (UTC alias is 3.11+)
+        "seed": seed,
+        "max_count": max_count,
+        "max_size": max_size,
+        "verified": verify,
+        "labels": dict(LABELS),
+        "counts": counts,
+        "modes": modes,
+        "skipped": {**{k: kinds.get(k, 0) for k in SKIP_KINDS}, "files": skipped_files},
+        "shards": [
+            {k: sc[k] for k in ("path", "generator", "split", "count", "ai", "nature", "bytes")}
+            for sc in ordered
+            if sc["count"] > 0
+        ],
+    }
+
+
+def _warn_about(manifest: dict[str, Any]) -> None:
+    """Log what a user should look at: empty or one-class splits, and every unreadable file."""
+    for gen, splits in manifest["counts"].items():
+        for split, c in splits.items():
+            if c["total"] == 0:
+                logger.warning("%s/%s: no usable images (empty split folder?)", gen, split)
+            elif not c["ai"] or not c["nature"]:
+                missing = "ai" if not c["ai"] else "nature"
+                logger.warning("%s/%s: no %s images, only one class", gen, split, missing)
+    unreadable = [s for s in manifest["skipped"]["files"] if s["kind"] == "unreadable"]
+    for s in unreadable[:20]:
+        logger.warning("skipped unreadable %s: %s", s["path"], s["reason"])
+    if len(unreadable) > 20:
+        logger.warning("... and %d more unreadable file(s); all are listed in manifest.json", len(unreadable) - 20)
+
+
+def shard_genimage(
+    src: str | Path,
+    out: str | Path,
+    *,
+    max_count: int = 1000,
+    max_size: int | str | None = None,
+    generators: list[str] | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+    verify: bool = True,
+) -> ShardReport:
+    """write_shards, also telling how many shards this run wrote and how many it kept from before."""
+    if max_count < 1:
+        raise DataError(f"max_count must be >= 1 (got {max_count})")
+    size_limit = parse_size(max_size)
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise DataError(f"workers must be >= 1 (got {workers})")
+    out_path = Path(out)
+    logger.info("scanning %s", src)
+    scan = scan_tree(Path(src).resolve(), generators)
+    logger.info("%d images in %d generator folder(s); %d file(s) passed over", len(scan.records),
+                len(scan.generators), len(scan.skipped))  # fmt: skip
+    out_path.mkdir(parents=True, exist_ok=True)
+    # an old manifest next to half-rewritten shards would give loaders wrong counts, and wrong
+    # counts mean unequal epoch lengths across ranks; better no manifest until we are done
+    (out_path / MANIFEST_NAME).unlink(missing_ok=True)
+    jobs = _plan(scan, out_path, seed, max_count, size_limit, verify)
+    _clean_stale(out_path, scan.splits, jobs)
+
+    sidecars = {j.rel: sc for j in jobs if (sc := _reusable(j)) is not None}
+    todo = [j for j in jobs if j.rel not in sidecars]
+    if sidecars:
+        logger.info("resuming: %d of %d shard(s) already complete in %s", len(sidecars), len(jobs), out_path)
+    reused_images = sum(len(j.samples) for j in jobs if j.rel in sidecars)
+    with tqdm(total=len(scan.records), initial=reused_images, desc="sharding", unit="img",
+              disable=not progress, smoothing=0.1) as bar:  # fmt: skip
+        sidecars.update(_run_jobs(todo, workers, bar))
+
+    manifest = _build_manifest(
+        scan, jobs, sidecars, seed=seed, max_count=max_count, max_size=size_limit, verify=verify
+    )
+    if not manifest["shards"]:
+        raise DataError(
+            f"no readable images under {scan.root} ({manifest['skipped']['unreadable']} unreadable); "
+            f"nothing usable was written to {out_path}; see the log for the reasons"
         )
-        self.total += 1
-        self._count += 1
-        self._ai += rec.label
-        if self._count == self.max_count:
-            self.finish()
-
-    def _rel(self, shard_no: int) -> str:
-        return f"{self.gen}/{self.split}/shard-{shard_no:06d}.tar"
-
-    def finish(self) -> None:
-        if self._writer is None or self._tmp is None:
-            return
-        self._writer.close()
-        rel = self._rel(len(self.entries))
-        os.replace(self._tmp, self.out / rel)
-        self.entries.append(
-            {
-                "path": rel,
-                "generator": self.gen,
-                "split": self.split,
-                "count": self._count,
-                "ai": self._ai,
-                "nature": self._count - self._ai,
-            }
-        )
-        self._writer, self._tmp = None, None
-        self._count = self._ai = 0
+    _warn_about(manifest)
+    _atomic_write_json(out_path / MANIFEST_NAME, manifest)
+    logger.info(
+        "wrote %d shard(s) (%d kept from an earlier run), %d images to %s",
+        len(todo), len(jobs) - len(todo), sum(e["count"] for e in manifest["shards"]), out_path,
+    )  # fmt: skip
+    return ShardReport(manifest=manifest, out=out_path, written=len(todo), reused=len(jobs) - len(todo))
 
 
 def write_shards(
@@ -282,93 +776,44 @@ def write_shards(
     out: str | Path,
     *,
     max_count: int = 1000,
+    max_size: int | str | None = None,
     generators: list[str] | None = None,
     seed: int = 0,
+    workers: int | None = None,
     progress: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Write one shard set per generator/split from a GenImage tree; returns the manifest dict.
 
     Samples of a generator/split are shuffled (deterministically from `seed`) before being cut
-    into shards of `max_count`, so every shard mixes ai and nature images. Image bytes are
-    stored unchanged: re-encoding would alter exactly the artifacts a detector looks for.
+    into shards of at most `max_count` samples and `max_size` bytes (int, or '1GB'), so every
+    shard mixes ai and nature images. Every image is fully decoded first, by `workers`
+    processes (default: all CPUs); files that do not decode are skipped and listed in the
+    manifest. Re-running into the same `out` keeps the shards that are already complete.
+
+    verify=False only checks each file's header (the pre-verification behaviour): for tests of
+    the loader's own handling of corrupt samples, never for training data.
     """
-    if max_count < 1:
-        raise DataError(f"max_count must be >= 1 (got {max_count})")
-    src_path = Path(src).resolve()
-    out_path = Path(out)
-    records, skipped = _scan(src_path, generators)
-    out_path.mkdir(parents=True, exist_ok=True)
-    # an old manifest next to half-rewritten shards would give loaders wrong counts, and wrong
-    # counts mean unequal epoch lengths across ranks; better no manifest until we are done
-    (out_path / MANIFEST_NAME).unlink(missing_ok=True)
+    return shard_genimage(
+        src, out, max_count=max_count, max_size=max_size, generators=generators, seed=seed,
+        workers=workers, progress=progress, verify=verify,
+    ).manifest  # fmt: skip
 
-    groups: dict[tuple[str, str], list[ImageRecord]] = {}
-    for rec in records:
-        groups.setdefault((rec.generator, rec.split), []).append(rec)
 
-    safe_names: dict[str, str] = {}
-    for gen in sorted({g for g, _ in groups}):
-        safe = _safe_key_part(gen)
-        if safe in safe_names.values():
-            safe = f"{safe}_{len(safe_names)}"
-        safe_names[gen] = safe
-
-    counts: dict[str, dict[str, dict[str, int]]] = {}
-    shard_entries: list[dict[str, Any]] = []
-    unreadable: Counter[str] = Counter()
-    bar = tqdm(total=len(records), desc="sharding", unit="img", disable=not progress)
-    for (gen, split), recs in sorted(groups.items()):
-        order = _mixed_order(recs, random.Random(f"{seed}:{gen}:{split}"), max_count)
-        split_dir = out_path / gen / split
-        if split_dir.is_dir():
-            # a previous run may have written more shards; stale ones must not linger unlisted
-            for old in split_dir.glob("shard-*.tar"):
-                old.unlink()
-        split_dir.mkdir(parents=True, exist_ok=True)
-
-        series = _ShardSeries(out_path, src_path, gen, split, f"{safe_names[gen]}-{split}", max_count)
-        label_counts = {"ai": 0, "nature": 0}
-        for rec in order:
-            data = rec.path.read_bytes()
-            size = _image_size(data, rec.path)
-            bar.update(1)
-            if size is None:
-                unreadable[gen] += 1
-                continue
-            series.add(rec, data, *size)
-            label_counts[LABEL_NAMES[rec.label]] += 1
-        series.finish()
-        shard_entries.extend(series.entries)
-        if series.total:
-            label_counts["total"] = series.total
-            counts.setdefault(gen, {})[split] = label_counts
-    bar.close()
-
-    if not shard_entries:
-        raise DataError(f"no readable images under {src_path}; nothing was written to {out_path}")
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "source": str(src_path),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seed": seed,
-        "max_count": max_count,
-        "labels": dict(LABELS),
-        "counts": counts,
-        "skipped": {
-            "non_image": sum(skipped.values()),
-            "unreadable": sum(unreadable.values()),
-        },
-        "shards": shard_entries,
-    }
-    _atomic_write_json(out_path / MANIFEST_NAME, manifest)
-    logger.info(
-        "wrote %d shard(s), %d images to %s",
-        len(shard_entries),
-        sum(e["count"] for e in shard_entries),
-        out_path,
-    )
-    return manifest
+def summary_line(manifest: dict[str, Any]) -> str:
+    """One line with images per generator/split/label and the skipped files, for the CLI."""
+    parts = []
+    for gen, splits in manifest["counts"].items():
+        for split, c in splits.items():
+            empty = " (empty)" if c["total"] == 0 else ""
+            parts.append(f"{gen}/{split} ai={c['ai']} nature={c['nature']}{empty}")
+    skipped = manifest["skipped"]
+    total = sum(s["count"] for s in manifest["shards"])
+    return (
+        f"{total} images in {len(manifest['shards'])} shards; " + ", ".join(parts)
+        + f"; skipped: {skipped['unreadable']} unreadable, {skipped['non_image']} non-image, "
+        f"{skipped['outside_layout']} outside layout (listed in manifest.json)"
+    )  # fmt: skip
 
 
 def load_manifest(path: str | Path) -> Manifest:
