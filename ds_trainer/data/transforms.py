@@ -1,16 +1,40 @@
 """CLIP image preprocessing in plain PIL + numpy + torch (torchvision is not a dependency).
 
-Matches open_clip / HF CLIPImageProcessor for evaluation: shortest side to `size` (bicubic),
-center crop, scale to [0, 1], normalise with the CLIP mean/std.
+`clip_preprocess` matches open_clip / HF CLIPImageProcessor for evaluation: shortest side to
+`size` (bicubic), center crop, scale to [0, 1], normalise with the CLIP mean/std.
+
+`Preprocess` is the configurable version the data pipeline uses (built from the config's `data`
+section). Per image, in this order:
+
+1. `to_rgb` -- the same rule for every class: transparent pixels (RGBA, LA, PA, P/L/RGB with a
+   `transparency` entry) are composited on white, 16-bit / float data is scaled (not clipped),
+   CMYK / YCbCr / HSV / LAB are colour-converted.
+2. `align_jpeg_quality` -- label 1 (ai) only: re-encode as JPEG at that quality. GenImage's reals
+   are JPEG (~q96) and its fakes lossless PNG, so a detector can score well by detecting JPEG
+   ("Fake or JPEG?", Grommelt et al. 2024); aligning the formats removes that shortcut. It is the
+   one step that treats the classes differently, and it applies at eval too because it defines
+   the data, not an augmentation.
+3. train only, both classes alike: Gaussian blur with probability `blur_prob`, then JPEG
+   re-encoding with probability `jpeg_prob` (CNNSpot's Blur+JPEG(0.5), Wang et al. 2020).
+4. geometry -- `crop="resize"`: shortest side to `image_size`, then a random (train) or center
+   (eval) crop; `crop="native"`: no resampling at all, a random / center crop of the pixels as
+   they are, small images tiled (wrapped) up to `image_size` first. Train adds a random
+   horizontal flip in both modes.
+5. CLIP mean/std normalisation.
+
+Eval never draws from an rng, so it is deterministic.
 """
 
 from __future__ import annotations
 
+import io
 import random
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageFilter
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,19 +94,182 @@ def resize_shortest(img: Image.Image, size: int) -> Image.Image:
 def _crop_box(w: int, h: int, size: int, rng: random.Random | None) -> tuple[int, int, int, int]:
     if rng is None:
         # same rounding as torchvision's CenterCrop so eval numbers are comparable
-        left = int(round((w - size) / 2.0))
-        top = int(round((h - size) / 2.0))
+        left = round((w - size) / 2.0)
+        top = round((h - size) / 2.0)
     else:
         left = rng.randint(0, w - size)
         top = rng.randint(0, h - size)
     return left, top, left + size, top + size
 
 
-def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 [3, H, W] normalised with the CLIP mean/std."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+def to_normalized_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB PIL image (or uint8 [H, W, 3] array) -> float32 [3, H, W] normalised with the CLIP mean/std."""
+    arr = np.ascontiguousarray(img, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     return (tensor - _MEAN) / _STD
+
+
+def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
+    """Encode `img` (RGB) as JPEG at `quality` in memory and decode it again.
+
+    Pillow's defaults otherwise (4:2:0 chroma subsampling, standard tables), which is what
+    most JPEG photos, GenImage's ImageNet reals included, were saved with.
+    """
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as out:
+        out.load()
+        return out.convert("RGB")
+
+
+def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
+    """Gaussian blur with standard deviation `sigma` px (PIL's `radius` is the sigma)."""
+    if sigma <= 0:
+        return img
+    return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def _native_offset(length: int, size: int, rng: random.Random | None) -> int:
+    """Start of a `size` window along an axis of `length` px; a shorter axis wraps around.
+
+    Eval uses the center-crop rounding of `_crop_box`; on a shorter axis that formula goes
+    negative and, taken modulo `length`, puts the original image in the middle of the tiling.
+    Train draws any start (a shorter axis: any phase of the tiling).
+    """
+    if rng is None:
+        return round((length - size) / 2.0) % length
+    return rng.randint(0, length - size if length >= size else length - 1)
+
+
+def _wrap_take(arr: np.ndarray, start: int, size: int, axis: int) -> np.ndarray:
+    """`size` entries from `start` along `axis`, wrapping (= tiling the image) when it is shorter."""
+    if start + size <= arr.shape[axis]:
+        return arr[start : start + size] if axis == 0 else arr[:, start : start + size]
+    return np.take(arr, np.arange(start, start + size), axis=axis, mode="wrap")
+
+
+def native_crop(img: Image.Image, size: int, rng: random.Random | None) -> np.ndarray:
+    """A `size` x `size` uint8 window of `img`'s pixels, never resampled: tiled if smaller.
+
+    Resampling smooths away exactly the pixel-level traces (upsampling grids, JPEG blocks) a
+    detector may learn, and its strength depends on the source size; a crop keeps them as they
+    are. Tiling repeats the image (np.take with mode="wrap") instead of padding, so no constant
+    border becomes a size-dependent feature. rng draws: left, then top (as `_crop_box`).
+    """
+    arr = np.asarray(img)
+    h, w = arr.shape[:2]
+    left = _native_offset(w, size, rng)
+    top = _native_offset(h, size, rng)
+    return _wrap_take(_wrap_take(arr, top, size, axis=0), left, size, axis=1)
+
+
+Crop = Literal["resize", "native"]
+CROP_MODES = ("resize", "native")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """PIL image + label -> float32 [3, S, S]; the steps are listed in the module docstring.
+
+    The defaults reproduce `clip_preprocess` (plus the draft fast path, see `draft`). A frozen
+    dataclass of plain values, so it pickles into DataLoader workers and compares by value.
+
+    draft: for JPEG inputs with crop="resize", let libjpeg decode at 1/2, 1/4 or 1/8 scale
+    (`Image.draft`) while the shortest side stays >= image_size, instead of decoding at full size
+    and shrinking with the bicubic resize. Several times faster for large JPEGs, and close to,
+    not identical with, the full decode. It only acts on an image that is not loaded yet, and
+    only on JPEG files: in GenImage that is the real class alone, so turn it off when even a
+    small class-correlated processing difference matters.
+    """
+
+    image_size: int = 224
+    crop: Crop = "resize"
+    align_jpeg_quality: int | None = None
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.0, 3.0)
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[int, int] = (30, 100)
+    draft: bool = True
+
+    def __post_init__(self) -> None:
+        # tuples (not lists from YAML) keep the instance hashable and the rng draws typed
+        object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))
+        object.__setattr__(self, "jpeg_quality", tuple(int(v) for v in self.jpeg_quality))
+        _check(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+        _check(self.crop in CROP_MODES, f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        q = self.align_jpeg_quality
+        _check(q is None or 1 <= q <= 100, f"align_jpeg_quality must be None or in [1, 100], got {q}")
+        for name in ("blur_prob", "jpeg_prob"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _check(len(self.blur_sigma) == 2 and 0 <= self.blur_sigma[0] <= self.blur_sigma[1],
+               f"blur_sigma must be (low, high) with 0 <= low <= high, got {self.blur_sigma}")  # fmt: skip
+        _check(len(self.jpeg_quality) == 2 and 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100,
+               f"jpeg_quality must be (low, high) with 1 <= low <= high <= 100, got {self.jpeg_quality}")  # fmt: skip
+
+    @classmethod
+    def from_config(cls, data: Any, *, draft: bool = True) -> Preprocess:
+        """From the config's `data` section (a DataSection or anything with the same attributes)."""
+        return cls(
+            image_size=data.image_size,
+            crop=data.crop,
+            align_jpeg_quality=data.align_jpeg_quality,
+            blur_prob=data.blur_prob,
+            blur_sigma=tuple(data.blur_sigma),
+            jpeg_prob=data.jpeg_prob,
+            jpeg_quality=tuple(data.jpeg_quality),
+            draft=draft,
+        )
+
+    def __call__(
+        self, img: Image.Image, label: int, train: bool = False, rng: random.Random | None = None
+    ) -> torch.Tensor:
+        """Preprocess one image of class `label` (1 = ai, 0 = nature).
+
+        Train draws every random choice from `rng` (a fresh unseeded one when None), so a seeded
+        rng reproduces the augmentation; eval ignores `rng` and is deterministic.
+        """
+        self._apply_draft(img)
+        img = to_rgb(img)
+        if self.align_jpeg_quality is not None and int(label) == 1:
+            img = jpeg_roundtrip(img, self.align_jpeg_quality)
+        if not train:
+            return self._geometry(img, None)
+        rng = rng if rng is not None else random.Random()
+        return self._geometry(self._augment(img, rng), rng)
+
+    def _apply_draft(self, img: Image.Image) -> None:
+        # a no-op for non-JPEG, for already loaded images, and when the image is < 2x the size
+        if self.draft and self.crop == "resize" and img.format == "JPEG":
+            img.draft("RGB", (self.image_size, self.image_size))
+
+    def _augment(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        """Blur, then JPEG, each with its probability; a probability of 0 draws nothing, so the
+        geometry's draws (and hence the output) equal those of the plain path for the same seed."""
+        if self.blur_prob > 0 and rng.random() < self.blur_prob:
+            img = gaussian_blur(img, rng.uniform(*self.blur_sigma))
+        if self.jpeg_prob > 0 and rng.random() < self.jpeg_prob:
+            img = jpeg_roundtrip(img, rng.randint(*self.jpeg_quality))
+        return img
+
+    def _geometry(self, img: Image.Image, rng: random.Random | None) -> torch.Tensor:
+        """Crop to image_size (random + flip with `rng`, center without) and normalise."""
+        size = self.image_size
+        if self.crop == "native":
+            arr = native_crop(img, size, rng)
+            if rng is not None and rng.random() < 0.5:
+                arr = arr[:, ::-1]
+            return to_normalized_tensor(arr)
+        img = resize_shortest(img, size)
+        img = img.crop(_crop_box(*img.size, size, rng))
+        if rng is not None and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(img)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"Preprocess: {message}")
 
 
 def clip_preprocess(
@@ -95,15 +282,8 @@ def clip_preprocess(
 
     Eval: shortest side to `size`, center crop. Train: shortest side to `size`, random crop and
     random horizontal flip drawn from `rng` (a fresh unseeded one when None), so a seeded rng
-    gives a reproducible augmentation.
+    gives a reproducible augmentation. The same for both classes; `Preprocess` is the
+    configurable version (this is `Preprocess(size, draft=False)` with label 0, so the output is
+    exactly what it always was).
     """
-    img = resize_shortest(to_rgb(img), size)
-    if train:
-        rng = rng if rng is not None else random.Random()
-        box = _crop_box(*img.size, size, rng)
-        img = img.crop(box)
-        if rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    else:
-        img = img.crop(_crop_box(*img.size, size, None))
-    return to_normalized_tensor(img)
+    return Preprocess(image_size=size, draft=False)(img, 0, train=train, rng=rng)
