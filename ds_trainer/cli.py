@@ -32,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher appends --local_rank=N to the script's arguments.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
+    p = sub.add_parser(
+        "eval", help="the benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and the mean"
+    )
+    _add_config_args(p)
+    p.add_argument("--load-dir", required=True, help="checkpoint directory or tag directory")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one, e.g. best)")
+    p.add_argument("--out", default=None, help="JSON output (default: <run_dir>/eval_<tag>.json)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
     p = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config resolves to")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, required=True)
@@ -45,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     p.add_argument("--generators", nargs="+", default=None, help="only these generator folders")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-size", default=None, metavar="SIZE",
+                   help="also cap shard bytes, e.g. 1GB, 500MB, 2GiB (default: no byte limit)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes that decode and write shards (default: all CPUs this process may use)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (batch logs)")
 
     p = sub.add_parser("demo-data", help="build the embedded demo set (no download) into data_shards/demo")
     p.add_argument("--out", default="data_shards/demo")
@@ -79,6 +93,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ds_trainer.config import load_config
+    from ds_trainer.run import run_evaluation
+
+    cfg = load_config(args.config, args.overrides)
+    run_evaluation(cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug)
+    return 0
+
+
 def _cmd_ds_config(args: argparse.Namespace) -> int:
     from ds_trainer.config import load_config
     from ds_trainer.ds_config import DeviceInfo, build_ds_config
@@ -107,10 +130,15 @@ def _cmd_ds_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from ds_trainer.data import write_shards
+    """Re-running the same command resumes: complete shards are kept, only missing ones are written."""
+    from ds_trainer.data.shards import shard_genimage, summary_line
 
-    manifest = write_shards(args.src, args.out, max_count=args.max_count, generators=args.generators, seed=args.seed)
-    print(f"wrote {len(manifest['shards'])} shards to {args.out} ({_summary(manifest)})")
+    report = shard_genimage(
+        args.src, args.out, max_count=args.max_count, max_size=args.max_size, generators=args.generators,
+        seed=args.seed, workers=args.workers, progress=args.progress,
+    )  # fmt: skip
+    kept = f", {report.reused} kept from an earlier run" if report.reused else ""
+    print(f"wrote {report.written} shards to {args.out}{kept}: {summary_line(report.manifest)}")
     return 0
 
 
@@ -164,7 +192,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"train": _cmd_train, "ds-config": _cmd_ds_config, "shard": _cmd_shard, "demo-data": _cmd_demo_data}
-_COMMANDS.update({"export": _cmd_export, "predict": _cmd_predict})
+_COMMANDS.update({"export": _cmd_export, "predict": _cmd_predict, "eval": _cmd_eval})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

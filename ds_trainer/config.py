@@ -86,6 +86,37 @@ class DataSection(Section):
     num_workers: int = Field(2, ge=0, le=64)
     shuffle_buffer: int = Field(1000, ge=0)
     eval_batch_size: int | None = Field(None, ge=1)
+    # --- robustness and the benchmark protocol
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="fail the run when more than this fraction of an epoch's samples cannot be decoded"
+    )
+    holdout_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of train shards held out for model selection (GenImage's val is the test set)"
+    )
+    # --- bias-aware preprocessing ("Fake or JPEG?", Grommelt et al. 2024) and detector augmentations
+    crop: Literal["resize", "native"] = Field(
+        "resize", description="resize: shortest side to image_size, then crop; native: crop without resizing (tile small images)"
+    )
+    align_jpeg_quality: int | None = Field(
+        None, ge=1, le=100, description="re-encode AI images (lossless PNG in GenImage) as JPEG at this quality, like the reals"
+    )
+    jpeg_draft: bool = Field(
+        False, description="decode large JPEGs at reduced size (faster; but only JPEGs, i.e. GenImage's reals, get it)"
+    )
+    blur_prob: float = Field(0.0, ge=0, le=1, description="train: Gaussian blur probability (CNNSpot Blur+JPEG(0.5): 0.5)")
+    blur_sigma: tuple[float, float] = Field((0.0, 3.0), description="train: blur sigma range")
+    jpeg_prob: float = Field(0.0, ge=0, le=1, description="train: JPEG re-encoding probability (both classes)")
+    jpeg_quality: tuple[int, int] = Field((30, 100), description="train: JPEG quality range")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> DataSection:
+        for name in ("blur_sigma", "jpeg_quality"):
+            low, high = getattr(self, name)
+            if low > high or low < 0:
+                raise ValueError(f"{name} must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
+        if not (1 <= self.jpeg_quality[0] and self.jpeg_quality[1] <= 100):
+            raise ValueError(f"jpeg_quality must lie in [1, 100], got {list(self.jpeg_quality)}")
+        return self
 
 
 # The epoch metrics a run can monitor (early stopping, `best`, the plateau scheduler).

@@ -268,6 +268,7 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
 
     section = source.state["config"]["model"]
     size = int(model.image_size)
+    crop_mode = (source.state["config"].get("data") or {}).get("crop", "resize")
     return {
         "format_version": FORMAT_VERSION,
         "mode": _mode(model),
@@ -283,7 +284,9 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
             "rescale": "1/255 (RGB, alpha composited on white)",
             "mean": list(CLIP_MEAN),
             "std": list(CLIP_STD),
-            "function": "ds_trainer.data.transforms.clip_preprocess(img, image_size, train=False)",
+            # data.crop of the training run: "native" crops without resizing (tiling small images).
+            "crop_mode": crop_mode,
+            "function": f"ds_trainer.data.transforms.Preprocess(image_size, crop={crop_mode!r})(img, 0, train=False)",
         },
         "source": {
             "checkpoint_dir": str(source.checkpoint_dir.resolve()),
@@ -355,6 +358,7 @@ def load_exported(path: str | Path) -> nn.Module:
     )  # fmt: skip
     model = build_model(section)
     _load_head(model, path, info["mode"])
+    model.crop_mode = (info.get("preprocessing") or {}).get("crop_mode", "resize")
     return model.float().eval()
 
 
@@ -385,15 +389,19 @@ class Prediction:
     error: str | None = None
 
 
-def load_image_tensor(path: str | Path, image_size: int) -> torch.Tensor:
-    """One file → [3, size, size], decoded and preprocessed as evaluation does (no EXIF rotation there either)."""
+def load_image_tensor(path: str | Path, image_size: int, crop: str = "resize") -> torch.Tensor:
+    """One file → [3, size, size], decoded and preprocessed as evaluation does (no EXIF rotation there either).
+
+    Label-dependent data switches (data.align_jpeg_quality) define the training data, not the
+    detector: an image to score has no label, so they do not apply here.
+    """
     from PIL import Image
 
-    from ds_trainer.data.transforms import clip_preprocess
+    from ds_trainer.data.transforms import Preprocess
 
     try:
         with Image.open(path) as img:
-            return clip_preprocess(img, image_size, train=False)
+            return Preprocess(image_size, crop=crop, draft=False)(img, 0, train=False)
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
         raise DataError(f"cannot read image {path}: {exc}") from None
 
@@ -406,7 +414,7 @@ def predict_paths(model: nn.Module, paths: Sequence[str | Path], batch_size: int
         tensors, ok = [], []
         for pred in chunk:
             try:
-                tensors.append(load_image_tensor(pred.path, size))
+                tensors.append(load_image_tensor(pred.path, size, getattr(model, "crop_mode", "resize")))
                 ok.append(pred)
             except DataError as exc:
                 pred.error = str(exc)

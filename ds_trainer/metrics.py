@@ -64,3 +64,51 @@ def all_reduce_max_int(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+# The five numbers GenImage, UnivFD and NPR report per generator, in table order.
+PROTOCOL_METRICS = ("acc", "real_acc", "fake_acc", "ap", "auc")
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate a per-rank list of picklable items (e.g. generator names) from all ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    parts: list[list | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for p in parts if p is not None for x in p]
+
+
+def per_generator_metrics(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, generators: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """The benchmark protocol's table: each generator's val split on its own, then the unweighted mean.
+
+    Each GenImage generator folder holds its own real images, so a generator's real accuracy
+    and AUC are computed against the reals that ship with it. The mean is over generators, not
+    samples, as the papers report it (a big generator must not dominate).
+    """
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    g = np.asarray(generators)
+    table = {name: binary_metrics(s[g == name], y[g == name]) for name in sorted(set(g.tolist()))}
+    if table:
+        table["mean"] = {k: _mean_ignoring_nan([row[k] for row in table.values()]) for k in PROTOCOL_METRICS}
+    return table
+
+
+def _mean_ignoring_nan(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def format_protocol_table(table: dict[str, dict[str, float]]) -> str:
+    """Fixed-width text table, percentages with one decimal, as the papers print them."""
+    width = max([len(name) for name in table] + [9])
+    head = f"{'generator':<{width}}  " + "  ".join(f"{k:>8}" for k in PROTOCOL_METRICS)
+    lines = [head, "-" * len(head)]
+    for name, row in table.items():
+        if name == "mean":
+            lines.append("-" * len(head))
+        cells = "  ".join(f"{100 * row[k]:8.1f}" if not math.isnan(row[k]) else f"{'n/a':>8}" for k in PROTOCOL_METRICS)
+        lines.append(f"{name:<{width}}  {cells}")
+    return "\n".join(lines)

@@ -1,7 +1,8 @@
-"""One training run from a config: the ~40-line entry point over the components."""
+"""A training or evaluation run from a config: the short entry points over the components."""
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
 from pathlib import Path
@@ -20,40 +21,72 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = False) -> list[dict[str, Any]]:
-    from ds_trainer.data import make_shard_loader
+def _start(cfg: Config, debug: bool) -> Any:
     from ds_trainer.distributed import init_distributed
-    from ds_trainer.models import build_model
     from ds_trainer.sinks import configure_logging
-    from ds_trainer.trainer import Trainer
 
     # ZeRO's internals call a torch collective that torch 2.13 deprecates, once per step and rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     env = init_distributed()
     configure_logging(env.rank, cfg.logging.run_dir, debug)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model)
+    return env
+
+
+def _check_image_size(cfg: Config, model: torch.nn.Module) -> None:
     if model.image_size != cfg.data.image_size:
         raise ConfigError(
             f"data.image_size is {cfg.data.image_size}, but {cfg.model.model_name} expects {model.image_size} px inputs"
         )
+
+
+def _loaders(cfg: Config, env: Any, train: bool) -> tuple[Any, Any]:
+    """(train loader or None, model-selection loader or None) for this rank.
+
+    With `data.holdout_fraction`, model selection (val metrics, best, early stopping, plateau)
+    runs on train shards held out from training: GenImage's `val` split is its test set, to be
+    scored once with `ds-trainer eval`.
+    """
+    from ds_trainer.data import make_shard_loader
+    from ds_trainer.data.transforms import Preprocess
+
     d = cfg.data
-    eval_only = cfg.model.mode == "zero-shot"
-    if eval_only and not d.val_split:
-        raise ConfigError("model.mode zero-shot only evaluates: set data.val_split to the split to score")
-    common = dict(rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, image_size=d.image_size, seed=cfg.seed)
+    common = dict(
+        rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, image_size=d.image_size, seed=cfg.seed,
+        preprocess=Preprocess.from_config(d, draft=d.jpeg_draft),
+    )  # fmt: skip
+    eval_batch = d.eval_batch_size or cfg.training.batch_size
     train_loader = None
-    if not eval_only:
+    if train:
         train_loader = make_shard_loader(
-            d.shards, d.train_split, batch_size=cfg.training.batch_size, train=True,
-            generators=d.train_generators, shuffle_buffer=d.shuffle_buffer, **common,
+            d.shards, d.train_split, batch_size=cfg.training.batch_size, train=True, generators=d.train_generators,
+            shuffle_buffer=d.shuffle_buffer, holdout_fraction=d.holdout_fraction, **common,
         )  # fmt: skip
-    val_loader = None
-    if d.val_split:
+    if train and d.holdout_fraction > 0:
         val_loader = make_shard_loader(
-            d.shards, d.val_split, batch_size=d.eval_batch_size or cfg.training.batch_size, train=False,
-            generators=d.eval_generators, **common,
+            d.shards, d.train_split, batch_size=eval_batch, train=False, generators=d.train_generators,
+            holdout_fraction=d.holdout_fraction, holdout=True, **common,
         )  # fmt: skip
+    elif d.val_split:
+        val_loader = make_shard_loader(
+            d.shards, d.val_split, batch_size=eval_batch, train=False, generators=d.eval_generators, **common
+        )
+    else:
+        val_loader = None
+    return train_loader, val_loader
+
+
+def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = False) -> list[dict[str, Any]]:
+    from ds_trainer.models import build_model
+    from ds_trainer.trainer import Trainer
+
+    env = _start(cfg, debug)
+    model = build_model(cfg.model)
+    _check_image_size(cfg, model)
+    eval_only = cfg.model.mode == "zero-shot"
+    if eval_only and not cfg.data.val_split:
+        raise ConfigError("model.mode zero-shot only evaluates: set data.val_split to the split to score")
+    train_loader, val_loader = _loaders(cfg, env, train=not eval_only)
     trainer = Trainer(model, train_loader, val_loader, config=cfg)
     if eval_only:
         if load_dir is not None:
@@ -62,3 +95,51 @@ def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = 
     if load_dir is not None:
         trainer.resume_from_checkpoint(load_dir)
     return trainer.train()
+
+
+def run_evaluation(
+    cfg: Config, load_dir: str | Path, tag: str | None = None, out: str | Path | None = None, debug: bool = False
+) -> dict[str, Any]:
+    """The benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and their mean.
+
+    The model is rebuilt from the checkpoint's own config and its consolidated fp32 weights (any
+    ZeRO stage, any world size the checkpoint was saved with); the data comes from `cfg`
+    (`data.val_split`, `data.eval_generators`). Rank 0 prints the table and writes it as JSON.
+    """
+    from ds_trainer.export import rebuild_model, resolve_source
+    from ds_trainer.metrics import format_protocol_table
+    from ds_trainer.sinks import console
+    from ds_trainer.trainer import Trainer
+
+    if not cfg.data.val_split:
+        raise ConfigError("ds-trainer eval scores data.val_split; it is null in this config")
+    env = _start(cfg, debug)
+    source = resolve_source(load_dir, tag)
+    model = rebuild_model(source)  # with the consolidated fp32 weights
+    _check_image_size(cfg, model)
+    _, val_loader = _loaders(cfg, env, train=False)
+    trainer = Trainer(model, None, val_loader, config=cfg)
+    metrics = trainer.evaluate()
+    result = {
+        "checkpoint": str(source.tag_dir), "epoch": source.state.get("epoch"), "global_step": source.state.get("global_step"),
+        "split": cfg.data.val_split, "samples": metrics["val_samples"], "bad_samples": metrics["val_bad_samples"],
+        "generators": metrics.get("val_generators", {}),
+        "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
+    }  # fmt: skip
+    if env.is_main:
+        path = Path(out) if out is not None else Path(cfg.logging.run_dir) / f"eval_{source.tag_dir.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+        if result["generators"]:
+            console().info("%s", format_protocol_table(result["generators"]))
+        console().info("%d samples of split %s; written to %s", result["samples"], result["split"], path)
+    return result
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (e.g. the AUC of a one-class generator) is not JSON: write null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -28,9 +28,17 @@ from ds_trainer.distributed import DistEnv, detect_device, init_distributed, tor
 from ds_trainer.ds_compat import patch_universal_loading
 from ds_trainer.ds_config import build_ds_config
 from ds_trainer.ds_config import optimizer_steps_per_epoch as optim_steps_per_epoch
-from ds_trainer.errors import CheckpointError, ConfigError, Preempted
+from ds_trainer.errors import CheckpointError, ConfigError, DataError, Preempted
 from ds_trainer.preemption import PreemptionGuard
-from ds_trainer.metrics import ai_scores, all_reduce_max_int, all_reduce_sum, binary_metrics, gather_1d
+from ds_trainer.metrics import (
+    ai_scores,
+    all_reduce_max_int,
+    all_reduce_sum,
+    binary_metrics,
+    gather_1d,
+    gather_objects,
+    per_generator_metrics,
+)
 from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_enabled
 
 log = logging.getLogger(__name__)
@@ -95,6 +103,7 @@ class Trainer:
         self.preemption = PreemptionGuard()
         self._universal = False  # load the checkpoint through DeepSpeed's universal format
         self._skip_batches = 0  # batches of the next epoch a preempted run had already trained on
+        self._data_state: dict[str, Any] | None = None  # the train loader's position at that point
         self.history: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- config
@@ -141,7 +150,7 @@ class Trainer:
         self.trainable = any(p.requires_grad for p in self.model.parameters())
         if self.val_loader is not None:
             self.val_loader = self._distribute(self.val_loader, train=False)
-        if self.trainable:
+        if self.trainable and self.train_loader is not None:
             self._init_training_engine(env)
         else:
             self._init_eval_engine(env)
@@ -160,7 +169,7 @@ class Trainer:
         self.sinks = MetricsSinks(
             self.run_dir, env.is_main, self.cfg.logging, run_name=self.cfg.name, run_config=self.cfg.to_dict()
         )
-        if self.trainable:
+        if self.engine.optimizer is not None:
             log.info(
                 "world size %d, %d micro-batches of %d per rank per epoch, precision %s, ZeRO stage %d, "
                 "%d trainable parameters in groups %s",
@@ -169,7 +178,8 @@ class Trainer:
                 ", ".join(self.group_names),
             )  # fmt: skip
         else:
-            log.info("no trainable parameters: evaluation only (world size %d)", env.world_size)
+            why = "no trainable parameters" if not self.trainable else "no train_loader"
+            log.info("%s: evaluation only (world size %d)", why, env.world_size)
 
     def _init_training_engine(self, env: DistEnv) -> None:
         import deepspeed
@@ -313,6 +323,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         seen = torch.zeros((), device=self.device)
+        bad = 0
         every = self.cfg.logging.log_every_n_steps
         bar = tqdm(
             total=len(loader), desc=f"Epoch {epoch}/{self.t.num_epochs}",
@@ -321,8 +332,14 @@ class Trainer:
         )  # fmt: skip
         start = time.perf_counter()
         skip, self._skip_batches = self._skip_batches, 0
-        if skip:
+        if skip and self._data_state is not None and hasattr(loader, "load_state_dict"):
+            # The loader fast-forwards its streams itself, without decoding what it skips.
+            loader.load_state_dict(self._data_state)
+            log.info("epoch %d: continuing after the %d batches trained on before the preemption", epoch, skip)
+            skip = 0
+        elif skip:
             log.info("epoch %d: skipping the %d batches trained on before the preemption", epoch, skip)
+        self._data_state = None
         for i, batch in enumerate(loader):
             if i < skip:
                 # The loader is seeded per epoch, so the batches after these are the ones the
@@ -330,6 +347,8 @@ class Trainer:
                 bar.update(1)
                 continue
             inputs, targets = self._unpack(batch)
+            if isinstance(batch, Mapping):
+                bad += int(batch.get("bad_samples", 0))
             outputs = engine(inputs)
             loss = self.calculate_loss(outputs, targets)
             engine.backward(loss)
@@ -351,16 +370,22 @@ class Trainer:
                     self._save_preempted(epoch, batches_done=i + 1)
         bar.close()
         elapsed = time.perf_counter() - start
-        totals = all_reduce_sum(torch.stack([loss_sum, correct, seen]))
-        loss_total, correct_total, seen_total = (float(x) for x in totals.tolist())
+        totals = all_reduce_sum(torch.stack([loss_sum, correct, seen, torch.tensor(float(bad), device=self.device)]))
+        loss_total, correct_total, seen_total, bad_total = (float(x) for x in totals.tolist())
         if seen_total == 0:
             raise ConfigError("the train loader yielded no batches")
+        self._check_bad(int(bad_total), int(seen_total), "training")
         return {
+            "train_bad_samples": int(bad_total),
             "train_loss": loss_total / seen_total,
             "train_acc": correct_total / seen_total,
             "samples_per_s": seen_total / elapsed if elapsed > 0 else math.nan,
             "epoch_time_s": elapsed,
         }
+
+    def _gather_data_state(self) -> list[Any] | None:
+        state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
+        return gather_objects([state])
 
     def _save_preempted(self, epoch: int, batches_done: int) -> None:
         """Every rank agreed to stop at this step: save where we are, then exit with code 75."""
@@ -424,8 +449,9 @@ class Trainer:
         # Ranks can hold different numbers of batches. Under ZeRO-3 every forward gathers
         # parameters collectively, so short ranks must keep stepping with a dummy batch.
         n_steps = all_reduce_max_int(n_local, self.device) if self.cfg.deepspeed.zero_stage == 3 else n_local
-        scores, labels = [], []
+        scores, labels, generators = [], [], []
         loss_sum = torch.zeros((), device=self.device)
+        bad = 0
         it = iter(loader)
         dummy: torch.Tensor | None = None
         for i in range(n_steps):
@@ -442,13 +468,17 @@ class Trainer:
             loss_sum += self.calculate_loss(outputs, targets).detach().float() * targets.shape[0]
             scores.append(ai_scores(outputs))
             labels.append(targets)
+            if isinstance(batch, Mapping):
+                bad += int(batch.get("bad_samples", 0))
+                if "generator" in batch:
+                    generators.extend(batch["generator"])
         engine.train()
         all_scores = gather_1d(torch.cat(scores) if scores else torch.zeros(0))
         all_labels = gather_1d(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
         total_loss = float(all_reduce_sum(loss_sum).item())
         n = all_labels.numel()
         m = binary_metrics(all_scores.cpu().numpy(), all_labels.cpu().numpy())
-        return {
+        row: dict[str, Any] = {
             "val_loss": total_loss / n if n else math.nan,
             "val_acc": m["acc"],
             "val_auc": m["auc"],
@@ -457,6 +487,26 @@ class Trainer:
             "val_fake_acc": m["fake_acc"],
             "val_samples": n,
         }
+        row["val_bad_samples"] = int(all_reduce_sum(torch.tensor([bad], device=self.device)).item())
+        self._check_bad(row["val_bad_samples"], n, "validation")
+        # Same decision on every rank (a collective follows): the streaming loader names generators.
+        all_generators = gather_objects(generators) if hasattr(loader, "generators") else []
+        if all_generators and len(all_generators) == n:
+            # The benchmark protocol: every generator on its own, then their unweighted mean.
+            table = per_generator_metrics(all_scores.cpu().numpy(), all_labels.cpu().numpy(), all_generators)
+            row["val_generators"] = table
+            row.update({f"val_mean_{k}": v for k, v in table["mean"].items()})
+        return row
+
+    def _check_bad(self, bad: int, good: int, what: str) -> None:
+        limit = self.cfg.data.max_bad_fraction
+        total = bad + good
+        if total and bad / total > limit:
+            raise DataError(
+                f"{bad} of {total} {what} samples ({bad / total:.1%}) could not be decoded, above "
+                f"data.max_bad_fraction {limit:g}; re-create the shards (ds-trainer shard verifies every image) "
+                "or raise the limit"
+            )
 
     def evaluate_and_log(self) -> dict[str, Any]:
         """Evaluate once and write the row to the sinks (a zero-shot run's whole job)."""
@@ -474,6 +524,8 @@ class Trainer:
             "version": 1,
             "epoch": self.epoch,
             "batches_done": getattr(self, "_batches_done", 0),  # into epoch + 1 (a preemption save)
+            # Per rank: the streaming loader's position (rank r's entry is r's own state).
+            "data": self._gather_data_state() if getattr(self, "_batches_done", 0) else None,
             "global_step": int(self.engine.global_steps),
             "train_batch_size": int(self.engine.train_batch_size()),
             "micro_batch_size": int(self.engine.train_micro_batch_size_per_gpu()),
@@ -520,6 +572,10 @@ class Trainer:
             log.warning("the model/training/deepspeed config differs from the checkpoint's; continuing with this one")
         self.epoch = int(state["epoch"])
         self._skip_batches = int(state.get("batches_done", 0))
+        data = state.get("data") or []
+        assert self.env is not None
+        if self._skip_batches and len(data) == self.env.world_size:
+            self._data_state = data[self.env.rank]
         if state.get("monitor", self.t.monitor) == self.t.monitor:
             self.best_metric = state.get("best_metric")
             self.best_row = state.get("best_row")
@@ -576,6 +632,8 @@ class Trainer:
             self._universal = True
 
     def _require_training(self, what: str) -> None:
+        if self.trainable and self.train_loader is None:
+            raise ConfigError(f"{what}: needs a train_loader (evaluating a checkpoint: ds-trainer eval)")
         if not self.trainable:
             raise ConfigError(
                 f"{what}: the model has no trainable parameters (mode zero-shot is evaluation only); "

@@ -84,7 +84,7 @@ def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_s
     cfg = write_config(
         tmp_path / "cfg.yaml", tiny_shards,
         training={"num_epochs": 40, "warmup_epochs": 0, "scheduler": "none", "save_frequency": 0},
-        deepspeed={"zero_stage": 2}, logging={"log_every_n_steps": 1},
+        deepspeed={"zero_stage": 2}, logging={"log_every_n_steps": 1}, data={"num_workers": 2},
     )  # fmt: skip
     env = launch_env(DS_TRAINER_CPU_RANKS="2")
     proc = subprocess.Popen(["./launch.sh", "--config", str(cfg)], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -119,6 +119,17 @@ def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_s
     assert after[0]["step"] == step + 1 and after[-1]["step"] == (state["epoch"] + 1) * 8
     rows = jsonl(tmp_path / "run2" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [state["epoch"] + 1]
+    # Exact data position (2 ranks x 2 workers): the resumed steps see the very batches an
+    # uninterrupted run sees, so their losses match it step for step.
+    reference = subprocess.run(
+        ["./launch.sh", "--config", str(cfg), "--set", f"training.num_epochs={state['epoch'] + 1}",
+         "--set", f"logging.run_dir={tmp_path / 'ref'}", "--set", f"training.checkpoint_dir={tmp_path / 'ref_ckpt'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    want = {r["step"]: r["train/loss"] for r in jsonl(tmp_path / "ref" / "steps.jsonl")}
+    for r in after:
+        assert r["train/loss"] == pytest.approx(want[r["step"]], rel=1e-4, abs=1e-6), r["step"]
 
 
 def _rank_pids(launcher_pid):

@@ -11,6 +11,17 @@ shuffle -> decode -> batch), with two guarantees DeepSpeed needs and open_clip l
 
 The shard -> rank -> worker assignment is a pure function of the manifest (and of seed/epoch in
 training), which is what makes both guarantees computable up front.
+
+Exact resume: every batch carries the worker that made it and how many raw samples that worker
+had read by then. `ShardLoader.state_dict()` keeps those positions for the batches the trainer
+consumed; after `load_state_dict()` each worker fast-forwards its raw stream (tar reads and the
+shuffle buffer, no decoding) to its position, and the workers are rotated so batches keep their
+round-robin order. Augmentation randomness is seeded per sample key, not drawn from a stream, so
+the skipped samples do not shift it. An interrupted epoch thus yields exactly the batches the
+uninterrupted one would have.
+
+Undecodable samples are skipped and counted: each batch carries `bad_samples`, the skips since
+the previous batch of its worker, so the trainer can enforce `data.max_bad_fraction`.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import io
 import logging
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -165,26 +176,47 @@ def _read_samples(
             raise DataError(f"no sample could be read from {urls}; re-create the shards")
 
 
+Preprocessor = Callable[..., torch.Tensor]  # (img, label, train, rng) -> [3, S, S]
+
+
+def _clip_preprocessor(image_size: int) -> Preprocessor:
+    return functools.partial(_clip_preprocess, image_size=image_size)
+
+
+def _clip_preprocess(img: Image.Image, label: int, train: bool, rng: random.Random | None, *, image_size: int) -> torch.Tensor:
+    return clip_preprocess(img, image_size, train=train, rng=rng)
+
+
 def _decode(
     samples: Iterator[dict[str, Any]],
     *,
     train: bool,
-    image_size: int,
-    rng: random.Random | None,
+    preprocess: Preprocessor,
+    seed_tag: str,
+    worker: int,
+    skip_raw: int,
     max_failures_in_row: int,
 ) -> Iterator[dict[str, Any]]:
     skipped = 0
     in_row = 0
+    pending_bad = 0
+    position = 0
     for sample in samples:
+        position += 1
+        if position <= skip_raw:
+            continue  # read before the interruption: fast-forward without decoding
         key = sample.get("__key__", "?")
+        # Seeded per sample, not drawn from one stream: resuming mid-epoch must not shift it.
+        rng = random.Random(f"{seed_tag}:{key}") if train else None
         try:
             image_key = next(k for k in sample if k in IMAGE_KEYS)
             label = int(sample["cls"])
             with Image.open(io.BytesIO(sample[image_key])) as img:
-                pixels = clip_preprocess(img, image_size, train=train, rng=rng)
+                pixels = preprocess(img, label=label, train=train, rng=rng)
         except Exception as exc:  # broken images raise many types; one bad file must not stop training
             skipped += 1
             in_row += 1
+            pending_bad += 1
             logger.warning(
                 "skipping sample %s of %s: %s (%d skipped so far in this worker)",
                 key,
@@ -199,7 +231,11 @@ def _decode(
                 ) from exc
             continue
         in_row = 0
-        yield {"pixel_values": pixels, "label": label, "generator": sample["__generator__"], "key": key}
+        yield {
+            "pixel_values": pixels, "label": label, "generator": sample["__generator__"], "key": key,
+            "bad": pending_bad, "worker": worker, "position": position,
+        }  # fmt: skip
+        pending_bad = 0
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -208,6 +244,9 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "generator": [s["generator"] for s in samples],
         "key": [s["key"] for s in samples],
+        "bad_samples": sum(s["bad"] for s in samples),
+        "worker": samples[-1]["worker"],
+        "position": samples[-1]["position"],  # raw samples this worker had read by the end of the batch
     }
 
 
@@ -220,23 +259,29 @@ class _RankStream(IterableDataset):
         *,
         train: bool,
         batch_size: int,
-        image_size: int,
+        preprocess: Preprocessor,
         shuffle_buffer: int,
         seed_tag: str,
         rank: int,
+        skip_raw: dict[int, int] | None = None,
+        rotate: int = 0,
     ) -> None:
         super().__init__()
         self.plan = plan
         self.train = train
         self.batch_size = batch_size
-        self.image_size = image_size
+        self.preprocess = preprocess
         self.shuffle_buffer = shuffle_buffer
         self.seed_tag = seed_tag
         self.rank = rank
+        self.skip_raw = skip_raw or {}
+        self.rotate = rotate
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        streams = max(1, self.plan.num_workers)
+        # After a resume, DataLoader worker 0 plays the stream whose batch comes next.
+        worker = ((info.id if info is not None else 0) + self.rotate) % streams
         parts = self.plan.worker_parts[worker]
         tag = f"{self.seed_tag}:{worker}"
         pipeline = wds.DataPipeline(
@@ -252,8 +297,10 @@ class _RankStream(IterableDataset):
             functools.partial(
                 _decode,
                 train=self.train,
-                image_size=self.image_size,
-                rng=random.Random(f"{tag}:augment") if self.train else None,
+                preprocess=self.preprocess,
+                seed_tag=f"{tag}:augment",
+                worker=worker,
+                skip_raw=self.skip_raw.get(worker, 0),
                 max_failures_in_row=max(sum(p.kept for p in parts), 1),
             ),
             # train batches are always full: the stream is endless, a partial one never forms
@@ -283,6 +330,7 @@ class ShardLoader:
         shuffle_buffer: int = 1000,
         seed: int = 0,
         name: str = "",
+        preprocess: Preprocessor | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -300,7 +348,10 @@ class ShardLoader:
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.name = name or "shards"
+        self.preprocess = preprocess or _clip_preprocessor(image_size)
         self.epoch = 0
+        self._consumed: dict[str, Any] = {"epoch": 0, "batches": 0, "positions": {}}
+        self._resume: dict[str, Any] | None = None
         self.total_samples = sum(s.count for s in self.shards)
         self.generators = sorted({s.generator for s in self.shards})
 
@@ -325,7 +376,35 @@ class ShardLoader:
                 )
 
     def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            logger.warning("%s: resume state is for epoch %d, not %d; ignored", self.name, self._resume["epoch"], epoch)
+            self._resume = None
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the consumer is in this epoch: batches taken, raw position of every worker stream."""
+        return {
+            "epoch": self._consumed["epoch"], "batches": self._consumed["batches"],
+            "positions": dict(self._consumed["positions"]), "rank": self.rank, "world_size": self.world_size,
+            "workers": max(1, self.plan().num_workers),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved epoch where it stopped (train loaders; used by the next __iter__)."""
+        if not self.train:
+            return
+        same = (state.get("rank"), state.get("world_size")) == (self.rank, self.world_size)
+        self.epoch = int(state["epoch"])
+        if not same or state.get("workers") != max(1, self.plan().num_workers):
+            logger.warning(
+                "%s: saved data position is for rank %s of %s with %s workers, this is rank %d of %d with %d: "
+                "epoch %d restarts from its beginning (samples may repeat)", self.name, state.get("rank"),
+                state.get("world_size"), state.get("workers"), self.rank, self.world_size,
+                max(1, self.plan().num_workers), self.epoch,
+            )  # fmt: skip
+            return
+        self._resume = {"epoch": self.epoch, "batches": int(state["batches"]),
+                        "positions": {int(k): int(v) for k, v in state["positions"].items()}}
 
     def __len__(self) -> int:
         return self._len
@@ -346,23 +425,33 @@ class ShardLoader:
         plan = self.plan()
         if self._len == 0:
             return
+        resume, self._resume = self._resume, None
+        produced = resume["batches"] if resume else 0
+        positions = dict(resume["positions"]) if resume else {}
+        streams = max(1, plan.num_workers)
         stream = _RankStream(
             plan,
             train=self.train,
             batch_size=self.batch_size,
-            image_size=self.image_size,
+            preprocess=self.preprocess,
             shuffle_buffer=self.shuffle_buffer,
             seed_tag=f"{self.seed}:{self.epoch}:{self.rank}",
             rank=self.rank,
+            skip_raw=positions,
+            rotate=produced % streams,
         )
         loader = DataLoader(
             stream, batch_size=None, num_workers=plan.num_workers, persistent_workers=False
         )
-        produced = 0
+        self._consumed = {"epoch": self.epoch, "batches": produced, "positions": positions}
+        if self.train and produced >= self._len:
+            return
         # train streams are endless; stopping at len is what makes every rank agree
         for batch in loader:
-            yield batch
+            positions[batch["worker"]] = batch["position"]
             produced += 1
+            self._consumed["batches"] = produced
+            yield batch
             if self.train and produced == self._len:
                 return
         if self.train:
@@ -392,11 +481,23 @@ def make_shard_loader(
     image_size: int = 224,
     shuffle_buffer: int = 1000,
     seed: int = 0,
+    preprocess: Preprocessor | None = None,
+    holdout_fraction: float = 0.0,
+    holdout: bool = False,
 ) -> ShardLoader:
-    """Loader over the `split` shards of the shard set in `shard_dir` (see ShardLoader)."""
+    """Loader over the `split` shards of the shard set in `shard_dir` (see ShardLoader).
+
+    `holdout_fraction` > 0 sets aside that share of the split's shards (per generator, spread
+    evenly, the same on every run): `holdout=False` reads the rest, `holdout=True` the held-out part.
+    """
     manifest = load_manifest(shard_dir)
+    shards = manifest.select(split, generators)
+    if holdout_fraction > 0:
+        kept, held = split_holdout(shards, holdout_fraction, f"{manifest.root}/{split}")
+        shards = held if holdout else kept
+        split = f"{split} (holdout)" if holdout else f"{split} (minus holdout)"
     return ShardLoader(
-        manifest.select(split, generators),
+        shards,
         batch_size=batch_size,
         train=train,
         rank=rank,
@@ -406,4 +507,29 @@ def make_shard_loader(
         shuffle_buffer=shuffle_buffer,
         seed=seed,
         name=f"{manifest.root}/{split}",
+        preprocess=preprocess,
     )
+
+
+def split_holdout(shards: list[ShardInfo], fraction: float, name: str) -> tuple[list[ShardInfo], list[ShardInfo]]:
+    """(kept, held out): per generator, round(fraction x shards) of its shards, evenly spread.
+
+    Whole shards, so every count stays known from the manifest (equal batches per rank).
+    """
+    kept: list[ShardInfo] = []
+    held: list[ShardInfo] = []
+    by_generator: dict[str, list[ShardInfo]] = {}
+    for s in shards:
+        by_generator.setdefault(s.generator, []).append(s)
+    for generator, group in sorted(by_generator.items()):
+        n_held = round(fraction * len(group))
+        if n_held < 1 or n_held >= len(group):
+            raise DataError(
+                f"{name}: holdout_fraction {fraction:g} of {generator}'s {len(group)} shard(s) leaves "
+                f"{'nothing to hold out' if n_held < 1 else 'nothing to train on'}; re-shard with a smaller "
+                "--max-count so each generator has more shards, or change data.holdout_fraction"
+            )
+        picks = {math.floor((i + 0.5) * len(group) / n_held) for i in range(n_held)}
+        for i, s in enumerate(group):
+            (held if i in picks else kept).append(s)
+    return kept, held

@@ -1,0 +1,105 @@
+"""The GenImage benchmark protocol: per-generator metrics, `ds-trainer eval`, holdout, bad samples."""
+
+import io
+import json
+import math
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from conftest import run_cmd, write_config
+from ds_trainer import CLIPModel, Trainer
+from ds_trainer.data import make_shard_loader
+from ds_trainer.errors import DataError
+from ds_trainer.metrics import PROTOCOL_METRICS, format_protocol_table, per_generator_metrics
+
+
+def test_per_generator_metrics_and_unweighted_mean():
+    rng = np.random.default_rng(0)
+    gens = np.array(["adm"] * 40 + ["glide"] * 10)
+    labels = np.tile([0, 1], 25)
+    scores = np.clip(labels * 0.3 + rng.random(50) * 0.7, 0, 1)
+    table = per_generator_metrics(scores, labels, gens.tolist())
+    assert list(table) == ["adm", "glide", "mean"]
+    for g in ("adm", "glide"):
+        m = gens == g
+        assert table[g]["auc"] == pytest.approx(roc_auc_score(labels[m], scores[m]))
+        assert table[g]["ap"] == pytest.approx(average_precision_score(labels[m], scores[m]))
+        assert table[g]["fake_acc"] == pytest.approx(((scores[m] >= 0.5) & (labels[m] == 1)).sum() / (labels[m] == 1).sum())
+    for k in PROTOCOL_METRICS:  # unweighted over generators: glide's 10 samples count as much as adm's 40
+        assert table["mean"][k] == pytest.approx((table["adm"][k] + table["glide"][k]) / 2)
+    text = format_protocol_table(table)
+    assert text.splitlines()[0].split() == ["generator", *PROTOCOL_METRICS]
+    assert "mean" in text.splitlines()[-1]
+
+
+def test_one_class_generator_gives_nan_auc_and_the_mean_skips_it():
+    table = per_generator_metrics([0.9, 0.2, 0.8], [1, 0, 1], ["a", "a", "b"])
+    assert math.isnan(table["b"]["auc"]) and table["mean"]["auc"] == table["a"]["auc"]
+    assert "n/a" in format_protocol_table(table)
+
+
+def test_trainer_evaluation_reports_every_generator(tmp_path, tiny_shards):
+    loader = make_shard_loader(tiny_shards, "val", batch_size=16, train=False, num_workers=1)
+    trainer = Trainer(CLIPModel("tiny"), None, loader, device="cpu", run_dir=tmp_path, checkpoint_dir=str(tmp_path))
+    row = trainer.evaluate()
+    assert set(row["val_generators"]) == {*loader.generators, "mean"}
+    assert row["val_mean_auc"] == pytest.approx(np.mean([row["val_generators"][g]["auc"] for g in loader.generators]))
+    assert row["val_bad_samples"] == 0 and row["val_samples"] == 48
+
+
+def _corrupt(shards, tmp_path, split, n):
+    root = tmp_path / "shards"
+    shutil.copytree(shards, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["split"] == split)
+    path = next(root.rglob(entry["url"].split("/")[-1])) if "url" in entry else root / entry["path"]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    out, broken = io.BytesIO(), 0
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for m, data in members:
+            if broken < n and m.name.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg"):
+                data, broken = b"\x89PNG broken", broken + 1
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    path.write_bytes(out.getvalue())
+    return root
+
+
+def test_too_many_undecodable_samples_stop_the_run_with_a_clear_error(tmp_path, tiny_shards):
+    root = _corrupt(tiny_shards, tmp_path, "val", 3)
+    loader = make_shard_loader(root, "val", batch_size=16, train=False, num_workers=1)
+    trainer = Trainer(CLIPModel("tiny"), None, loader, device="cpu", run_dir=tmp_path, checkpoint_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"3 of 48 validation samples .* above data.max_bad_fraction 0.01"):
+        trainer.evaluate()
+    trainer.cfg.data.max_bad_fraction = 0.1
+    assert trainer.evaluate()["val_bad_samples"] == 3
+
+
+@pytest.mark.distributed
+def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_path, tiny_shards):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, data={"holdout_fraction": 0.25},
+                       training={"num_epochs": 1, "warmup_epochs": 0})
+    proc = run_cmd(["./launch.sh", "--config", str(cfg)], DS_TRAINER_CPU_RANKS="2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # 1 of each generator's 4 train shards is held out for model selection: 2 x 20 images.
+    assert row["val_samples"] == 40 and row["step"] == (128 - 40) // 16
+    assert set(row["val_generators"]) == {"demo_bicubic", "demo_nearest", "mean"}
+    assert row["train_bad_samples"] == 0
+
+    out = tmp_path / "eval.json"
+    proc = run_cmd([str(__import__("sys").executable), "-m", "ds_trainer", "eval", "--config", str(cfg),
+                    "--load-dir", str(tmp_path / "ckpt"), "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["split"] == "val" and result["samples"] == 48 and result["epoch"] == 1
+    assert set(result["generators"]) == {"demo_bicubic", "demo_nearest", "mean"}
+    for g, metrics in result["generators"].items():
+        assert set(metrics) == set(PROTOCOL_METRICS), g
+    table = proc.stdout
+    assert "generator" in table and "demo_nearest" in table and "mean" in table and "auc" in table
