@@ -29,7 +29,6 @@ from ds_trainer.ds_compat import patch_universal_loading
 from ds_trainer.ds_config import build_ds_config
 from ds_trainer.ds_config import optimizer_steps_per_epoch as optim_steps_per_epoch
 from ds_trainer.errors import CheckpointError, ConfigError, DataError, Preempted
-from ds_trainer.preemption import PreemptionGuard
 from ds_trainer.metrics import (
     ai_scores,
     all_reduce_max_int,
@@ -39,6 +38,7 @@ from ds_trainer.metrics import (
     gather_objects,
     per_generator_metrics,
 )
+from ds_trainer.preemption import PreemptionGuard
 from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_enabled
 
 log = logging.getLogger(__name__)

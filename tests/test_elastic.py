@@ -13,7 +13,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import REPO, launch_env, write_config
 
 pytestmark = pytest.mark.distributed

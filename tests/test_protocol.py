@@ -8,9 +8,9 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import run_cmd, write_config
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from conftest import run_cmd, write_config
 from ds_trainer import CLIPModel, Trainer
 from ds_trainer.data import make_shard_loader
 from ds_trainer.errors import DataError
