@@ -35,7 +35,7 @@ demo: venv demo-data
 test: venv
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-# Unit tests only: no DeepSpeed launcher, seconds.
+# Everything but the tests marked distributed: no deepspeed launcher, no Slurm.
 test-fast: venv
 	$(BIN)/python -m pytest tests -m "not distributed" $(PYTEST_ARGS)
 
