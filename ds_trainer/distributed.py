@@ -317,7 +317,42 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
         _share_cpu_threads()
+        _unlink_shm_buffer()
     return read_env()
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer_path(rank: int, env: Mapping[str, str] | None = None) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce (ShareMemComm) creates for `rank`.
+
+    Named as in DeepSpeed's `shm.cpp`: prefix, uid, MASTER_ADDR, MASTER_PORT, rank.
+    """
+    env = os.environ if env is None else env
+    return SHM_DIR / f"{SHM_PREFIX}_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove the name of this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's CPU backend creates a 66 MiB file in /dev/shm per rank and never unlinks it, so
+    every run leaks RAM (tmpfs) until the machine runs out: a few hundred runs fill 24 GiB. The
+    mappings stay valid after the unlink, and DeepSpeed opens the files only while it initialises,
+    so after a barrier (all ranks have opened all buffers) each rank removes its own name.
+    """
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    world = dist.get_world_size()
+    # DeepSpeed's own condition for creating the buffers (shm_interface.cpp): the CPU backend
+    # and LOCAL_SIZE == world size. Every rank takes the same branch, so the barrier cannot hang.
+    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
+        return
+    if world > 1:
+        dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def _share_cpu_threads() -> None:

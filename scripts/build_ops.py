@@ -39,6 +39,9 @@ def main() -> int:
     from deepspeed.accelerator import get_accelerator
 
     _clear_stale_locks()
+    # ninja's default runs cores + 2 compilers at once; each cc1plus on torch's headers takes
+    # ~1 GiB. One per core is as fast on this machine and leaves memory for everything else.
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     for name in OPS:
         start = time.perf_counter()
         get_accelerator().create_op_builder(name).load(verbose=False)
