@@ -39,6 +39,8 @@ demo: ops demo-data
 	rm -rf runs/demo
 	./launch.sh --config ds_configs/demo.yaml
 	$(BIN)/python scripts/show_metrics.py runs/demo/metrics.jsonl
+	# The benchmark protocol on the newest checkpoint, then the report (plots + report.html; its path last).
+	$(BIN)/ds-trainer eval --config ds_configs/demo.yaml --load-dir runs/demo/checkpoints --report runs/demo/report
 
 test: ops
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

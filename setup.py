@@ -19,7 +19,14 @@ setup(
         "numpy>=1.24",
         "scikit-learn>=1.3",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # ds-trainer report
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # Optional features: logging.tensorboard, logging.wandb, model.lora.
+    extras_require={
+        "test": ["pytest>=8"],
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.16"],
+        "lora": ["peft>=0.10"],
+    },
     entry_points={"console_scripts": ["ds-trainer=ds_trainer.cli:main"]},
 )

@@ -39,7 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True, help="checkpoint directory or tag directory")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one, e.g. best)")
     p.add_argument("--out", default=None, help="JSON output (default: <run_dir>/eval_<tag>.json)")
+    p.add_argument("--report", default=None, metavar="DIR", help="also write the report (PNGs + report.html) here")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("report", help="plots and a self-contained HTML page from one or more `eval` results")
+    p.add_argument("--eval", dest="evals", action="append", required=True, metavar="RESULTS.json",
+                   help="a JSON written by ds-trainer eval (repeat to compare runs in the same figures)")
+    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR",
+                   help="the run_dir of each --eval, in the same order, for training curves (optional)")
+    p.add_argument("--name", dest="names", action="append", default=[], metavar="NAME",
+                   help="legend name of each --eval, in the same order (default: <checkpoint dir>/<tag>)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (PNGs and report.html)")
+    p.add_argument("--threshold", type=float, default=0.5, help="P(AI) threshold for histograms and the confusion matrix")
+    p.add_argument("--tensorboard", default=None, metavar="LOG_DIR",
+                   help="also write PR curves per generator and the figures to this TensorBoard log dir")
 
     p = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config resolves to")
     _add_config_args(p)
@@ -98,7 +111,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ds_trainer.run import run_evaluation
 
     cfg = load_config(args.config, args.overrides)
-    run_evaluation(cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug)
+    run_evaluation(cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug, report_dir=args.report)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ds_trainer import report
+    from ds_trainer.errors import ConfigError
+
+    for flag, given in (("--run", args.runs), ("--name", args.names)):
+        if given and len(given) != len(args.evals):
+            raise ConfigError(f"report: {len(given)} {flag} for {len(args.evals)} --eval; give one per --eval, in order")
+    runs = [report.load_eval(path, args.names[i] if args.names else None) for i, path in enumerate(args.evals)]
+    for run, run_dir in zip(runs, args.runs):
+        report.attach_run(run, run_dir)
+    written = report.write_report(runs, args.out, threshold=args.threshold)
+    if args.tensorboard:
+        report.log_to_tensorboard(runs, args.tensorboard, threshold=args.threshold)
+    print(written.html)
     return 0
 
 
@@ -192,7 +222,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"train": _cmd_train, "ds-config": _cmd_ds_config, "shard": _cmd_shard, "demo-data": _cmd_demo_data}
-_COMMANDS.update({"export": _cmd_export, "predict": _cmd_predict, "eval": _cmd_eval})
+_COMMANDS.update({"export": _cmd_export, "predict": _cmd_predict, "eval": _cmd_eval, "report": _cmd_report})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,16 +98,20 @@ def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = 
 
 
 def run_evaluation(
-    cfg: Config, load_dir: str | Path, tag: str | None = None, out: str | Path | None = None, debug: bool = False
+    cfg: Config, load_dir: str | Path, tag: str | None = None, out: str | Path | None = None, debug: bool = False,
+    report_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and their mean.
 
     The model is rebuilt from the checkpoint's own config and its consolidated fp32 weights (any
     ZeRO stage, any world size the checkpoint was saved with); the data comes from `cfg`
-    (`data.val_split`, `data.eval_generators`). Rank 0 prints the table and writes it as JSON.
+    (`data.val_split`, `data.eval_generators`). Rank 0 prints the table and writes it as JSON, with
+    every image's score (`predictions`) and the checkpoint's config for `ds-trainer report`; with
+    `report_dir` it writes that report too (and, with `logging.tensorboard`, PR curves and figures).
     """
     from ds_trainer.export import rebuild_model, resolve_source
     from ds_trainer.metrics import format_protocol_table
+    from ds_trainer.report import predictions_block
     from ds_trainer.sinks import console
     from ds_trainer.trainer import Trainer
 
@@ -125,15 +129,44 @@ def run_evaluation(
         "split": cfg.data.val_split, "samples": metrics["val_samples"], "bad_samples": metrics["val_bad_samples"],
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
+        "config": source.state.get("config"),
     }  # fmt: skip
     if env.is_main:
+        pred = trainer.last_predictions or {}
+        result["predictions"] = predictions_block(pred["score"], pred["label"], pred["generator"])
         path = Path(out) if out is not None else Path(cfg.logging.run_dir) / f"eval_{source.tag_dir.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+        path.write_text(_eval_json(_json_safe(result)))
         if result["generators"]:
             console().info("%s", format_protocol_table(result["generators"]))
         console().info("%d samples of split %s; written to %s", result["samples"], result["split"], path)
+        if report_dir is not None:
+            _write_report(cfg, path, report_dir)
     return result
+
+
+def _write_report(cfg: Config, eval_path: Path, report_dir: str | Path) -> None:
+    """The report of one eval result, with the training curves of its run when they are there."""
+    from ds_trainer import report
+    from ds_trainer.sinks import console
+
+    run = report.load_eval(eval_path)
+    run_dir = Path(cfg.logging.run_dir)
+    if (run_dir / "metrics.jsonl").is_file():
+        report.attach_run(run, run_dir)
+    written = report.write_report([run], report_dir)
+    if cfg.logging.tensorboard:
+        report.log_to_tensorboard([run], run_dir / "tensorboard")
+    console().info("report: %s", written.html)
+
+
+def _eval_json(result: dict[str, Any]) -> str:
+    """Indented for reading, except the per-image predictions: one line, not one line per number."""
+    head = {k: v for k, v in result.items() if k != "predictions"}
+    text = json.dumps(head, indent=2)
+    if "predictions" in result:
+        text = text[:-2] + ',\n  "predictions": ' + json.dumps(result["predictions"]) + "\n}"
+    return text + "\n"
 
 
 def _json_safe(value: Any) -> Any:

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ds_trainer.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -323,6 +325,22 @@ class MetricsSinks:
             self._tb.flush()
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)
+
+    def pr_curves(self, global_step: int, predictions: dict[str, Any] | None) -> None:
+        """TensorBoard PR curves of an evaluation: every image (`pr/all`) and each generator (`pr/<name>`)."""
+        if not self.is_main or self._tb is None or self._closed or not predictions:
+            return
+        scores, labels = predictions["score"], predictions["label"]
+        if len(scores) == 0:
+            return
+        self._tb.add_pr_curve("pr/all", labels, scores, global_step=global_step)
+        generators = predictions.get("generator")
+        if generators:
+            names = np.asarray(generators, dtype=object)
+            for g in sorted(set(generators)):
+                mask = names == g
+                self._tb.add_pr_curve(f"pr/{g}", labels[mask], scores[mask], global_step=global_step)
+        self._tb.flush()
 
     def close(self) -> None:
         """Flush and close steps.jsonl and TensorBoard, finish the W&B run. Idempotent.

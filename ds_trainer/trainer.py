@@ -105,6 +105,7 @@ class Trainer:
         self._skip_batches = 0  # batches of the next epoch a preempted run had already trained on
         self._data_state: dict[str, Any] | None = None  # the train loader's position at that point
         self.history: list[dict[str, Any]] = []
+        self.last_predictions: dict[str, Any] | None = None  # the last evaluate()'s per-image scores
 
     # ----------------------------------------------------------------- config
     @staticmethod
@@ -491,6 +492,12 @@ class Trainer:
         self._check_bad(row["val_bad_samples"], n, "validation")
         # Same decision on every rank (a collective follows): the streaming loader names generators.
         all_generators = gather_objects(generators) if hasattr(loader, "generators") else []
+        # Every image's score, for the report (ROC curves, histograms) and TensorBoard's PR curves.
+        self.last_predictions = {
+            "score": all_scores.float().cpu().numpy(),
+            "label": all_labels.cpu().numpy(),
+            "generator": all_generators if len(all_generators) == n else None,
+        }
         if all_generators and len(all_generators) == n:
             # The benchmark protocol: every generator on its own, then their unweighted mean.
             table = per_generator_metrics(all_scores.cpu().numpy(), all_labels.cpu().numpy(), all_generators)
@@ -514,6 +521,7 @@ class Trainer:
         row.update(self.evaluate())
         row["step"] = int(self.engine.global_steps)
         self.sinks.write(row)
+        self.sinks.pr_curves(row["step"], self.last_predictions)
         self.sinks.close()
         return row
 
@@ -679,6 +687,8 @@ class Trainer:
                 console().info("Plateau: %s did not improve; LR scale now %.3g", monitor, self.plateau.scale)
             row["monitor"] = monitor
             self.sinks.write(row)
+            if self.val_loader is not None:
+                self.sinks.pr_curves(row["step"], self.last_predictions)
             self.history.append(row)
             stop = self.t.early_stopping and self.epochs_without_improvement >= self.t.patience
             freq = self.t.save_frequency

@@ -94,7 +94,7 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
 
     out = tmp_path / "eval.json"
     proc = run_cmd([str(__import__("sys").executable), "-m", "ds_trainer", "eval", "--config", str(cfg),
-                    "--load-dir", str(tmp_path / "ckpt"), "--out", str(out)])
+                    "--load-dir", str(tmp_path / "ckpt"), "--out", str(out), "--report", str(tmp_path / "report")])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["split"] == "val" and result["samples"] == 48 and result["epoch"] == 1
@@ -103,3 +103,25 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
         assert set(metrics) == set(PROTOCOL_METRICS), g
     table = proc.stdout
     assert "generator" in table and "demo_nearest" in table and "mean" in table and "auc" in table
+
+    # Every image's score is in the result, and the table recomputed from them is the same.
+    pred = result["predictions"]
+    assert pred["generators"] == ["demo_bicubic", "demo_nearest"] and len(pred["score"]) == 48
+    names = [pred["generators"][i] for i in pred["generator"]]
+    again = per_generator_metrics(np.asarray(pred["score"]), np.asarray(pred["label"]), names)
+    for g in ("demo_bicubic", "demo_nearest", "mean"):
+        for k in PROTOCOL_METRICS:
+            assert again[g][k] == pytest.approx(result["generators"][g][k], abs=1e-4, nan_ok=True), (g, k)
+    assert result["config"]["model"]["model_name"] == "tiny"
+    # The report, with the training curves of the run the checkpoint came from.
+    for name in ("roc", "scores", "accuracy", "confusion", "training", "report"):
+        assert (tmp_path / "report" / (name + (".html" if name == "report" else ".png"))).stat().st_size > 1000
+    assert "report: " in proc.stdout + proc.stderr
+
+    # TensorBoard: PR curves per generator from the training run's evaluation and from eval.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    assert {"pr/all", "pr/demo_bicubic", "pr/demo_nearest"} <= set(acc.Tags()["tensors"])
+    assert "report/roc" in acc.Tags()["images"]

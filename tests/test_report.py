@@ -1,0 +1,208 @@
+"""The evaluation report: figures from eval results, the HTML page in a real browser, TensorBoard.
+
+Fast and pure (no DeepSpeed): eval results are built here from scores drawn per generator; the
+2-rank train → `ds-trainer eval --report` path is in test_protocol.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ds_trainer import cli, report
+from ds_trainer.metrics import per_generator_metrics
+
+GENERATORS = ("adm", "biggan", "midjourney")
+
+
+def fake_eval(path: Path, shift: float, seed: int = 0, n: int = 60) -> Path:
+    """An eval result as `ds-trainer eval` writes it: the protocol table and every image's score.
+
+    Real images score around 0.3, generated ones around 0.3 + shift (BigGAN harder: half the shift).
+    """
+    rng = np.random.default_rng(seed)
+    scores, labels, gens = [], [], []
+    for g in GENERATORS:
+        for label in (0, 1):
+            mu = 0.3 + (shift * (0.5 if g == "biggan" else 1.0) if label else 0.0)
+            scores += np.clip(rng.normal(mu, 0.12, n), 0, 1).tolist()
+            labels += [label] * n
+            gens += [g] * n
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    table = per_generator_metrics(scores, labels, gens)
+    result = {
+        "checkpoint": str(path.parent / "ckpt" / "best"), "epoch": 3, "global_step": 24, "split": "val",
+        "samples": len(scores), "bad_samples": 0, "generators": table, "overall": {},
+        "config": {"model": {"model_name": "tiny", "mode": "fine-tune"}, "training": {"learning_rate": 0.001}},
+        "predictions": report.predictions_block(scores, labels, gens),
+    }  # fmt: skip
+    path.write_text(json.dumps(result))
+    return path
+
+
+def write_metrics(run_dir: Path, epochs: int = 3) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"epoch": e, "step": 8 * e, "train_loss": 0.7 / e, "val_loss": 0.8 / e, "val_auc": 0.6 + 0.1 * e,
+             "lr": 1e-3 / e, "samples_per_s": 50.0 + e} for e in range(1, epochs + 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = [{"step": s, "train/lr": 1e-3 * (1 - s / 30), "train/loss": 0.7} for s in range(1, 25)]
+    (run_dir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    return run_dir
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_one_run_report_has_every_figure_and_the_table(tmp_path, capsys):
+    ev = fake_eval(tmp_path / "eval.json", shift=0.4)
+    run_dir = write_metrics(tmp_path / "run")
+    assert cli.main(["report", "--eval", str(ev), "--run", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
+    page = tmp_path / "rep" / "report.html"
+    assert capsys.readouterr().out.strip() == str(page)
+    for name in ("roc", "scores", "accuracy", "confusion", "training"):
+        w, h = png_size(tmp_path / "rep" / f"{name}.png")
+        assert w > 300 and h > 200, name
+    text = page.read_text()
+    # Self-contained: every figure embedded, nothing fetched.
+    assert text.count("data:image/png;base64,") == 5
+    assert not re.search(r"(src|href)=['\"]https?:", text)
+    # The table: a row per generator and the mean, with the values eval computed.
+    table = json.loads(ev.read_text())["generators"]
+    for g in (*GENERATORS, "mean"):
+        row = re.search(rf"<tr[^>]*><td>{g}</td>(.*?)</tr>", text)
+        assert row, g
+        cells = re.findall(r"<td>([^<]*)</td>", row.group(1))
+        assert cells[:5] == [f"{100 * table[g][k]:.1f}" for k in ("acc", "real_acc", "fake_acc", "ap", "auc")]
+    assert "model_name: tiny" in text and str(tmp_path / "ckpt" / "best") in text
+
+
+def test_mean_roc_auc_is_the_protocol_mean_and_confusion_matches_accuracy(tmp_path):
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    table = run.table()
+    _, _, mean_auc = report._mean_roc(run)
+    assert mean_auc == pytest.approx(table["mean"]["auc"], abs=1e-6)
+    cm = report.confusion_counts(run)
+    assert cm.sum() == len(run.scores)
+    real_acc = cm[0, 0] / cm[0].sum()
+    fake_acc = cm[1, 1] / cm[1].sum()
+    pooled = per_generator_metrics(run.scores, run.labels, ["all"] * len(run.scores))["all"]
+    assert (real_acc, fake_acc) == (pytest.approx(pooled["real_acc"]), pytest.approx(pooled["fake_acc"]))
+
+
+def test_comparing_runs_overlays_them(tmp_path):
+    a = fake_eval(tmp_path / "a.json", shift=0.45, seed=1)
+    b = fake_eval(tmp_path / "b.json", shift=0.15, seed=2)
+    out = tmp_path / "rep"
+    assert cli.main(["report", "--eval", str(a), "--eval", str(b), "--name", "full", "--name", "probe",
+                     "--out", str(out)]) == 0
+    text = (out / "report.html").read_text()
+    for g in (*GENERATORS, "mean"):
+        assert len(re.findall(rf"<tr[^>]*><td>{g}</td><td class='run'>(full|probe)</td>", text)) == 2, g
+    runs = [report.load_eval(a, "full"), report.load_eval(b, "probe")]
+    roc = report.roc_figure(runs)
+    # A panel per generator plus the mean, each with one line per run (and the chance diagonal).
+    panels = [ax for ax in roc.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [*GENERATORS, "mean"]
+    for ax in panels:
+        labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+        assert [lab.split(" ")[0] for lab in labels] == ["full", "probe"]
+    bars = report.accuracy_figure(runs)
+    assert len(bars.axes[0].patches) == 2 * (len(GENERATORS) + 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--eval", "missing.json"], 2, "no such file"),
+        (["--eval", "notjson.json"], 3, "not JSON"),
+        (["--eval", "nopred.json"], 3, "no per-image predictions"),
+        (["--eval", "good.json", "--run", "a", "--run", "b"], 2, "2 --run for 1 --eval"),
+        (["--eval", "good.json", "--eval", "good.json"], 2, "share a name"),
+        (["--eval", "good.json", "--threshold", "1.5"], 2, "between 0 and 1"),
+        (["--eval", "good.json", "--run", "nowhere"], 2, "no metrics.jsonl"),
+    ],
+)
+def test_bad_report_input_is_refused_clearly(tmp_path, monkeypatch, capsys, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    fake_eval(tmp_path / "good.json", shift=0.3)
+    (tmp_path / "notjson.json").write_text("{oops")
+    result = json.loads((tmp_path / "good.json").read_text())
+    del result["predictions"]
+    (tmp_path / "nopred.json").write_text(json.dumps(result))
+    assert cli.main(["report", *args, "--out", "rep"]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_figures_and_pr_curves_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    report.log_to_tensorboard([run], tmp_path / "tb")
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    assert {f"pr/{g}" for g in (*GENERATORS, "all")} <= set(acc.Tags()["tensors"])
+    assert {f"report/{n}" for n in ("roc", "scores", "accuracy", "confusion")} <= set(acc.Tags()["images"])
+    (event,) = acc.Tensors("pr/adm")
+    assert event.step == 24
+    # pr_curve data: 6 rows (TP, FP, TN, FN, precision, recall) x thresholds; all images counted.
+    from tensorboard.util.tensor_util import make_ndarray
+
+    data = make_ndarray(event.tensor_proto)
+    assert data.shape[0] == 6
+    assert data[0, 0] + data[1, 0] == 2 * 60  # at threshold 0 every adm image is called AI
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def run_chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    exe = chromium()
+    assert exe is not None
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+             "--virtual-time-budget=5000"]  # fmt: skip
+    return subprocess.run([exe, *flags, *args], check=False, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium: `.ci/run` installs Debian's chromium for this test")
+def test_report_page_renders_in_headless_chromium(tmp_path):
+    a = fake_eval(tmp_path / "a.json", shift=0.45, seed=1)
+    b = fake_eval(tmp_path / "b.json", shift=0.15, seed=2)
+    run_dir = write_metrics(tmp_path / "run")
+    out = tmp_path / "rep"
+    assert cli.main(["report", "--eval", str(a), "--eval", str(b), "--run", str(run_dir), "--run", str(run_dir),
+                     "--name", "full", "--name", "probe", "--out", str(out)]) == 0
+    url = (out / "report.html").as_uri()
+
+    dom = run_chromium(["--dump-dom", url], tmp_path / "profile1")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # The page's own script counts images that decoded to a non-zero size, after load.
+    body = re.search(r"<body([^>]*)>", dom.stdout)
+    assert body, dom.stdout[:2000]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
+    assert attrs.get("data-images") == "5" and attrs.get("data-images-loaded") == "5", attrs
+    # The rendered table: a row per generator and run, plus the runs table.
+    assert len(re.findall(r"<tr>\s*<td>(adm|biggan|midjourney)</td>", dom.stdout)) == 6
+    assert len(re.findall(r'<tr class="mean">', dom.stdout)) == 2
+
+    shot = tmp_path / "page.png"
+    res = run_chromium([f"--screenshot={shot}", "--window-size=1280,2400", url], tmp_path / "profile2")
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("L"), dtype=np.float32)
+    assert pixels.shape == (2400, 1280)
+    # Not a blank page: text, table lines and plots make the screenshot far from uniform.
+    assert pixels.std() > 20 and (pixels < 128).mean() > 0.01
