@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv ops demo demo-data test test-fast clean
+.PHONY: venv ops demo demo-data test test-fast errors-doc clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ test: ops
 # Everything but the tests marked distributed: no deepspeed launcher, no Slurm.
 test-fast: ops
 	$(BIN)/python -m pytest tests -m "not distributed" $(PYTEST_ARGS)
+
+# docs/errors.md from the refusal table's real CLI runs (tests/test_refusals.py checks it is current).
+errors-doc: ops
+	DS_TRAINER_WRITE_ERRORS_DOC=1 $(BIN)/python -m pytest tests/test_refusals.py -q
 
 clean:
 	rm -rf runs results .pytest_cache

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -44,21 +45,74 @@ _EPOCH_TAG = re.compile(r"^epoch_(\d+)$")
 _STEP_TAG = re.compile(r"^step_(\d+)$")
 
 
+PARTIAL = ".partial"
+OLD = ".old"
+
+
 def save(engine: Any, checkpoint_dir: str | Path, tag: str, state: dict[str, Any], update_latest: bool = True) -> Path:
-    """Collective: every rank must call it. Returns the tag directory."""
+    """Collective: every rank must call it. Returns the tag directory.
+
+    DeepSpeed writes into `<tag>.partial`; once every rank is done, rank 0 moves it to `<tag>`
+    (an existing `<tag>`, e.g. `best`, is set aside as `<tag>.old` until then), writes the marker,
+    and only then points `latest` at it. A crash at any point leaves the previous checkpoint
+    complete and findable. A full disk raises CheckpointError with the space a checkpoint takes.
+    """
+    from ds_trainer import faults
+
     checkpoint_dir = Path(checkpoint_dir)
+    tag_dir, partial, old = checkpoint_dir / tag, checkpoint_dir / (tag + PARTIAL), checkpoint_dir / (tag + OLD)
+    rank = engine.global_rank
+    if rank == 0 and partial.exists():
+        shutil.rmtree(partial)  # left by a save that died
+    if dist.is_initialized():
+        dist.barrier()
     client_state = {"ds_trainer": state, **UNIVERSAL_INFO}
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+    try:
+        with faults.saving(tag):
+            engine.save_checkpoint(str(checkpoint_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(_no_space_message(checkpoint_dir, tag)) from exc
     # save_checkpoint ends with a barrier, so every rank's files are written by now.
-    tag_dir = checkpoint_dir / tag
-    if engine.global_rank == 0:
+    faults.before_marker(tag, rank)
+    if rank == 0:
+        if tag_dir.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            tag_dir.rename(old)
+        partial.rename(tag_dir)
         manifest = dict(state, files=_file_sizes(tag_dir))
         _atomic_write(tag_dir / MARKER, json.dumps(manifest, indent=2, sort_keys=True))
+        if old.exists():
+            shutil.rmtree(old)
         if update_latest:
             _atomic_write(checkpoint_dir / LATEST, tag)
     if dist.is_initialized():
         dist.barrier()
     return tag_dir
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _no_space_message(checkpoint_dir: Path, tag: str) -> str:
+    sizes = [sum(read_state(d).get("files", {}).values()) for d in checkpoint_dir.iterdir()
+             if d.is_dir() and (d / MARKER).is_file() and is_complete(d)]  # fmt: skip
+    need = f"about {_human(max(sizes))} (the size of the last checkpoints)" if sizes else "the model's and optimizer's state"
+    free = _human(shutil.disk_usage(checkpoint_dir).free)
+    latest = checkpoint_dir / LATEST
+    kept = f"; {latest.read_text().strip()} is intact" if latest.is_file() else ""
+    return (
+        f"no space left on the device of {checkpoint_dir} while saving {tag}: a checkpoint needs {need}, {free} is "
+        f"free{kept}. Free space (training.keep_last prunes old epochs) or set training.checkpoint_dir elsewhere"
+    )
 
 
 def _atomic_write(path: Path, text: str) -> None:

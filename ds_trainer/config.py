@@ -151,6 +151,10 @@ class TrainingSection(Section):
     gamma: float = Field(0.1, gt=0, le=1, description="scheduler step: LR factor at each drop")
     plateau_factor: float = Field(0.1, gt=0, lt=1, description="scheduler plateau: LR factor on a plateau")
     plateau_patience: int = Field(1, ge=0, description="scheduler plateau: epochs without improvement before a drop")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/Inf loss: stop (naming the step and samples) or skip that batch's update"
+    )
+    max_nonfinite_steps: int = Field(10, ge=1, description="on_nonfinite skip: fail after this many in a row")
     monitor: str = Field("val_auc", description="metric for early stopping, best and plateau (a metrics.jsonl key)")
     min_delta: float = Field(0.0, ge=0, description="smallest change of the monitored metric that counts as improvement")
     monitor_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for *loss, max otherwise")
@@ -214,6 +218,12 @@ class LoggingSection(Section):
     wandb: WandbSection = Field(default_factory=WandbSection)
 
 
+class DistributedSection(Section):
+    timeout_s: float = Field(
+        1800.0, gt=0, description="collective timeout: a rank that stops answering fails the others after this long"
+    )
+
+
 class Config(Section):
     name: str = "run"
     seed: int = 0
@@ -222,6 +232,7 @@ class Config(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

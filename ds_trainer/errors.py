@@ -29,6 +29,12 @@ class CheckpointError(DsTrainerError):
     exit_code = 4
 
 
+class TrainingError(DsTrainerError):
+    """Training diverged: a non-finite loss (training.on_nonfinite) or non-finite weights at a save."""
+
+    exit_code = 5
+
+
 class Preempted(DsTrainerError):
     """SIGTERM/SIGUSR1 arrived; every rank saved a checkpoint at the same step and stopped.
 

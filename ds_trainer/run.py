@@ -27,7 +27,7 @@ def _start(cfg: Config, debug: bool) -> Any:
 
     # ZeRO's internals call a torch collective that torch 2.13 deprecates, once per step and rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-    env = init_distributed()
+    env = init_distributed(cfg.distributed.timeout_s)
     configure_logging(env.rank, cfg.logging.run_dir, debug)
     seed_everything(cfg.seed)
     return env

@@ -23,6 +23,7 @@ from ds_trainer.errors import ConfigError
 if TYPE_CHECKING:
     from ds_trainer.config import LoggingSection, WandbSection
 
+log = logging.getLogger(__name__)
 _CONSOLE = "ds_trainer.console"
 # A config key containing one of these is dropped before the config reaches W&B: its
 # config is uploaded and also printed into wandb's own debug.log, even offline.
@@ -158,7 +159,7 @@ def _epoch_scalars(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _open_tensorboard(run_dir: Path) -> Any:
+def _open_tensorboard(run_dir: Path, purge_step: int | None = None) -> Any:
     # Exception, not ImportError: a broken install can fail with anything inside its import.
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -167,7 +168,7 @@ def _open_tensorboard(run_dir: Path) -> Any:
             f"TensorBoard logging needs the tensorboard package ({exc}); "
             "pip install tensorboard==2.21.0, or set logging.tensorboard false"
         ) from exc
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def _init_wandb(
@@ -207,6 +208,17 @@ def _init_wandb(
         ) from exc
     console().info("W&B run %s (%s) in %s", run.name, mode, run.dir)
     return run
+
+
+def _row_value(line: str, key: str) -> float:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf  # a line cut short by a crash: drop it
+    try:
+        return float(row.get(key, -math.inf))  # keyless rows are kept
+    except (TypeError, ValueError, AttributeError):
+        return -math.inf
 
 
 class MetricsSinks:
@@ -325,6 +337,30 @@ class MetricsSinks:
             self._tb.flush()
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=step)
+
+    def rewind(self, epoch: int, step: int) -> None:
+        """A resume from (epoch, step): forget what was logged after it, since it is about to be redone.
+
+        A run that died after logging an epoch but before its checkpoint was complete would
+        otherwise list that epoch twice. metrics.jsonl keeps epochs <= `epoch`, steps.jsonl steps
+        <= `step`; TensorBoard hides later points (SummaryWriter's purge_step). W&B cannot forget.
+        """
+        if not self.is_main:
+            return
+        for path, key, last in ((self.path, "epoch", epoch), (self.steps_path, "step", step)):
+            if path is None or not path.is_file():
+                continue
+            if path == self.steps_path and self._steps_file is not None:
+                self._steps_file.close()
+                self._steps_file = None
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _row_value(line, key) <= last]
+            if len(kept) != len(lines):
+                log.info("resume: dropping %d rows after %s %d from %s", len(lines) - len(kept), key, last, path)
+                path.write_text("".join(kept))
+        if self._tb is not None and self.run_dir is not None:
+            self._tb.close()
+            self._tb = _open_tensorboard(self.run_dir, purge_step=step + 1)
 
     def pr_curves(self, global_step: int, predictions: dict[str, Any] | None) -> None:
         """TensorBoard PR curves of an evaluation: every image (`pr/all`) and each generator (`pr/<name>`)."""

@@ -22,13 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from ds_trainer import checkpoint, optim
+from ds_trainer import checkpoint, faults, optim
 from ds_trainer.config import Config, TrainingSection, build_config
 from ds_trainer.distributed import DistEnv, detect_device, init_distributed, torch_device
 from ds_trainer.ds_compat import patch_universal_loading
 from ds_trainer.ds_config import build_ds_config
 from ds_trainer.ds_config import optimizer_steps_per_epoch as optim_steps_per_epoch
-from ds_trainer.errors import CheckpointError, ConfigError, DataError, Preempted
+from ds_trainer.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from ds_trainer.metrics import (
     ai_scores,
     all_reduce_max_int,
@@ -106,6 +106,10 @@ class Trainer:
         self._data_state: dict[str, Any] | None = None  # the train loader's position at that point
         self.history: list[dict[str, Any]] = []
         self.last_predictions: dict[str, Any] | None = None  # the last evaluate()'s per-image scores
+        self._lock: Any = None  # checkpoint_dir's DirLock while train() runs (rank 0)
+        self._micro_steps = 0  # micro-batches trained in this process (fault injection counts them)
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_total = 0
 
     # ----------------------------------------------------------------- config
     @staticmethod
@@ -144,7 +148,7 @@ class Trainer:
         if self.engine is not None:
             return
         self._select_device()
-        self.env = env = init_distributed()
+        self.env = env = init_distributed(self.cfg.distributed.timeout_s)
         if self.distributed is False and env.world_size > 1:
             raise ConfigError(f"distributed=False, but the job has {env.world_size} ranks")
         configure_logging(env.rank, self.run_dir)
@@ -237,9 +241,10 @@ class Trainer:
         if self.val_loader is not None or not self.t.monitor.startswith("val_"):
             return
         if "monitor" in self.t.model_fields_set or self.t.scheduler == "plateau":
+            why = " (the plateau scheduler follows it)" if self.t.scheduler == "plateau" else ""
             raise ConfigError(
-                f"training.monitor is {self.t.monitor}, but there is no val_loader; "
-                "give one, or monitor train_loss / train_acc"
+                f"training.monitor is {self.t.monitor}{why}, but there is no validation set: set data.val_split "
+                "or data.holdout_fraction (from Python: pass a val_loader), or monitor train_loss / train_acc"
             )
         log.info("no val_loader: monitoring train_loss instead of %s", self.t.monitor)
         self.t.monitor = "train_loss"
@@ -324,7 +329,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
         seen = torch.zeros((), device=self.device)
-        bad = 0
+        bad = nonfinite = 0
         every = self.cfg.logging.log_every_n_steps
         bar = tqdm(
             total=len(loader), desc=f"Epoch {epoch}/{self.t.num_epochs}",
@@ -352,6 +357,16 @@ class Trainer:
                 bad += int(batch.get("bad_samples", 0))
             outputs = engine(inputs)
             loss = self.calculate_loss(outputs, targets)
+            self._micro_steps += 1
+            if faults.nan_loss(self._micro_steps, self.env.rank):
+                loss = loss * float("nan")
+            if not self._loss_finite_everywhere(loss):
+                # No backward and no engine.step(): this batch never reaches an update (on_nonfinite skip).
+                self._on_nonfinite(epoch, batch)
+                nonfinite += 1
+                bar.update(1)
+                continue
+            self._nonfinite_in_a_row = 0
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             # The LR this optimizer step applies (the scheduler moves it inside engine.step()).
@@ -366,6 +381,9 @@ class Trainer:
             bar.update(1)
             if lrs is not None:
                 self._log_step(lrs, loss if log_now else None, norm, bar)
+                if self._lock is not None:
+                    self._lock.refresh()
+                faults.after_step(int(engine.global_steps), self.env.rank)
                 if self.preemption.should_stop():
                     bar.close()
                     self._save_preempted(epoch, batches_done=i + 1)
@@ -378,11 +396,55 @@ class Trainer:
         self._check_bad(int(bad_total), int(seen_total), "training")
         return {
             "train_bad_samples": int(bad_total),
+            "train_nonfinite_steps": nonfinite,  # the same on every rank: they skip together
             "train_loss": loss_total / seen_total,
             "train_acc": correct_total / seen_total,
             "samples_per_s": seen_total / elapsed if elapsed > 0 else math.nan,
             "epoch_time_s": elapsed,
         }
+
+    def _loss_finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """One flag for all ranks (they must all skip, or all step: ZeRO's backward is collective)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.env is not None and self.env.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return not bool(bad.item())
+
+    def _on_nonfinite(self, epoch: int, batch: Any) -> None:
+        keys = list(batch.get("key", [])) if isinstance(batch, Mapping) else []
+        all_keys = [k for part in gather_objects([keys]) for k in part]  # every rank took this branch
+        shown = ", ".join(map(str, all_keys[:6])) + (f" (+{len(all_keys) - 6} more)" if len(all_keys) > 6 else "")
+        where = (f"epoch {epoch}, optimizer step {int(self.engine.global_steps) + 1}, micro-batch {self._micro_steps}; "
+                 f"samples: {shown or 'unnamed'}")  # fmt: skip
+        if self.t.on_nonfinite == "stop":
+            raise TrainingError(
+                f"non-finite loss at {where}. Lower training.learning_rate, check those images, or set "
+                "training.on_nonfinite: skip"
+            )
+        self._nonfinite_in_a_row += 1
+        self._nonfinite_total += 1
+        log.warning("non-finite loss at %s: batch skipped (%d in a row)", where, self._nonfinite_in_a_row)
+        if self._nonfinite_in_a_row >= self.t.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self._nonfinite_in_a_row} non-finite losses in a row (training.max_nonfinite_steps), the last at "
+                f"{where}. Training diverged: lower training.learning_rate or resume from an earlier checkpoint"
+            )
+
+    def _check_weights_finite(self, tag: str) -> None:
+        """Never write (or call best) a checkpoint whose weights hold NaN/Inf."""
+        bad = torch.zeros(1, device=self.device)
+        for p in self.engine.module.parameters():
+            t = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+            if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+                bad.fill_(1.0)
+                break
+        if self.env is not None and self.env.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bool(bad.item()):
+            raise TrainingError(
+                f"not saving {tag}: the weights hold NaN/Inf (step {int(self.engine.global_steps)}). The last "
+                f"complete checkpoint in {self.t.checkpoint_dir} is untouched; lower training.learning_rate and resume"
+            )
 
     def _gather_data_state(self) -> list[Any] | None:
         state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
@@ -547,6 +609,7 @@ class Trainer:
             "world_size": self.env.world_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "model_name": getattr(self.model, "model_name", type(self.model).__name__),
+            "num_parameters": self._num_parameters(),
             # The whole run config: export rebuilds the model from its `model` section.
             "config": self.cfg.to_dict(),
         }
@@ -554,6 +617,7 @@ class Trainer:
     def save_checkpoint(self, tag: str, update_latest: bool = True) -> Path:
         self._setup()
         self._require_training("save_checkpoint()")
+        self._check_weights_finite(tag)
         tag_dir = checkpoint.save(self.engine, self.t.checkpoint_dir, tag, self._state(), update_latest)
         console().info("Saving checkpoint to: %s", tag_dir)
         return tag_dir
@@ -566,13 +630,21 @@ class Trainer:
         """
         load_dir, tag = checkpoint.resolve(path)
         saved = checkpoint.read_state(load_dir / tag)
+        self._check_same_model(load_dir / tag, saved)
         self._plan_resume(load_dir / tag, saved)
         self._setup()
         self._require_training("resume_from_checkpoint()")
-        if self._universal:
-            loaded, client = self.engine.load_checkpoint(str(load_dir / tag), tag=checkpoint.UNIVERSAL)
-        else:
-            loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        try:
+            if self._universal:
+                loaded, client = self.engine.load_checkpoint(str(load_dir / tag), tag=checkpoint.UNIVERSAL)
+            else:
+                loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
+        except RuntimeError as exc:  # torch's "size mismatch" / "Missing key(s)" for another architecture
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{load_dir / tag} does not fit this model ({first[:300]}); resume with the model it was trained "
+                "with, or start without --load-dir"
+            ) from exc
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint at {load_dir}/{tag}")
         state = (client or {}).get("ds_trainer") or saved
@@ -595,8 +667,24 @@ class Trainer:
                 self.plateau.load_state_dict(state["plateau"], self.engine.lr_scheduler)
             else:
                 log.warning("the checkpoint has no plateau scheduler state; the plateau scheduler starts afresh")
+        self.sinks.rewind(self.epoch, int(self.engine.global_steps))
         log.info("resumed from %s at epoch %d, global step %d", load_dir / tag, self.epoch, self.engine.global_steps)
         return state
+
+    def _num_parameters(self) -> int:
+        # ZeRO-3 leaves each parameter's full size in ds_numel once the engine has partitioned it.
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.model.parameters())
+
+    def _check_same_model(self, tag_dir: Path, saved: dict[str, Any]) -> None:
+        """Refuse, before DeepSpeed's shape errors, a checkpoint of another architecture."""
+        name = getattr(self.model, "model_name", type(self.model).__name__)
+        count = self._num_parameters()
+        then_name, then_count = saved.get("model_name"), saved.get("num_parameters")
+        if then_count is not None and int(then_count) != count:
+            raise CheckpointError(
+                f"{tag_dir} holds a model of {int(then_count):,} parameters ({then_name}); this one has {count:,} "
+                f"({name}). Resume with the model.* settings it was trained with, or start without --load-dir"
+            )
 
     def _plan_resume(self, tag_dir: Path, saved: dict[str, Any]) -> None:
         """Before the engine exists: adapt to a checkpoint saved on a different world size.
@@ -615,7 +703,7 @@ class Trainer:
                 )
             return
         self._select_device()
-        env = init_distributed()
+        env = init_distributed(self.cfg.distributed.timeout_s)
         if not old_world or old_world == env.world_size:
             return
         global_batch = int(saved.get("train_batch_size") or 0)
@@ -663,6 +751,33 @@ class Trainer:
         """Train from the epoch after the last finished one to `num_epochs`; returns the metric rows."""
         self._setup()
         self._require_training("train()")
+        self._acquire_lock()
+        try:
+            return self._train_epochs()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _acquire_lock(self) -> None:
+        """Rank 0 takes checkpoint_dir's lock; every rank learns whether it could (and stops if not)."""
+        from ds_trainer.run_lock import DirLock
+
+        assert self.env is not None
+        refusal = None
+        if self.env.is_main:
+            lock = DirLock(self.t.checkpoint_dir)
+            try:
+                lock.acquire()
+                self._lock = lock
+            except CheckpointError as exc:
+                refusal = str(exc)
+        if self.env.world_size > 1:
+            refusal = gather_objects([refusal])[0]
+        if refusal is not None:
+            raise CheckpointError(refusal)
+
+    def _train_epochs(self) -> list[dict[str, Any]]:
         assert self.env is not None
         last = self.t.num_epochs
         monitor = self.t.monitor

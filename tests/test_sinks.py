@@ -457,3 +457,27 @@ def test_rank0_console_keeps_seed_lines(tmp_path, capsys, restore_logging):
         "[rank 0] INFO ds_trainer.console: Train Loss"
         in (tmp_path / "train.log").read_text()
     )
+
+
+def test_rewind_forgets_what_a_resume_will_redo(tmp_path):
+    sinks = MetricsSinks(tmp_path, True, _cfg())
+    for step in range(1, 13):
+        sinks.step(step, {"train/lr": 0.1})
+    for epoch in (1, 2):
+        sinks.write({**ROW, "epoch": epoch, "step": 8 * epoch})
+    with (tmp_path / "steps.jsonl").open("a") as f:
+        f.write('{"step": 13, "train/l')  # cut short by the crash
+    sinks.rewind(epoch=1, step=8)  # resuming from epoch_1 (step 8)
+    sinks.step(9, {"train/lr": 0.2})
+    sinks.write({**ROW, "epoch": 2, "step": 16})
+    sinks.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [*range(1, 9), 9] and steps[-1]["train/lr"] == 0.2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    points = [(e.step, e.value) for e in acc.Scalars("train/lr")]
+    assert [s for s, _ in points] == [*range(1, 9), 9] and points[-1][1] == pytest.approx(0.2)

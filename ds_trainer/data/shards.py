@@ -126,6 +126,8 @@ class Manifest:
                 )
         wanted = set(generators) if generators is not None else set(self.generators)
         picked = [s for s in self.shards if s.split == split and s.generator in wanted]
+        if not self.shards:
+            raise DataError(f"{self.root}/manifest.json lists no shards; re-create them with ds-trainer shard")
         if not picked:
             present = sorted({f"{s.generator}/{s.split}" for s in self.shards})
             raise DataError(
