@@ -104,7 +104,7 @@ def consolidated_state_dict(source: Source, model: nn.Module) -> dict[str, torch
     if not model_file.is_file():
         found = ", ".join(sorted(p.name for p in tag_dir.iterdir())) or "nothing"
         raise CheckpointError(f"{tag_dir} has neither ZeRO optimizer files nor {MODEL_STATES} (found: {found})")
-    saved = torch.load(model_file, map_location="cpu", weights_only=False)  # our own file: DeepSpeed objects inside
+    saved = torch.load(model_file, map_location="cpu", weights_only=True)  # tensors and plain containers only
     module = saved["module"]
     floats = [v for v in module.values() if v.is_floating_point()]
     if all(v.dtype == torch.float32 for v in floats):

@@ -119,6 +119,8 @@ CASES = [
     Case("yaml-syntax", "YAML syntax error (a line indented wrongly)", 2, r"cfg\.yaml: line 4",
          train(text="name: x\ntraining:\n    learning_rate: 0.001\n  batch_size: 8\n")),
     Case("yaml-not-mapping", "the YAML is a list, not a mapping", 2, r"mapping", train(text="- a\n- b\n")),
+    Case("yaml-python-tag", "a YAML tag that would run Python code", 2, r"cfg\.yaml: line 1",
+         train(text="name: !!python/object/apply:os.system ['touch pwned']\n")),
     Case("config-missing", "--config names no file", 2, r"no-such\.yaml",
          lambda tmp, shards: ["train", "--config", str(tmp / "no-such.yaml")]),
     # --- unknown keys, at every level
