@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv ops demo demo-data test test-fast errors-doc clean
+.PHONY: venv ops demo demo-data test test-fast soak errors-doc clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ test: ops
 # Everything but the tests marked distributed: no deepspeed launcher, no Slurm.
 test-fast: ops
 	$(BIN)/python -m pytest tests -m "not distributed" $(PYTEST_ARGS)
+
+# Random rank kills and resumes of a 2-rank run (tests/soak; at most 10 minutes; SOAK_SEED replays one).
+soak: ops
+	$(BIN)/python -m pytest tests/soak -q -s $(PYTEST_ARGS)
 
 # docs/errors.md from the refusal table's real CLI runs (tests/test_refusals.py checks it is current).
 errors-doc: ops

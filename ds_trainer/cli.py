@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes that decode and write shards (default: all CPUs this process may use)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (batch logs)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="also read symbolic links that lead outside --src (default: skip them, listed in manifest.json)")
 
     p = sub.add_parser("demo-data", help="build the embedded demo set (no download) into data_shards/demo")
     p.add_argument("--out", default="data_shards/demo")
@@ -165,7 +167,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
     report = shard_genimage(
         args.src, args.out, max_count=args.max_count, max_size=args.max_size, generators=args.generators,
-        seed=args.seed, workers=args.workers, progress=args.progress,
+        seed=args.seed, workers=args.workers, progress=args.progress, follow_symlinks=args.follow_symlinks,
     )  # fmt: skip
     kept = f", {report.reused} kept from an earlier run" if report.reused else ""
     print(f"wrote {report.written} shards to {args.out}{kept}: {summary_line(report.manifest)}")

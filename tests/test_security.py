@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-from pathlib import Path
 
 import pytest
 from conftest import REPO, write_config

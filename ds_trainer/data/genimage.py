@@ -33,6 +33,7 @@ class GenImageDataset(Dataset):
         generators: list[str] | None = None,
         transform: Callable[[Image.Image], Any] | None = None,
         image_size: int = 224,
+        follow_symlinks: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}'; GenImage has {', '.join(SPLITS)}")
@@ -40,7 +41,8 @@ class GenImageDataset(Dataset):
         self.split = split
         self.transform = transform
         self.image_size = image_size
-        self.records: list[ImageRecord] = [r for r in scan_genimage(root, generators) if r.split == split]
+        self.records: list[ImageRecord] = [r for r in scan_genimage(root, generators, follow_symlinks=follow_symlinks)
+                                            if r.split == split]
         if not self.records:
             raise DataError(
                 f"no '{split}' images under {self.root}; "

@@ -20,8 +20,11 @@ round-robin order. Augmentation randomness is seeded per sample key, not drawn f
 the skipped samples do not shift it. An interrupted epoch thus yields exactly the batches the
 uninterrupted one would have.
 
-Undecodable samples are skipped and counted: each batch carries `bad_samples`, the skips since
-the previous batch of its worker, so the trainer can enforce `data.max_bad_fraction`.
+Bad samples are skipped and counted, never raised: each batch carries `bad_samples`, the skips
+since the previous batch of its worker, so the trainer can enforce `data.max_bad_fraction`. Bad is:
+an image that does not decode, is smaller than MIN_IMAGE_SIDE or larger than MAX_IMAGE_PIXELS; a
+label missing or not 0/1; a key repeated within its shard; and every sample the manifest counts in a
+shard that could not be read (missing, empty or truncated tar), so the count says how much was lost.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import io
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,12 +44,27 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
 
 from ds_trainer.data.shards import IMAGE_KEYS, ShardInfo, load_manifest
 from ds_trainer.data.transforms import clip_preprocess
 from ds_trainer.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+# Images below this side are refused in training and evaluation alike: no detector input can be
+# made from them (GenImage's smallest are BigGAN's 128 x 128), and a 1 x 1 file is a broken export.
+MIN_IMAGE_SIDE = 8
+# Refused from the header, before any pixel is decoded: a PNG can declare 20,000 x 20,000 in a few
+# hundred bytes and take GiBs to decode. GenImage's largest images (ImageNet reals) are far below;
+# this is also below PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89.5 M), whose warning is refused too.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# Marks a stand-in for a sample that was counted but could not be read: _decode counts it as bad.
+_UNREADABLE = "__unreadable__"
+
+
+class _Unreadable(Exception):
+    """A stand-in met in _decode: bad, and already logged by _shard_samples."""
 
 
 @dataclass(frozen=True)
@@ -129,21 +148,75 @@ def plan_rank(
     return RankPlan(worker_parts=worker_parts, num_workers=workers, stride=stride)
 
 
-def _log_and_continue(exc: Exception) -> bool:
-    # webdataset's warn_and_continue sleeps 0.5 s per error; a log line is enough here
-    logger.warning("skipping unreadable tar data: %s", exc)
+def _log_and_continue(url: str, exc: Exception) -> bool:
+    # webdataset's warn_and_continue sleeps 0.5 s per error; a log line is enough here. What the
+    # error cost is counted once the shard ends (_shard_samples compares with the manifest).
+    logger.warning("unreadable tar data in %s: %s: %s", url, type(exc).__name__, exc)
     return True
 
 
+def _split_repeated_members(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """End the current sample when one of its member names comes again.
+
+    webdataset's group_by_keys merges adjacent members that share a key and drops a repeated
+    extension with an error, so two adjacent samples with the same key would silently become one
+    (holding both images). Its own end-of-shard marker ({}) keeps them apart, so _shard_samples
+    sees the repeat and counts it as bad.
+    """
+    key, suffixes = None, set()
+    for member in files:
+        if member:  # {} is the end-of-shard marker
+            prefix, suffix = tariterators.base_plus_ext(member["fname"])
+            if prefix is not None:
+                suffix = suffix.lower()  # as group_by_keys does
+                if prefix != key:
+                    key, suffixes = prefix, set()
+                elif suffix in suffixes:
+                    yield {}
+                    suffixes = set()
+                suffixes.add(suffix)
+        yield member
+
+
+def _unreadable(part: ShardPart, key: str) -> dict[str, Any]:
+    return {"__key__": key, "__url__": part.url, "__generator__": part.generator, _UNREADABLE: True}
+
+
 def _shard_samples(parts: list[ShardPart], stride: int, rank: int) -> Iterator[dict[str, Any]]:
+    """Raw samples of each shard in turn, with stand-ins (_UNREADABLE) for bad ones.
+
+    A repeated key is bad (its sample is not what the manifest counted). A shard that cannot be
+    opened or ends early (missing, empty, truncated) yields a stand-in for each sample the manifest
+    counts but the tar did not give, so the shortfall reaches `bad_samples` and the stride keeps
+    assigning the shard's indices to the same ranks.
+    """
     for part in parts:
-        # one tarfile_samples per shard so the enumerate index is the index inside the shard
-        samples = wds.tarfile_samples([{"url": part.url}], handler=_log_and_continue)
+        # one reader per shard so the enumerate index is the index inside the shard
+        handler = functools.partial(_log_and_continue, part.url)
+        files = tariterators.tar_file_expander(tariterators.url_opener([{"url": part.url}], handler=handler),
+                                               handler=handler)
+        samples = tariterators.group_by_keys(_split_repeated_members(files), handler=handler)
+        seen: set[str] = set()
+        read, key = 0, None
         for i, sample in enumerate(samples):
+            read, key = i + 1, sample["__key__"]
+            repeated = key in seen
+            seen.add(key)
             if stride > 1 and (part.offset + i) % stride != rank:
                 continue
+            if repeated:
+                logger.warning("skipping sample %s of %s: its key came earlier in the shard", key, part.url)
+                sample = _unreadable(part, key)
             sample["__generator__"] = part.generator
             yield sample
+        if read < part.count:
+            logger.warning(
+                "shard %s gave %d of the %d samples its manifest counts (%s); the %d unread are counted as bad",
+                part.url, read, part.count, f"last read: {key}" if key else "none read", part.count - read,
+            )  # fmt: skip
+        for i in range(read, part.count):
+            if stride == 1 or (part.offset + i) % stride == rank:
+                yield _unreadable(part, f"{Path(part.url).name}#{i}")
 
 
 def _read_samples(
@@ -187,6 +260,38 @@ def _clip_preprocess(img: Image.Image, label: int, train: bool, rng: random.Rand
     return clip_preprocess(img, image_size, train=train, rng=rng)
 
 
+def _label(sample: dict[str, Any]) -> int:
+    if "cls" not in sample:
+        raise ValueError("no .cls member (the label)")
+    label = int(sample["cls"])
+    if label not in (0, 1):
+        raise ValueError(f"label {label} is neither 0 (nature) nor 1 (ai)")
+    return label
+
+
+def _open_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's image with only its header read, refused if its size is out of bounds.
+
+    Checked before decoding, so a decompression bomb costs a header read. PIL refuses above twice
+    its own limit (DecompressionBombError) and only warns above it; the warning is made an error.
+    """
+    image_key = next((k for k in sample if k in IMAGE_KEYS), None)
+    if image_key is None:
+        raise ValueError(f"no image member (one of .{', .'.join(sorted(IMAGE_KEYS))})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(sample[image_key]))
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        problem = f"over MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS}); not decoded"
+    elif min(w, h) < MIN_IMAGE_SIDE:
+        problem = f"a side is below MIN_IMAGE_SIDE ({MIN_IMAGE_SIDE})"
+    else:
+        return img
+    img.close()
+    raise ValueError(f"image is {w}x{h} pixels, {problem}")
+
+
 def _decode(
     samples: Iterator[dict[str, Any]],
     *,
@@ -209,21 +314,20 @@ def _decode(
         # Seeded per sample, not drawn from one stream: resuming mid-epoch must not shift it.
         rng = random.Random(f"{seed_tag}:{key}") if train else None
         try:
-            image_key = next(k for k in sample if k in IMAGE_KEYS)
-            label = int(sample["cls"])
-            with Image.open(io.BytesIO(sample[image_key])) as img:
+            if sample.get(_UNREADABLE):
+                raise _Unreadable
+            label = _label(sample)
+            with _open_image(sample) as img:
                 pixels = preprocess(img, label=label, train=train, rng=rng)
         except Exception as exc:  # broken images raise many types; one bad file must not stop training
             skipped += 1
             in_row += 1
             pending_bad += 1
-            logger.warning(
-                "skipping sample %s of %s: %s (%d skipped so far in this worker)",
-                key,
-                sample.get("__url__", "?"),
-                exc,
-                skipped,
-            )
+            if not isinstance(exc, _Unreadable):  # stand-ins were logged where they were made
+                logger.warning(
+                    "skipping sample %s of %s: %s: %s (%d skipped so far in this worker)",
+                    key, sample.get("__url__", "?"), type(exc).__name__, exc, skipped,
+                )  # fmt: skip
             if train and in_row > max_failures_in_row:
                 # a repeating stream of nothing but failures would spin forever
                 raise DataError(
@@ -236,18 +340,46 @@ def _decode(
             "bad": pending_bad, "worker": worker, "position": position,
         }  # fmt: skip
         pending_bad = 0
+    if pending_bad:
+        # the stream (eval: finite) ended on bad samples; this tail carries their count
+        yield {"bad": pending_bad, "worker": worker, "position": position}
 
 
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch; an eval batch may end with _decode's tail, or be only that (no samples: see ShardLoader)."""
+    samples = [s for s in items if "pixel_values" in s]
     return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]) if samples else torch.zeros(0),
         "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "generator": [s["generator"] for s in samples],
         "key": [s["key"] for s in samples],
-        "bad_samples": sum(s["bad"] for s in samples),
-        "worker": samples[-1]["worker"],
-        "position": samples[-1]["position"],  # raw samples this worker had read by the end of the batch
+        "bad_samples": sum(s["bad"] for s in items),
+        "worker": items[-1]["worker"],
+        "position": items[-1]["position"],  # raw samples this worker had read by the end of the batch
     }
+
+
+def _fold_empty(batches: Iterable[dict[str, Any]], where: str) -> Iterator[dict[str, Any]]:
+    """Eval batches, minus those without a sample (a worker's stream ended on bad samples).
+
+    The trainer runs the model on every batch (an empty one would give a NaN loss), but their
+    `bad_samples` must still be counted: they go to the batch before, held back by one for that,
+    or to the next one when none came before.
+    """
+    held: dict[str, Any] | None = None
+    for batch in batches:
+        if held is not None and not batch["key"]:
+            held["bad_samples"] += batch["bad_samples"]
+            continue
+        if held is not None and not held["key"]:
+            batch["bad_samples"] += held["bad_samples"]
+        elif held is not None:
+            yield held
+        held = batch
+    if held is not None and held["key"]:
+        yield held
+    elif held is not None:
+        logger.warning("%s: no sample could be used; its %d bad samples are in no batch", where, held["bad_samples"])
 
 
 class _RankStream(IterableDataset):
@@ -447,7 +579,7 @@ class ShardLoader:
         if self.train and produced >= self._len:
             return
         # train streams are endless; stopping at len is what makes every rank agree
-        for batch in loader:
+        for batch in loader if self.train else _fold_empty(loader, f"{self.name}: rank {self.rank}"):
             positions[batch["worker"]] = batch["position"]
             produced += 1
             self._consumed["batches"] = produced

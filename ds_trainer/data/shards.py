@@ -19,6 +19,7 @@ so an interrupted run resumes instead of starting over.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -62,7 +63,9 @@ IMAGE_KEYS = frozenset(e.lstrip(".") for e in IMAGE_EXTENSIONS) | {"jpg"}
 _IGNORED_DIRS = {"__macosx", "$recycle.bin", "@eadir"}
 # how deep below a generator folder its train/ or val/ folder may sit
 _MAX_SPLIT_DEPTH = 4
-SKIP_KINDS = ("non_image", "outside_layout", "unreadable")
+# symlink_outside_src: a link leading outside --src, not followed without --follow-symlinks;
+# symlink_loop: a link back to itself or to a folder above it (or already scanned in the same role)
+SKIP_KINDS = ("non_image", "outside_layout", "unreadable", "symlink_outside_src", "symlink_loop")
 
 _HOW_TO_MAKE = "run `ds-trainer shard --src /path/to/GenImage --out <dir>` or `ds-trainer demo-data`"
 _LAYOUT = "<src>/<generator>/[...]/{train,val}/{ai,nature}/<images>"
@@ -145,7 +148,7 @@ class ScanResult:
     """What a scan found: images, files it passed over (with why), and every split folder seen.
 
     `splits` includes split folders without any image, so an empty one is reported as 0 rather
-    than silently missing from the counts.
+    than silently missing from the counts. Skipped paths are relative to `root`.
     """
 
     root: Path
@@ -153,6 +156,7 @@ class ScanResult:
     records: list[ImageRecord] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     splits: set[tuple[str, str]] = field(default_factory=set)
+    follow_symlinks: bool = False
 
     def skip(self, path: Path, kind: str, reason: str) -> None:
         self.skipped.append({"path": path.relative_to(self.root).as_posix(), "kind": kind, "reason": reason})
@@ -173,70 +177,178 @@ def _listing(path: Path) -> str:
     return ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
 
 
-def _subdirs(path: Path) -> list[os.DirEntry[str]]:
+def _inside(real: str, root_real: str) -> bool:
+    """Whether the resolved path `real` is `root_real` or below it (both from os.path.realpath)."""
+    try:
+        return os.path.commonpath([real, root_real]) == root_real
+    except ValueError:  # different drives (Windows)
+        return False
+
+
+@dataclass
+class _Links:
+    """Which symbolic links a scan follows: all of them, or only those that stay inside the source.
+
+    A link is judged by where it finally leads (os.path.realpath, so chains of links and `..`
+    count), against the real path of the source root. `unfollowed` collects the links that
+    finding the generator folders passed over, for the hints in its messages.
+    """
+
+    root_real: str
+    follow: bool = False
+    unfollowed: list[str] = field(default_factory=list)
+
+    def escapes(self, path: str) -> bool:
+        """True for a symlink leading outside the source root while such links are not followed."""
+        if self.follow or not os.path.islink(path):
+            return False
+        return not _inside(os.path.realpath(path), self.root_real)
+
+    def hint(self, root: Path) -> str:
+        if not self.unfollowed:
+            return ""
+        names = ", ".join(Path(p).relative_to(root).as_posix() for p in self.unfollowed[:5])
+        more = " ..." if len(self.unfollowed) > 5 else ""
+        return (
+            f" ({len(self.unfollowed)} symbolic link(s) leading outside {root} were not followed: {names}{more}; "
+            "pass --follow-symlinks to read them)"
+        )
+
+
+_OUTSIDE_SRC = "symbolic link to a place outside the source folder; not followed (--follow-symlinks reads it)"
+
+
+def _subdirs(path: Path, links: _Links) -> list[os.DirEntry[str]]:
+    """Folders below `path` worth searching; links leading outside the source are noted and passed over."""
+    found = []
     try:
         with os.scandir(path) as it:
-            return sorted((e for e in it if e.is_dir() and not _is_ignored_dir(e.name)), key=lambda e: e.name)
+            for e in it:
+                if not e.is_dir() or _is_ignored_dir(e.name):
+                    continue
+                if links.escapes(e.path):
+                    links.unfollowed.append(e.path)
+                    continue
+                found.append(e)
     except OSError:
         return []
+    return sorted(found, key=lambda e: e.name)
 
 
-def _has_split_dir(path: Path) -> bool:
-    """Breadth-first look for a train/ or val/ folder; stops at the first, so it is cheap on big trees."""
+def _has_split_dir(path: Path, links: _Links) -> bool:
+    """Breadth-first look for a train/ or val/ folder; stops at the first, so it is cheap on big trees.
+
+    Each folder is looked into once, so links back up or many links to one folder cannot blow it up.
+    """
     level = [path]
+    seen: set[tuple[int, int]] = set()
     for _ in range(_MAX_SPLIT_DEPTH):
         nxt: list[Path] = []
         for folder in level:
-            for entry in _subdirs(folder):
+            for entry in _subdirs(folder, links):
                 if entry.name.lower() in SPLITS:
                     return True
-                nxt.append(Path(entry.path))
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    nxt.append(Path(entry.path))
         level = nxt
     return False
 
 
-def _find_generators(root: Path) -> list[str]:
+def _find_generators(root: Path, links: _Links) -> list[str]:
     """Top-level folders that hold a split folder somewhere below; a root that is itself one is an error."""
     if not root.is_dir():
         raise DataError(f"GenImage folder {root} does not exist; expected the layout {_LAYOUT}")
-    top = _subdirs(root)
+    top = _subdirs(root, links)
     if any(e.name.lower() in SPLITS for e in top):
         raise DataError(
             f"{root} has train/ or val/ directly inside, so it looks like one generator's folder; "
             f"pass its parent as --src (and --generators {root.name} to shard only this one)"
         )
-    found = [e.name for e in top if _has_split_dir(Path(e.path))]
-    for name in sorted({e.name for e in top} - set(found)):
-        logger.info("ignoring %s: no train/ or val/ folder below it", root / name)
+    found = []
+    for entry in top:
+        before = len(links.unfollowed)
+        if _has_split_dir(Path(entry.path), links):
+            found.append(entry.name)
+        elif len(links.unfollowed) > before:
+            logger.warning(
+                "ignoring %s: no train/ or val/ folder below it inside %s; %d symbolic link(s) below it lead "
+                "outside and were not followed (pass --follow-symlinks to read them)",
+                root / entry.name, root, len(links.unfollowed) - before,
+            )  # fmt: skip
+        else:
+            logger.info("ignoring %s: no train/ or val/ folder below it", root / entry.name)
     if not found:
-        raise DataError(f"no generator folders in {root} (expected {_LAYOUT}); it contains: {_listing(root)}")
+        raise DataError(
+            f"no generator folders in {root} (expected {_LAYOUT}); it contains: {_listing(root)}{links.hint(root)}"
+        )
     return found
 
 
-def _walk(scan: ScanResult, folder: Path, gen: str, split: str | None, label: int | None, seen: set) -> None:
-    """Collect images below `folder`; `split`/`label` are the nearest train|val and ai|nature above it."""
+def _check_link(scan: ScanResult, path: Path, links: _Links) -> bool:
+    """Whether the walk may go through the symlink `path`; if not, records why it was passed over."""
+    if links.escapes(str(path)):
+        scan.skip(path, "symlink_outside_src", _OUTSIDE_SRC)
+        return False
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            scan.skip(path, "symlink_loop", "symbolic link loop (the link leads back to itself)")
+        else:
+            scan.skip(path, "unreadable", f"dangling symbolic link: {exc.strerror or exc}")
+        return False
+    return True
+
+
+def _walk(
+    scan: ScanResult, folder: Path, gen: str, split: str | None, label: int | None,
+    links: _Links, seen: set, above: frozenset = frozenset(),
+) -> None:  # fmt: skip
+    """Collect images below `folder`; `split`/`label` are the nearest train|val and ai|nature above it.
+
+    Symlinked folders inside the source are followed; a folder is walked once per split/label
+    (`seen`), and never again below itself (`above`), so link loops and link fans end.
+    """
     try:
         st = folder.stat()
+    except OSError as exc:
+        scan.skip(folder, "unreadable", f"cannot list folder: {exc.strerror or exc}")
+        return
+    here = (st.st_dev, st.st_ino)
+    if here in above:  # a symlink to a folder above it would recurse forever
+        scan.skip(folder, "symlink_loop", "symbolic link to a folder above it (a loop); not followed")
+        return
+    if (here, split, label) in seen:
+        scan.skip(folder, "symlink_loop", "symbolic link to a folder already scanned as this split and class")
+        return
+    seen.add((here, split, label))
+    above = above | {here}
+    try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
         scan.skip(folder, "unreadable", f"cannot list folder: {exc.strerror or exc}")
         return
-    if (st.st_dev, st.st_ino) in seen:  # a symlink loop would recurse forever
-        return
-    seen.add((st.st_dev, st.st_ino))
     for entry in entries:
         path = Path(entry.path)
+        # hidden entries are never read, so never followed either; they keep their own skip reason below
+        if not entry.name.startswith(".") and entry.is_symlink() and not _check_link(scan, path, links):
+            continue
         if entry.is_dir():
             name = entry.name.lower()
             if _is_ignored_dir(entry.name):
                 scan.skip(path, "non_image", "hidden or system folder, not searched")
             elif split is None and name in SPLITS:
                 scan.splits.add((gen, name))
-                _walk(scan, path, gen, name, None, seen)
+                _walk(scan, path, gen, name, None, links, seen, above)
             elif split is not None and label is None and name in LABELS:
-                _walk(scan, path, gen, split, LABELS[name], seen)
+                _walk(scan, path, gen, split, LABELS[name], links, seen, above)
             else:
-                _walk(scan, path, gen, split, label, seen)
+                _walk(scan, path, gen, split, label, links, seen, above)
         elif entry.name.startswith("."):
             scan.skip(path, "non_image", "hidden file")
         elif not _is_image(path):
@@ -246,45 +358,70 @@ def _walk(scan: ScanResult, folder: Path, gen: str, split: str | None, label: in
         else:
             try:
                 stat = entry.stat()
-            except OSError as exc:  # e.g. a dangling symlink
+            except OSError as exc:
                 scan.skip(path, "unreadable", f"cannot stat file: {exc.strerror or exc}")
                 continue
             scan.records.append(ImageRecord(path, gen, split, label, stat.st_size, stat.st_mtime_ns))
 
 
-def scan_tree(src: str | Path, generators: list[str] | None = None) -> ScanResult:
-    """Walk a GenImage tree: images sorted by path, everything passed over listed with its reason."""
+def scan_tree(src: str | Path, generators: list[str] | None = None, *, follow_symlinks: bool = False) -> ScanResult:
+    """Walk a GenImage tree: images sorted by path, everything passed over listed with its reason.
+
+    Symbolic links that lead outside `src` (files or folders) are passed over and listed, unless
+    `follow_symlinks`; links that stay inside `src` are always followed.
+    """
     root = Path(src)
-    found = _find_generators(root)
+    links = _Links(os.path.realpath(root), follow_symlinks)
+    found = _find_generators(root, links)
     if generators is not None:
         unknown = sorted(set(generators) - set(found))
         if unknown:
             raise DataError(
                 f"generator(s) {', '.join(unknown)} not found in {root}; available: {', '.join(found)}"
+                + links.hint(root)
             )
         found = [g for g in found if g in set(generators)]
-    scan = ScanResult(root=root, generators=found)
+    scan = ScanResult(root=root, generators=found, follow_symlinks=follow_symlinks)
+    with os.scandir(root) as it:  # a generator folder that is itself a link leading outside
+        for entry in it:
+            if (generators is None or entry.name in generators) and entry.path in links.unfollowed:
+                scan.skip(Path(entry.path), "symlink_outside_src", _OUTSIDE_SRC)
     for gen in found:
-        _walk(scan, root / gen, gen, None, None, set())
-    if not scan.records:
-        raise DataError(f"no images found under {root} for {', '.join(found)} (layout {_LAYOUT})")
-    scan.records.sort(key=lambda r: (r.generator, r.split, r.path))
+        _walk(scan, root / gen, gen, None, None, links, set())
     scan.skipped.sort(key=lambda s: s["path"])
+    outside = [s["path"] for s in scan.skipped if s["kind"] == "symlink_outside_src"]
+    if outside:
+        logger.warning(
+            "not following %d symbolic link(s) that lead outside %s: %s%s; pass --follow-symlinks to read them",
+            len(outside), root, ", ".join(outside[:5]), " ..." if len(outside) > 5 else "",
+        )  # fmt: skip
+    if not scan.records:
+        unfollowed = f"; {len(outside)} symbolic link(s) leading outside were not followed" if outside else ""
+        raise DataError(f"no images found under {root} for {', '.join(found)} (layout {_LAYOUT}){unfollowed}")
+    scan.records.sort(key=lambda r: (r.generator, r.split, r.path))
     if scan.skipped:
-        logger.info("passed over %d non-image or out-of-layout file(s) under %s", len(scan.skipped), root)
+        logger.info("passed over %d file(s) or folder(s) under %s (listed with the reason in the manifest)",
+                    len(scan.skipped), root)  # fmt: skip
     return scan
 
 
-def _scan(src: str | Path, generators: list[str] | None = None) -> tuple[list[ImageRecord], Counter[str]]:
+def _scan(
+    src: str | Path, generators: list[str] | None = None, *, follow_symlinks: bool = False
+) -> tuple[list[ImageRecord], Counter[str]]:
     """scan_genimage plus the count of passed-over files per generator (kept for older callers)."""
-    scan = scan_tree(src, generators)
+    scan = scan_tree(src, generators, follow_symlinks=follow_symlinks)
     skipped = Counter(s["path"].split("/", 1)[0] for s in scan.skipped)
     return scan.records, skipped
 
 
-def scan_genimage(src: str | Path, generators: list[str] | None = None) -> list[ImageRecord]:
-    """List the images of a GenImage tree (sorted, so the result is reproducible)."""
-    return scan_tree(src, generators).records
+def scan_genimage(
+    src: str | Path, generators: list[str] | None = None, *, follow_symlinks: bool = False
+) -> list[ImageRecord]:
+    """List the images of a GenImage tree (sorted, so the result is reproducible).
+
+    Symbolic links leading outside `src` are passed over unless `follow_symlinks` (see scan_tree).
+    """
+    return scan_tree(src, generators, follow_symlinks=follow_symlinks).records
 
 
 # ---------------------------------------------------------------- planning
@@ -352,6 +489,8 @@ class _ShardJob:
     samples: tuple[_Planned, ...]
     digest: str
     verify: bool = True
+    # real path of the source root: a file that now resolves outside it is not read (None: read all)
+    confine: str | None = None
 
     @property
     def sidecar_rel(self) -> str:
@@ -418,6 +557,7 @@ def _plan(
     for rec in scan.records:
         groups.setdefault((rec.generator, rec.split), []).append(rec)
     prefixes = _key_prefixes([g for g, _ in groups])
+    confine = None if scan.follow_symlinks else os.path.realpath(scan.root)
     jobs: list[_ShardJob] = []
     for (gen, split), recs in sorted(groups.items()):
         order = _mixed_order(recs, random.Random(f"{seed}:{gen}:{split}"), max_count)
@@ -428,7 +568,8 @@ def _plan(
         ]  # fmt: skip
         for n, part in enumerate(_cut(planned, max_count, max_size)):
             rel = f"{gen}/{split}/shard-{n:06d}.tar"
-            jobs.append(_ShardJob(str(out), rel, gen, split, tuple(part), _digest(rel, part, verify), verify))
+            digest = _digest(rel, part, verify)
+            jobs.append(_ShardJob(str(out), rel, gen, split, tuple(part), digest, verify, confine))
     return jobs
 
 
@@ -436,7 +577,11 @@ def _plan(
 
 
 class _Unreadable(Exception):
-    """An image that does not fully decode; carries the reason recorded in the manifest."""
+    """An image that is not read or does not fully decode; carries the kind and reason recorded in the manifest."""
+
+    def __init__(self, reason: str, kind: str = "unreadable") -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 def _reason(exc: BaseException) -> str:
@@ -467,9 +612,16 @@ def _verify(data: bytes, decode: bool = True) -> dict[str, Any]:
         ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
 
 
-def _read_verified(sample: _Planned, decode: bool = True) -> tuple[bytes, dict[str, Any]]:
+def _read_verified(sample: _Planned, decode: bool = True, confine: str | None = None) -> tuple[bytes, dict[str, Any]]:
+    path = sample.path
+    if confine is not None:
+        # checked again here, not only in the scan: the tree may have changed since (a file replaced
+        # by a link leading outside), and the resolved path is what is read
+        path = os.path.realpath(path)
+        if not _inside(path, confine):
+            raise _Unreadable(_OUTSIDE_SRC, "symlink_outside_src")
     try:
-        data = Path(sample.path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise _Unreadable(f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
@@ -496,9 +648,9 @@ def _write_one_shard(job: _ShardJob) -> dict[str, Any]:
         with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:
             for sample in job.samples:
                 try:
-                    data, info = _read_verified(sample, job.verify)
+                    data, info = _read_verified(sample, job.verify, job.confine)
                 except _Unreadable as exc:
-                    skipped.append({"path": sample.rel, "kind": "unreadable", "reason": str(exc)})
+                    skipped.append({"path": sample.rel, "kind": exc.kind, "reason": str(exc)})
                     continue
                 writer.write(_tar_sample(job, sample, data, info))
                 keys.append(sample.key)
@@ -682,7 +834,9 @@ def _build_manifest(
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "source": str(scan.root),
+        # the source folder's name only: a manifest travels with its shards and holds no absolute paths
+        "source": scan.root.name,
+        "follow_symlinks": scan.follow_symlinks,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (UTC alias is 3.11+)
         "seed": seed,
         "max_count": max_count,
@@ -727,6 +881,7 @@ def shard_genimage(
     workers: int | None = None,
     progress: bool = True,
     verify: bool = True,
+    follow_symlinks: bool = False,
 ) -> ShardReport:
     """write_shards, also telling how many shards this run wrote and how many it kept from before."""
     if max_count < 1:
@@ -737,7 +892,7 @@ def shard_genimage(
         raise DataError(f"workers must be >= 1 (got {workers})")
     out_path = Path(out)
     logger.info("scanning %s", src)
-    scan = scan_tree(Path(src).resolve(), generators)
+    scan = scan_tree(Path(src).resolve(), generators, follow_symlinks=follow_symlinks)
     logger.info("%d images in %d generator folder(s); %d file(s) passed over", len(scan.records),
                 len(scan.generators), len(scan.skipped))  # fmt: skip
     out_path.mkdir(parents=True, exist_ok=True)
@@ -784,6 +939,7 @@ def write_shards(
     workers: int | None = None,
     progress: bool = True,
     verify: bool = True,
+    follow_symlinks: bool = False,
 ) -> dict[str, Any]:
     """Write one shard set per generator/split from a GenImage tree; returns the manifest dict.
 
@@ -792,13 +948,16 @@ def write_shards(
     shard mixes ai and nature images. Every image is fully decoded first, by `workers`
     processes (default: all CPUs); files that do not decode are skipped and listed in the
     manifest. Re-running into the same `out` keeps the shards that are already complete.
+    Symbolic links leading outside `src` are skipped and listed unless `follow_symlinks`; links
+    that stay inside `src` are followed. The manifest holds no absolute paths: shard paths are
+    relative to `out`, skipped files relative to `src`, and `source` is the name of `src`.
 
     verify=False only checks each file's header (the pre-verification behaviour): for tests of
     the loader's own handling of corrupt samples, never for training data.
     """
     return shard_genimage(
         src, out, max_count=max_count, max_size=max_size, generators=generators, seed=seed,
-        workers=workers, progress=progress, verify=verify,
+        workers=workers, progress=progress, verify=verify, follow_symlinks=follow_symlinks,
     ).manifest  # fmt: skip
 
 
@@ -811,10 +970,14 @@ def summary_line(manifest: dict[str, Any]) -> str:
             parts.append(f"{gen}/{split} ai={c['ai']} nature={c['nature']}{empty}")
     skipped = manifest["skipped"]
     total = sum(s["count"] for s in manifest["shards"])
+    links = "".join(
+        f", {skipped[kind]} {what}" for kind, what in (("symlink_outside_src", "symlink(s) outside --src"),
+                                                       ("symlink_loop", "symlink loop(s)")) if skipped.get(kind)
+    )  # fmt: skip
     return (
         f"{total} images in {len(manifest['shards'])} shards; " + ", ".join(parts)
         + f"; skipped: {skipped['unreadable']} unreadable, {skipped['non_image']} non-image, "
-        f"{skipped['outside_layout']} outside layout (listed in manifest.json)"
+        f"{skipped['outside_layout']} outside layout{links} (listed in manifest.json)"
     )  # fmt: skip
 
 
@@ -859,11 +1022,14 @@ def load_manifest(path: str | Path) -> Manifest:
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{manifest_file} has a malformed shard entry ({exc}); re-create the shards") from exc
+    if missing and len(missing) == len(shards):
+        raise DataError(f"all {len(missing)} shards listed in {manifest_file} are missing; re-create the shards")
     if missing:
-        raise DataError(
-            f"{len(missing)} shard(s) listed in {manifest_file} are missing "
-            f"(first: {missing[0]}); re-create the shards"
-        )
+        # The loader counts their samples as bad: data.max_bad_fraction decides whether the run goes on.
+        logger.warning(
+            "%d of %d shard(s) listed in %s are missing (first: %s); their samples count as bad. "
+            "Re-create the shards to get them back", len(missing), len(shards), manifest_file, ", ".join(missing[:3]),
+        )  # fmt: skip
     generators = sorted({s.generator for s in shards})
     return Manifest(root=root, shards=shards, generators=generators, counts=raw.get("counts", {}), raw=raw)
 
