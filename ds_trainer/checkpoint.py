@@ -203,6 +203,18 @@ def resolve(path: str | Path) -> tuple[Path, str]:
     return p, newest.name
 
 
+PREEMPTED = "PREEMPTED"
+
+
+def mark_preempted(checkpoint_dir: str | Path, tag: str, step: int) -> None:
+    """Rank 0, after a preemption checkpoint: tells scripts/slurm/train.sbatch to requeue the job.
+
+    The exit code alone cannot: srun reports 143 for a task it ended because another one exited first.
+    """
+    info = {"tag": tag, "global_step": step, "job_id": os.environ.get("SLURM_JOB_ID")}
+    _atomic_write(Path(checkpoint_dir) / PREEMPTED, json.dumps(info) + "\n")
+
+
 def epoch_tag(epoch: int) -> str:
     return f"epoch_{epoch}"
 

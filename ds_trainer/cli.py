@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
-from ds_trainer.errors import DsTrainerError
+from ds_trainer.errors import DsTrainerError, PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if args.debug or not _is_peer_failure(exc):
+            raise
+        lost = PeerLostError(
+            f"lost contact with another rank ({_first_line(exc)}): a rank died or the network failed. Its log says "
+            "why; resume with --load-dir <checkpoint_dir> (the last complete checkpoint)"
+        )
+        print(f"ds-trainer {args.command}: error: {lost}", file=sys.stderr)
+        return lost.exit_code
+
+
+# What gloo and NCCL raise when a peer is gone or a collective outlived distributed.timeout_s.
+_PEER_FAILURE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out",
+                 "timed out", "NCCL communicator was aborted", "ProcessGroupNCCL")
+
+
+def _is_peer_failure(exc: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc)
+    return dist.is_initialized() and dist.get_world_size() > 1 and any(m in text for m in _PEER_FAILURE)
+
+
+def _first_line(exc: BaseException) -> str:
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\] ", "", line)[:200]  # gloo prefixes its source location
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ class TrainingError(DsTrainerError):
     exit_code = 5
 
 
+class PeerLostError(DsTrainerError):
+    """Another rank stopped answering (it died, or the network failed): this rank stopped too."""
+
+    exit_code = 6
+
+
 class Preempted(DsTrainerError):
     """SIGTERM/SIGUSR1 arrived; every rank saved a checkpoint at the same step and stopped.
 

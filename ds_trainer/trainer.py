@@ -456,6 +456,9 @@ class Trainer:
         self._batches_done = batches_done
         tag_dir = self.save_checkpoint(checkpoint.step_tag(step))
         self._batches_done = 0
+        assert self.env is not None
+        if self.env.is_main:
+            checkpoint.mark_preempted(self.t.checkpoint_dir, tag_dir.name, step)
         self.sinks.close()
         raise Preempted(
             f"{self.preemption.signal_name} received: saved {tag_dir} at step {step} "
@@ -668,6 +671,8 @@ class Trainer:
             else:
                 log.warning("the checkpoint has no plateau scheduler state; the plateau scheduler starts afresh")
         self.sinks.rewind(self.epoch, int(self.engine.global_steps))
+        if self.env.is_main:
+            (load_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)  # this is the resume it asked for
         log.info("resumed from %s at epoch %d, global step %d", load_dir / tag, self.epoch, self.engine.global_steps)
         return state
 

@@ -107,6 +107,8 @@ def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_s
     step = state["global_step"]
     assert step == int(tag.split("_")[1]) and step >= 12
     assert state["epoch"] == step // 8 and state["batches_done"] == step % 8
+    # The marker train.sbatch requeues on (srun's exit code may say 143 for a rank it ended).
+    assert json.loads((ckpt / "PREEMPTED").read_text())["tag"] == tag
     # Resume: the next logged step is the one after the saved one, and the epoch finishes at its usual step.
     resumed = subprocess.run(
         ["./launch.sh", "--config", str(cfg), "--load-dir", str(ckpt), "--set", f"training.num_epochs={state['epoch'] + 1}",
@@ -114,6 +116,7 @@ def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_s
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not (ckpt / "PREEMPTED").exists()
     after = jsonl(tmp_path / "run2" / "steps.jsonl")
     assert after[0]["step"] == step + 1 and after[-1]["step"] == (state["epoch"] + 1) * 8
     rows = jsonl(tmp_path / "run2" / "metrics.jsonl")

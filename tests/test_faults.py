@@ -233,3 +233,31 @@ def test_injected_faults_are_parsed_strictly():
     with pytest.raises(ValueError, match="unknown fault 'explode'"):
         parse("explode:step=1")
 
+
+
+@pytest.mark.distributed
+def test_without_a_launcher_the_survivor_of_a_killed_rank_exits_within_the_timeout(tmp_path, tiny_shards):
+    # Two ranks started by hand (as `srun` does in task mode): nobody watches them but the
+    # process group, so distributed.timeout_s is what bounds the survivor's wait.
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, distributed={"timeout_s": 30})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_", "WORLD_", "MASTER_"))}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=str(Path(__file__).parents[1]),
+                   DS_TRAINER_FAULT="kill:step=3:rank=1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "ds_trainer", "train", "--config", str(cfg)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    ended = time.time()
+    assert procs[1].returncode == -9, outs[1][-2000:]
+    killed = re.search(r"kill after step 3 on rank 1; .* at t=([\d.]+)", outs[1])
+    assert killed, outs[1][-2000:]
+    # The survivor says what happened in one line, with its own exit code, not a traceback.
+    assert procs[0].returncode == 6, outs[0][-2000:]
+    assert re.search(r"ds-trainer train: error: lost contact with another rank \(.*\): a rank died", outs[0])
+    assert "Traceback" not in outs[0]
+    assert ended - float(killed.group(1)) < 30 + 30  # the timeout, plus process teardown

@@ -294,10 +294,14 @@ def test_exit_75_requeues_the_job_which_resumes_from_the_checkpoint(slurm_cluste
     work = Path(tempfile.mkdtemp(prefix="requeue-", dir=slurm_cluster.root))
     home = work / "home"
     home.mkdir()
+    # Like the trainer: rank 0 writes PREEMPTED after the checkpoint and exits 75 at once; rank 1 is
+    # slower, so srun's --kill-on-bad-exit ends it (exit 143): the marker, not srun's code, decides.
     (home / "launch.sh").write_text(
         '#!/bin/sh\necho "stand-in task $SLURM_PROCID restart ${SLURM_RESTART_COUNT:-0} on $SLURMD_NODENAME: $*"\n'
         'mkdir -p "$CKPT/epoch_1" && echo {} > "$CKPT/epoch_1/ds_trainer.json"\n'
-        '[ -n "${SLURM_RESTART_COUNT:-}" ] || exit 75\n'
+        '[ -z "${SLURM_RESTART_COUNT:-}" ] || exit 0\n'
+        'if [ "$SLURM_PROCID" = 0 ]; then echo {} > "$CKPT/PREEMPTED"; sleep 2; exit 75; fi\n'  # (lets srun relay the echo)
+        'sleep 20; exit 75\n'
     )  # fmt: skip
     (home / "launch.sh").chmod(0o755)
     ckpt = work / "ckpt"
