@@ -237,8 +237,15 @@ def test_there_are_at_least_30_distinct_refusals():
 
 
 def render_doc(results: dict[str, tuple[int, str]]) -> str:
-    from ds_trainer.errors import (CheckpointError, ConfigError, DataError, DsTrainerError, PeerLostError, Preempted,
-                                   TrainingError)
+    from ds_trainer.errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        DsTrainerError,
+        PeerLostError,
+        Preempted,
+        TrainingError,
+    )
 
     codes = [(0, "success", ""), *((cls.exit_code, cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
                                    for cls in (DsTrainerError, ConfigError, DataError, CheckpointError, TrainingError,
