@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv ops demo demo-data test test-fast soak errors-doc clean
+.PHONY: venv ops demo demo-data test test-fast soak bench errors-doc clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test: ops
 # Everything but the tests marked distributed: no deepspeed launcher, no Slurm.
 test-fast: ops
 	$(BIN)/python -m pytest tests -m "not distributed" $(PYTEST_ARGS)
+
+# CPU benchmarks (ratios measured in one run; see benchmarks/README.md), results in benchmarks/results/.
+bench: ops
+	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/data_throughput.py
 
 # Random rank kills and resumes of a 2-rank run (tests/soak; at most 10 minutes; SOAK_SEED replays one).
 soak: ops

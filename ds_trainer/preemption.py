@@ -55,9 +55,10 @@ class PreemptionGuard:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank when any rank has received a signal."""
+        if not dist.is_initialized() or dist.get_world_size(self._group) == 1:
+            return self.requested  # alone: no round trip
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
     @property

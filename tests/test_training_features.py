@@ -118,7 +118,7 @@ def test_plateau_steps_on_validation_metric_and_resumes_its_state(tmp_path):
 def test_plateau_without_validation_is_refused(tmp_path):
     from ds_trainer import ConfigError
 
-    with pytest.raises(ConfigError, match="no val_loader"):
+    with pytest.raises(ConfigError, match="plateau scheduler follows it.*no validation set.*pass a val_loader"):
         make(tmp_path, val=False, scheduler="plateau").train()
 
 

@@ -1,0 +1,25 @@
+"""Smoke tests of the benchmarks: each script starts and writes its result on a tiny setting.
+
+The benchmarks themselves run with `make bench`, never in `make test`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from conftest import REPO, run_cmd
+
+
+def test_step_overhead_writes_its_ratios(tmp_path):
+    out = tmp_path / "step_overhead.json"
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "step_overhead.py"), "--steps", "2", "--repeats", "1",
+                    "--hidden", "64", "--layers", "1", "--image-size", "32", "--batch-size", "4", "--out", str(out)],
+                   timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["step_time_s"]) == {"trainer", "engine", "torch"}
+    for name in ("trainer", "engine", "torch"):
+        assert len(result["raw"][name]) == 1 and result["raw"][name][0] > 0
+    assert result["trainer_over_engine"]["median"] > 0 and result["settings"]["zero_stage"] == 1
+    assert "step_overhead: trainer/engine step time" in proc.stdout
