@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from collections.abc import Sequence
 
-from ds_trainer.errors import DsTrainerError, PeerLostError
+from ds_trainer.errors import DsTrainerError, PeerLostError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +127,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     runs = [report.load_eval(path, args.names[i] if args.names else None) for i, path in enumerate(args.evals)]
     for run, run_dir in zip(runs, args.runs):
         report.attach_run(run, run_dir)
-    written = report.write_report(runs, args.out, threshold=args.threshold)
-    if args.tensorboard:
-        report.log_to_tensorboard(runs, args.tensorboard, threshold=args.threshold)
+    written = report.write_report(runs, args.out, threshold=args.threshold, tensorboard=args.tensorboard)
     print(written.html)
     return 0
 
@@ -246,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug or not _is_peer_failure(exc):
             raise
         lost = PeerLostError(
-            f"lost contact with another rank ({_first_line(exc)}): a rank died or the network failed. Its log says "
+            f"lost contact with another rank ({first_line(exc)}): a rank died or the network failed. Its log says "
             "why; resume with --load-dir <checkpoint_dir> (the last complete checkpoint)"
         )
         print(f"ds-trainer {args.command}: error: {lost}", file=sys.stderr)
@@ -264,10 +261,6 @@ def _is_peer_failure(exc: RuntimeError) -> bool:
     text = str(exc)
     return dist.is_initialized() and dist.get_world_size() > 1 and any(m in text for m in _PEER_FAILURE)
 
-
-def _first_line(exc: BaseException) -> str:
-    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return re.sub(r"^\[[^\]]*\] ", "", line)[:200]  # gloo prefixes its source location
 
 
 if __name__ == "__main__":

@@ -5,6 +5,16 @@ library users catch them like any exception.
 """
 
 
+import re
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line for a one-line message (gloo's `[file:line] ` prefix dropped)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\] ", "", line)[:limit]
+
+
 class DsTrainerError(Exception):
     """Base class: a problem the user can fix (bad config, missing file, ...)."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import sys
@@ -41,7 +42,8 @@ class Fault:
 KINDS = ("kill", "crash_in_save", "enospc", "nan")
 
 
-def parse(spec: str) -> list[Fault]:
+@functools.lru_cache(maxsize=8)
+def parse(spec: str) -> tuple[Fault, ...]:
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         kind, *pairs = item.split(":")
@@ -49,7 +51,7 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(f"{ENV}: unknown fault {kind!r}; known: {', '.join(KINDS)}")
         args = dict(pair.split("=", 1) for pair in pairs)
         faults.append(Fault(kind, args))
-    return faults
+    return tuple(faults)
 
 
 def active(kind: str) -> list[Fault]:

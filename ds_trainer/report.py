@@ -345,8 +345,10 @@ def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, 
     return figures
 
 
-def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float = 0.5) -> Report:
-    """Every figure as `<name>.png` in `out_dir`, and `report.html` with them embedded."""
+def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float = 0.5,
+                 tensorboard: str | Path | None = None) -> Report:
+    """Every figure as `<name>.png` in `out_dir`, and `report.html` with them embedded; with
+    `tensorboard`, the same figures and the PR curves go to that log dir too."""
     if not runs:
         raise ConfigError("report: give at least one --eval RESULTS.json")
     if not 0.0 < threshold < 1.0:
@@ -359,13 +361,17 @@ def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float 
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     pngs: dict[str, bytes] = {}
-    for name, fig in build_figures(runs, threshold).items():
+    figures = build_figures(runs, threshold)
+    for name, fig in figures.items():
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
         pngs[name] = buf.getvalue()
         paths[name] = out / f"{name}.png"
         paths[name].write_bytes(pngs[name])
+    if tensorboard is not None:
+        log_to_tensorboard(runs, tensorboard, threshold=threshold, figures=figures)
+    for fig in figures.values():
+        plt.close(fig)
     page = out / "report.html"
     page.write_text(render_html(runs, pngs, threshold))
     return Report(out, page, paths)
@@ -459,23 +465,24 @@ def metrics_table_html(runs: Sequence[EvalRun]) -> str:
 
 
 def log_to_tensorboard(runs: Sequence[EvalRun], log_dir: str | Path, step: int | None = None,
-                       threshold: float = 0.5) -> None:
-    """PR curves per generator (`pr/<run>/<generator>`) and the figures as images (`report/<name>`)."""
+                       threshold: float = 0.5, figures: dict[str, Any] | None = None) -> None:
+    """PR curves per generator (`pr/<generator>`, `pr/<run>/<generator>` for several runs) and the
+    figures as images (`report/<name>`); `figures` are drawn here unless given."""
     from torch.utils.tensorboard import SummaryWriter
+
+    from ds_trainer.sinks import add_pr_curves
 
     plt = _plt()
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         for run in runs:
             at = int(step if step is not None else run.result.get("global_step") or 0)
-            prefix = f"pr/{run.name}" if len(runs) > 1 else "pr"
-            for g in run.generator_names + [MEAN]:
-                mask = np.ones(len(run.scores), bool) if g == MEAN else run.generators == g
-                tag = f"{prefix}/{'all' if g == MEAN else g}"
-                writer.add_pr_curve(tag, run.labels[mask], run.scores[mask], global_step=at)
+            add_pr_curves(writer, at, run.scores, run.labels, run.generators,
+                          prefix=f"pr/{run.name}" if len(runs) > 1 else "pr")  # fmt: skip
         at = int(step if step is not None else runs[0].result.get("global_step") or 0)
-        for name, fig in build_figures(runs, threshold).items():
-            writer.add_figure(f"report/{name}", fig, global_step=at, close=True)
+        for name, fig in (figures if figures is not None else build_figures(runs, threshold)).items():
+            writer.add_figure(f"report/{name}", fig, global_step=at, close=figures is None)
     finally:
         writer.close()
-        plt.close("all")
+        if figures is None:
+            plt.close("all")

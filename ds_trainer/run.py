@@ -154,9 +154,8 @@ def _write_report(cfg: Config, eval_path: Path, report_dir: str | Path) -> None:
     run_dir = Path(cfg.logging.run_dir)
     if (run_dir / "metrics.jsonl").is_file():
         report.attach_run(run, run_dir)
-    written = report.write_report([run], report_dir)
-    if cfg.logging.tensorboard:
-        report.log_to_tensorboard([run], run_dir / "tensorboard")
+    tensorboard = run_dir / "tensorboard" if cfg.logging.tensorboard else None
+    written = report.write_report([run], report_dir, tensorboard=tensorboard)
     console().info("report: %s", written.html)
 
 

@@ -210,6 +210,19 @@ def _init_wandb(
     return run
 
 
+def add_pr_curves(writer: Any, step: int, scores: Any, labels: Any, generators: Any = None, prefix: str = "pr") -> None:
+    """TensorBoard PR curves: every image (`<prefix>/all`) and each generator (`<prefix>/<name>`)."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    if len(scores) == 0:
+        return
+    writer.add_pr_curve(f"{prefix}/all", labels, scores, global_step=step)
+    if generators is not None and len(generators):
+        names = np.asarray(generators, dtype=object)
+        for g in sorted(set(names.tolist())):
+            mask = names == g
+            writer.add_pr_curve(f"{prefix}/{g}", labels[mask], scores[mask], global_step=step)
+
+
 def _row_value(line: str, key: str) -> float:
     try:
         row = json.loads(line)
@@ -366,16 +379,7 @@ class MetricsSinks:
         """TensorBoard PR curves of an evaluation: every image (`pr/all`) and each generator (`pr/<name>`)."""
         if not self.is_main or self._tb is None or self._closed or not predictions:
             return
-        scores, labels = predictions["score"], predictions["label"]
-        if len(scores) == 0:
-            return
-        self._tb.add_pr_curve("pr/all", labels, scores, global_step=global_step)
-        generators = predictions.get("generator")
-        if generators:
-            names = np.asarray(generators, dtype=object)
-            for g in sorted(set(generators)):
-                mask = names == g
-                self._tb.add_pr_curve(f"pr/{g}", labels[mask], scores[mask], global_step=global_step)
+        add_pr_curves(self._tb, global_step, predictions["score"], predictions["label"], predictions.get("generator"))
         self._tb.flush()
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from ds_trainer.distributed import DistEnv, detect_device, init_distributed, tor
 from ds_trainer.ds_compat import patch_universal_loading
 from ds_trainer.ds_config import build_ds_config
 from ds_trainer.ds_config import optimizer_steps_per_epoch as optim_steps_per_epoch
-from ds_trainer.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
+from ds_trainer.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError, first_line
 from ds_trainer.metrics import (
     ai_scores,
     all_reduce_max_int,
@@ -432,12 +432,9 @@ class Trainer:
 
     def _check_weights_finite(self, tag: str) -> None:
         """Never write (or call best) a checkpoint whose weights hold NaN/Inf."""
-        bad = torch.zeros(1, device=self.device)
-        for p in self.engine.module.parameters():
-            t = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
-            if t.numel() and not bool(torch.isfinite(t.detach()).all()):
-                bad.fill_(1.0)
-                break
+        # ZeRO-3: each rank checks its own partition (ds_tensor). One flag, one host sync.
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p).detach()).all() for p in self.engine.module.parameters()]
+        bad = (~torch.stack(flags)).any().float().reshape(1) if flags else torch.zeros(1, device=self.device)
         if self.env is not None and self.env.world_size > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bool(bad.item()):
@@ -643,9 +640,8 @@ class Trainer:
             else:
                 loaded, client = self.engine.load_checkpoint(str(load_dir), tag=tag)
         except RuntimeError as exc:  # torch's "size mismatch" / "Missing key(s)" for another architecture
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
-                f"{load_dir / tag} does not fit this model ({first[:300]}); resume with the model it was trained "
+                f"{load_dir / tag} does not fit this model ({first_line(exc, 300)}); resume with the model it was trained "
                 "with, or start without --load-dir"
             ) from exc
         if loaded is None:

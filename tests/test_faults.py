@@ -148,11 +148,9 @@ def test_full_disk_while_saving_names_the_directory_and_keeps_the_last_checkpoin
 
 
 # ------------------------------------------------------------------ a killed rank, 2 real ranks
-def launch(cfg: Path, *args: str, fault: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def launch(cfg: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
     env = {"DS_TRAINER_CPU_RANKS": "2"} | ({"DS_TRAINER_FAULT": fault} if fault else {})
-    start = time.time()
-    out = run_cmd(["./launch.sh", "--config", str(cfg), *args], **env)
-    return out, start
+    return run_cmd(["./launch.sh", "--config", str(cfg), *args], **env)
 
 
 def final_weights(ckpt: Path, tag: str = "epoch_3") -> dict[str, torch.Tensor]:
@@ -166,7 +164,7 @@ def final_weights(ckpt: Path, tag: str = "epoch_3") -> dict[str, torch.Tensor]:
 def uninterrupted(tmp_path_factory, tiny_shards):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     cfg = write_config(tmp / "cfg.yaml", tiny_shards)
-    out, _ = launch(cfg)
+    out = launch(cfg)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp
 
@@ -188,7 +186,7 @@ def assert_same_run(tmp: Path, reference: Path) -> None:
 def test_a_killed_rank_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_shards, uninterrupted):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_shards)
     # 8 optimizer steps per epoch: rank 0 is SIGKILLed in the middle of epoch 2.
-    out, _ = launch(cfg, fault="kill:step=12:rank=0")
+    out = launch(cfg, fault="kill:step=12:rank=0")
     text = out.stdout + out.stderr
     assert out.returncode != 0, text[-3000:]
     killed = re.search(r"fault injected \(DS_TRAINER_FAULT\): kill after step 12 on rank 0; .* at t=([\d.]+)", text)
@@ -200,7 +198,7 @@ def test_a_killed_rank_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp_
     # The dead rank 0 still "holds" the checkpoint_dir; the resumed run takes the lock over.
     assert (tmp_path / "ckpt" / LOCK_NAME).is_file()
 
-    resumed, _ = launch(cfg, "--load-dir", str(tmp_path / "ckpt"))
+    resumed = launch(cfg, "--load-dir", str(tmp_path / "ckpt"))
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, text[-3000:]
     assert "taking over the lock" in text and "resumed from" in text
@@ -211,7 +209,7 @@ def test_a_killed_rank_ends_the_job_and_resume_matches_an_uninterrupted_run(tmp_
 @pytest.mark.slow
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_shards, uninterrupted):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_shards)
-    out, _ = launch(cfg, fault="crash_in_save:tag=epoch_2:rank=0")
+    out = launch(cfg, fault="crash_in_save:tag=epoch_2:rank=0")
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "crash while saving epoch_2 on rank 0" in text, text[-3000:]
     ckpt = tmp_path / "ckpt"
@@ -219,7 +217,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_shard
     assert any((ckpt / "epoch_2.partial").glob("*.pt")) and not (ckpt / "epoch_2").exists()
     assert (ckpt / LATEST).read_text() == "epoch_1" and resolve(ckpt) == (ckpt, "epoch_1")
 
-    resumed, _ = launch(cfg, "--load-dir", str(ckpt))
+    resumed = launch(cfg, "--load-dir", str(ckpt))
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert not (ckpt / "epoch_2.partial").exists()
     assert_same_run(tmp_path, uninterrupted)

@@ -928,19 +928,7 @@ def shard_genimage(
     return ShardReport(manifest=manifest, out=out_path, written=len(todo), reused=len(jobs) - len(todo))
 
 
-def write_shards(
-    src: str | Path,
-    out: str | Path,
-    *,
-    max_count: int = 1000,
-    max_size: int | str | None = None,
-    generators: list[str] | None = None,
-    seed: int = 0,
-    workers: int | None = None,
-    progress: bool = True,
-    verify: bool = True,
-    follow_symlinks: bool = False,
-) -> dict[str, Any]:
+def write_shards(src: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
     """Write one shard set per generator/split from a GenImage tree; returns the manifest dict.
 
     Samples of a generator/split are shuffled (deterministically from `seed`) before being cut
@@ -954,11 +942,11 @@ def write_shards(
 
     verify=False only checks each file's header (the pre-verification behaviour): for tests of
     the loader's own handling of corrupt samples, never for training data.
+
+    Keywords are shard_genimage's (max_count, max_size, generators, seed, workers, progress,
+    verify, follow_symlinks); this returns only its manifest.
     """
-    return shard_genimage(
-        src, out, max_count=max_count, max_size=max_size, generators=generators, seed=seed,
-        workers=workers, progress=progress, verify=verify, follow_symlinks=follow_symlinks,
-    ).manifest  # fmt: skip
+    return shard_genimage(src, out, **options).manifest
 
 
 def summary_line(manifest: dict[str, Any]) -> str:
