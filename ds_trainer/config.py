@@ -62,6 +62,14 @@ class ModelSection(Section):
     ai_prompt: str = Field("an AI-generated image", description="zero-shot/prompt-tuning text for class 1 (ai)")
     prompt_length: int = Field(10, ge=1, le=64, description="prompt-tuning: learnable context tokens")
     lora: LoraSection = Field(default_factory=LoraSection)
+    # --- speed switches (benchmarks/RESULTS.md measures each)
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="attention kernel: sdpa (torch scaled_dot_product_attention, fused on GPU) or eager"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the vision tower's activations in backward: less memory, ~30% more compute"
+    )
+    compile: bool = Field(False, description="torch.compile the model (the first steps pay the compilation)")
 
     @model_validator(mode="after")
     def _check_strategy(self) -> ModelSection:
@@ -107,6 +115,9 @@ class DataSection(Section):
     blur_sigma: tuple[float, float] = Field((0.0, 3.0), description="train: blur sigma range")
     jpeg_prob: float = Field(0.0, ge=0, le=1, description="train: JPEG re-encoding probability (both classes)")
     jpeg_quality: tuple[int, int] = Field((30, 100), description="train: JPEG quality range")
+    pin_memory: bool = Field(
+        True, description="on a GPU: page-locked batches, copied to the device without blocking (no effect on CPU)"
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> DataSection:
@@ -215,6 +226,10 @@ class LoggingSection(Section):
     log_every_n_steps: int = Field(10, ge=1)
     tensorboard: bool = Field(True, description="scalars under <run_dir>/tensorboard")
     progress_bar: Literal["auto", "on", "off"] = Field("auto", description="auto: only when stdout is a terminal")
+    mfu: bool = Field(True, description="log model FLOPs utilisation (mfu) per epoch and every log_every_n_steps")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="per-device peak for mfu; default: the GPU's bf16/fp32 table value, or a measured matmul rate on CPU"
+    )
     wandb: WandbSection = Field(default_factory=WandbSection)
 
 

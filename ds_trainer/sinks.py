@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -294,6 +295,7 @@ class MetricsSinks:
         if self.steps_path is not None:
             line = {
                 "step": int(global_step),
+                "time": round(time.time(), 3),  # wall clock: time to first step, step rates
                 **{k: _clean(v) for k, v in values.items()},
             }
             self._append_step(json.dumps(line) + "\n")

@@ -1,12 +1,14 @@
 """The Trainer facade: a model and loaders in, a DeepSpeed-trained detector out.
 
 One training step, top to bottom: `_train_epoch` → `engine(inputs)` → `calculate_loss` →
-`engine.backward` → `engine.step`. Nothing in the step syncs with the host except the
-progress bar's loss, every `log_every_n_steps` steps.
+`engine.backward` → `engine.step`. Per micro-batch the host syncs once, for the non-finite
+loss check (a one-element flag); the loss, grad norm, samples/s and MFU are read every
+`log_every_n_steps` optimizer steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,6 +31,7 @@ from ds_trainer.ds_compat import patch_universal_loading
 from ds_trainer.ds_config import build_ds_config
 from ds_trainer.ds_config import optimizer_steps_per_epoch as optim_steps_per_epoch
 from ds_trainer.errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError, first_line
+from ds_trainer.flops import FlopTally, MfuMeter, peak_flops
 from ds_trainer.metrics import (
     ai_scores,
     all_reduce_max_int,
@@ -110,6 +113,9 @@ class Trainer:
         self._micro_steps = 0  # micro-batches trained in this process (fault injection counts them)
         self._nonfinite_in_a_row = 0
         self._nonfinite_total = 0
+        self.mfu: MfuMeter | None = None  # logging.mfu: FLOPs per sample (counted at the first step) vs peak
+        self._data_wait = 0.0  # seconds this epoch's loop spent blocked on the train loader
+        self._rate_mark = (0.0, 0)  # (perf_counter, global step) of the last samples/s + MFU reading
 
     # ----------------------------------------------------------------- config
     @staticmethod
@@ -167,6 +173,13 @@ class Trainer:
         self.input_dtype = (
             torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else torch.float32
         )
+        if self.cfg.model.compile:
+            # nn.Module.compile() in place: the state_dict keys (and so checkpoints) do not change.
+            self.engine.compile()
+        if self.cfg.logging.mfu and self.engine.optimizer is not None:
+            peak = peak_flops(self.device, self.input_dtype, self.cfg.logging.peak_tflops)
+            self.mfu = MfuMeter(peak, env.world_size)
+            log.info("mfu: peak %.1f TFLOP/s per device (%s)", peak.per_device / 1e12, peak.source)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
@@ -346,7 +359,9 @@ class Trainer:
         elif skip:
             log.info("epoch %d: skipping the %d batches trained on before the preemption", epoch, skip)
         self._data_state = None
-        for i, batch in enumerate(loader):
+        self._data_wait = 0.0
+        self._rate_mark = (start, int(engine.global_steps))
+        for i, batch in enumerate(self._timed(loader)):
             if i < skip:
                 # The loader is seeded per epoch, so the batches after these are the ones the
                 # interrupted run would have seen next.
@@ -355,8 +370,10 @@ class Trainer:
             inputs, targets = self._unpack(batch)
             if isinstance(batch, Mapping):
                 bad += int(batch.get("bad_samples", 0))
-            outputs = engine(inputs)
-            loss = self.calculate_loss(outputs, targets)
+            flops = FlopTally() if self.mfu is not None and self.mfu.flops_per_sample is None else None
+            with flops.count() if flops is not None else contextlib.nullcontext():
+                outputs = engine(inputs)
+                loss = self.calculate_loss(outputs, targets)
             self._micro_steps += 1
             if faults.nan_loss(self._micro_steps, self.env.rank):
                 loss = loss * float("nan")
@@ -367,7 +384,11 @@ class Trainer:
                 bar.update(1)
                 continue
             self._nonfinite_in_a_row = 0
-            engine.backward(loss)
+            with flops.count() if flops is not None else contextlib.nullcontext():
+                engine.backward(loss)
+            if flops is not None:
+                self.mfu.flops_per_sample = flops.total / targets.shape[0]
+                log.info("mfu: %.3g GFLOP per sample (forward + backward, counted)", self.mfu.flops_per_sample / 1e9)
             boundary = engine.is_gradient_accumulation_boundary()
             # The LR this optimizer step applies (the scheduler moves it inside engine.step()).
             lrs = engine.get_lr() if boundary else None
@@ -389,19 +410,40 @@ class Trainer:
                     self._save_preempted(epoch, batches_done=i + 1)
         bar.close()
         elapsed = time.perf_counter() - start
-        totals = all_reduce_sum(torch.stack([loss_sum, correct, seen, torch.tensor(float(bad), device=self.device)]))
-        loss_total, correct_total, seen_total, bad_total = (float(x) for x in totals.tolist())
+        local = [loss_sum, correct, seen, torch.tensor(float(bad), device=self.device),
+                 torch.tensor(self._data_wait, device=self.device)]  # fmt: skip
+        totals = all_reduce_sum(torch.stack([x.float() for x in local]))
+        loss_total, correct_total, seen_total, bad_total, wait_total = (float(x) for x in totals.tolist())
         if seen_total == 0:
             raise ConfigError("the train loader yielded no batches")
         self._check_bad(int(bad_total), int(seen_total), "training")
-        return {
+        row = {
             "train_bad_samples": int(bad_total),
             "train_nonfinite_steps": nonfinite,  # the same on every rank: they skip together
             "train_loss": loss_total / seen_total,
             "train_acc": correct_total / seen_total,
             "samples_per_s": seen_total / elapsed if elapsed > 0 else math.nan,
             "epoch_time_s": elapsed,
+            # Mean over ranks of the time the loop sat in next(loader): > a few % means the loader is the bottleneck.
+            "data_wait_s": wait_total / self.env.world_size,
+            "data_wait_fraction": wait_total / self.env.world_size / elapsed if elapsed > 0 else math.nan,
         }
+        if self.mfu is not None and self.mfu.flops_per_sample:
+            row["mfu"] = self.mfu.mfu(seen_total, elapsed)
+            row["train_tflops"] = self.mfu.achieved_tflops(seen_total, elapsed)
+        return row
+
+    def _timed(self, loader: Iterable) -> Iterator[Any]:
+        """The loader's batches, adding the time spent waiting for each to `_data_wait`."""
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self._data_wait += time.perf_counter() - t0
+            yield batch
 
     def _loss_finite_everywhere(self, loss: torch.Tensor) -> bool:
         """One flag for all ranks (they must all skip, or all step: ZeRO's backward is collective)."""
@@ -487,7 +529,22 @@ class Trainer:
             if norm is not None:
                 scalars["train/grad_norm"] = float(norm)
             bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{lrs[0]:.2e}")
+            scalars.update(self._rates(step))
         self.sinks.step(step, scalars)
+
+    def _rates(self, step: int) -> dict[str, float]:
+        """samples/s (all ranks) and MFU since the last reading: wall time, so data waits count."""
+        now = time.perf_counter()
+        (then, then_step), self._rate_mark = self._rate_mark, (now, step)
+        assert self.env is not None
+        samples = (step - then_step) * self.t.batch_size * self.t.grad_accumulation_steps * self.env.world_size
+        if samples <= 0 or now <= then:
+            return {}
+        rates = {"train/samples_per_s": samples / (now - then)}
+        mfu = self.mfu.mfu(samples, now - then) if self.mfu is not None else None
+        if mfu is not None:
+            rates["train/mfu"] = mfu
+        return rates
 
     @staticmethod
     def _set_epoch(loader: Iterable, epoch: int) -> None:

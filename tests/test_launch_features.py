@@ -49,6 +49,10 @@ def test_plateau_best_early_stopping_and_logs_on_two_ranks(tmp_path, tiny_shards
         want = 1e-3 * [1.0, 1.0, 0.5][(s["step"] - 1) // 8]
         assert s["train/lr"] == pytest.approx(want), s
         assert math.isfinite(s["train/grad_norm"]) and s["train/grad_norm"] > 0
+        # samples/s over both ranks and MFU against the CPU's measured matmul rate, every log step.
+        assert s["train/samples_per_s"] > 0 and 0 < s["train/mfu"] < 1, s
+    for r in rows:
+        assert 0 < r["mfu"] < 1 and r["train_tflops"] > 0 and 0 <= r["data_wait_fraction"] < 1, r
     state = json.loads((ckpt / "epoch_3" / "ds_trainer.json").read_text())
     assert state["plateau"]["scale"] == pytest.approx(0.25) and state["world_size"] == 2
 
@@ -57,7 +61,7 @@ def test_plateau_best_early_stopping_and_logs_on_two_ranks(tmp_path, tiny_shards
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/lr", "train/grad_norm", "train/loss", "val/auc", "epoch/train_loss"} <= tags
+    assert {"train/lr", "train/grad_norm", "train/loss", "val/auc", "epoch/train_loss", "train/mfu", "epoch/mfu"} <= tags
     assert [e.step for e in acc.Scalars("val/loss")] == [8, 16, 24]
     assert acc.Scalars("val/loss")[0].value == pytest.approx(rows[0]["val_loss"], rel=1e-5)
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))

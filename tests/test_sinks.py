@@ -191,16 +191,19 @@ def test_steps_jsonl_has_one_line_per_call(tmp_path):
     )
     sinks.step(20, {"train/loss": 0.6, "train/lr_head": 2e-4})
     # Line-buffered: readable before close().
-    lines = (tmp_path / "steps.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [
+    rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    # Each row carries its wall-clock time (time to first step, step rates).
+    assert all(abs(r.pop("time") - time.time()) < 60 for r in rows)
+    assert rows == [
         {"step": 10, "train/loss": 0.7, "train/lr_head": 1e-4, "train/grad_norm": None},
         {"step": 20, "train/loss": 0.6, "train/lr_head": 2e-4},
     ]
     sinks.close()
     sinks.close()  # idempotent
     sinks.step(30, {"train/loss": 0.5})  # after close the jsonl still records
-    last = (tmp_path / "steps.jsonl").read_text().splitlines()[-1]
-    assert json.loads(last) == {"step": 30, "train/loss": 0.5}
+    last = json.loads((tmp_path / "steps.jsonl").read_text().splitlines()[-1])
+    last.pop("time")
+    assert last == {"step": 30, "train/loss": 0.5}
 
 
 def test_non_main_rank_writes_nothing(tmp_path, monkeypatch, capsys):
