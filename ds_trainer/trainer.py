@@ -1,9 +1,9 @@
 """The Trainer facade: a model and loaders in, a DeepSpeed-trained detector out.
 
 One training step, top to bottom: `_train_epoch` → `engine(inputs)` → `calculate_loss` →
-`engine.backward` → `engine.step`. Per micro-batch the host syncs once, for the non-finite
-loss check (a one-element flag); the loss, grad norm, samples/s and MFU are read every
-`log_every_n_steps` optimizer steps.
+`engine.backward` → `engine.step`. The host reads from the device every `log_every_n_steps`
+optimizer steps (loss, grad norm, samples/s, MFU, and the deferred non-finite check), not per step;
+only `training.on_nonfinite: skip` needs a one-element sync per micro-batch (see nonfinite.py).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ds_trainer.metrics import (
     gather_objects,
     per_generator_metrics,
 )
+from ds_trainer.nonfinite import NonFiniteGuard
 from ds_trainer.preemption import PreemptionGuard
 from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_enabled
 
@@ -111,8 +112,7 @@ class Trainer:
         self.last_predictions: dict[str, Any] | None = None  # the last evaluate()'s per-image scores
         self._lock: Any = None  # checkpoint_dir's DirLock while train() runs (rank 0)
         self._micro_steps = 0  # micro-batches trained in this process (fault injection counts them)
-        self._nonfinite_in_a_row = 0
-        self._nonfinite_total = 0
+        self.nonfinite: NonFiniteGuard | None = None  # training.on_nonfinite, from _setup on
         self.mfu: MfuMeter | None = None  # logging.mfu: FLOPs per sample (counted at the first step) vs peak
         self._data_wait = 0.0  # seconds this epoch's loop spent blocked on the train loader
         self._rate_mark = (0.0, 0)  # (perf_counter, global step) of the last samples/s + MFU reading
@@ -166,6 +166,7 @@ class Trainer:
         else:
             self._init_eval_engine(env)
         self.device = torch_device(env)
+        self.nonfinite = NonFiniteGuard(self.t.on_nonfinite, self.t.max_nonfinite_steps, self.device, env.world_size)
         if self.device.type == "cpu":
             # Near convergence Adam's moments underflow into denormals, which x86 CPUs process
             # ~100x slower (measured: 5 vs 350 samples/s on the tiny model); flush them to zero.
@@ -377,13 +378,12 @@ class Trainer:
             self._micro_steps += 1
             if faults.nan_loss(self._micro_steps, self.env.rank):
                 loss = loss * float("nan")
-            if not self._loss_finite_everywhere(loss):
+            keys = batch.get("key", ()) if isinstance(batch, Mapping) else ()
+            if not self.nonfinite.admit(loss, self._micro_steps, epoch, int(engine.global_steps) + 1, keys):
                 # No backward and no engine.step(): this batch never reaches an update (on_nonfinite skip).
-                self._on_nonfinite(epoch, batch)
                 nonfinite += 1
                 bar.update(1)
                 continue
-            self._nonfinite_in_a_row = 0
             with flops.count() if flops is not None else contextlib.nullcontext():
                 engine.backward(loss)
             if flops is not None:
@@ -401,6 +401,8 @@ class Trainer:
             seen += n
             bar.update(1)
             if lrs is not None:
+                if log_now:
+                    self.nonfinite.check()  # stop: raise before a non-finite loss is logged as a number
                 self._log_step(lrs, loss if log_now else None, norm, bar)
                 if self._lock is not None:
                     self._lock.refresh()
@@ -410,6 +412,7 @@ class Trainer:
                     self._save_preempted(epoch, batches_done=i + 1)
         bar.close()
         elapsed = time.perf_counter() - start
+        self.nonfinite.check()
         local = [loss_sum, correct, seen, torch.tensor(float(bad), device=self.device),
                  torch.tensor(self._data_wait, device=self.device)]  # fmt: skip
         totals = all_reduce_sum(torch.stack([x.float() for x in local]))
@@ -444,33 +447,6 @@ class Trainer:
                 return
             self._data_wait += time.perf_counter() - t0
             yield batch
-
-    def _loss_finite_everywhere(self, loss: torch.Tensor) -> bool:
-        """One flag for all ranks (they must all skip, or all step: ZeRO's backward is collective)."""
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if self.env is not None and self.env.world_size > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return not bool(bad.item())
-
-    def _on_nonfinite(self, epoch: int, batch: Any) -> None:
-        keys = list(batch.get("key", [])) if isinstance(batch, Mapping) else []
-        all_keys = [k for part in gather_objects([keys]) for k in part]  # every rank took this branch
-        shown = ", ".join(map(str, all_keys[:6])) + (f" (+{len(all_keys) - 6} more)" if len(all_keys) > 6 else "")
-        where = (f"epoch {epoch}, optimizer step {int(self.engine.global_steps) + 1}, micro-batch {self._micro_steps}; "
-                 f"samples: {shown or 'unnamed'}")  # fmt: skip
-        if self.t.on_nonfinite == "stop":
-            raise TrainingError(
-                f"non-finite loss at {where}. Lower training.learning_rate, check those images, or set "
-                "training.on_nonfinite: skip"
-            )
-        self._nonfinite_in_a_row += 1
-        self._nonfinite_total += 1
-        log.warning("non-finite loss at %s: batch skipped (%d in a row)", where, self._nonfinite_in_a_row)
-        if self._nonfinite_in_a_row >= self.t.max_nonfinite_steps:
-            raise TrainingError(
-                f"{self._nonfinite_in_a_row} non-finite losses in a row (training.max_nonfinite_steps), the last at "
-                f"{where}. Training diverged: lower training.learning_rate or resume from an earlier checkpoint"
-            )
 
     def _check_weights_finite(self, tag: str) -> None:
         """Never write (or call best) a checkpoint whose weights hold NaN/Inf."""
@@ -674,6 +650,8 @@ class Trainer:
     def save_checkpoint(self, tag: str, update_latest: bool = True) -> Path:
         self._setup()
         self._require_training("save_checkpoint()")
+        if self.nonfinite is not None:
+            self.nonfinite.check()  # the deferred loss check first: its message names the batch
         self._check_weights_finite(tag)
         tag_dir = checkpoint.save(self.engine, self.t.checkpoint_dir, tag, self._state(), update_latest)
         console().info("Saving checkpoint to: %s", tag_dir)

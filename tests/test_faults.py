@@ -223,6 +223,57 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_shard
     assert_same_run(tmp_path, uninterrupted)
 
 
+def test_stop_policy_checks_without_a_host_sync_per_step(monkeypatch):
+    from ds_trainer.errors import TrainingError
+    from ds_trainer.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard("stop", 10, torch.device("cpu"), world_size=1)
+    real_item = torch.Tensor.item
+
+    def no_sync(self):
+        raise AssertionError("a host sync in the step loop")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    losses = [1.0, 0.5, float("nan"), float("inf"), 0.2]
+    for micro, value in enumerate(losses, start=1):
+        assert guard.admit(torch.tensor(value), micro, epoch=2, opt_step=micro, keys=[f"k{micro}a", f"k{micro}b"])
+    monkeypatch.setattr(torch.Tensor, "item", real_item)
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, optimizer step 3, micro-batch 3; "
+                                            r"samples: k3a, k3b\. Lower"):  # fmt: skip
+        guard.check()
+    guard.check()  # reported once; nothing pending after it
+    clean = NonFiniteGuard("stop", 10, torch.device("cpu"), world_size=1)
+    clean.admit(torch.tensor(0.3), 1, 1, 1, [])
+    clean.check()
+
+
+def test_skip_policy_decides_per_micro_batch():
+    from ds_trainer.errors import TrainingError
+    from ds_trainer.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard("skip", 2, torch.device("cpu"), world_size=1)
+    assert guard.admit(torch.tensor(1.0), 1, 1, 1, [])
+    assert not guard.admit(torch.tensor(float("nan")), 2, 1, 2, ["a"])
+    assert guard.admit(torch.tensor(1.0), 3, 1, 2, []) and guard.in_a_row == 0
+    assert not guard.admit(torch.tensor(float("nan")), 4, 1, 3, [])
+    with pytest.raises(TrainingError, match="2 non-finite losses in a row"):
+        guard.admit(torch.tensor(float("inf")), 5, 1, 3, [])
+
+
+@pytest.mark.distributed
+def test_nan_on_one_rank_stops_both_at_the_deferred_check(tmp_path, tiny_shards):
+    # log_every_n_steps 5: rank 1's loss turns NaN at micro-batch 3; both ranks learn it at step 5's check.
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
+                       logging={"log_every_n_steps": 5})  # fmt: skip
+    out = launch(cfg, fault="nan:step=3:rank=1")
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-3000:]
+    assert re.search(r"non-finite loss at epoch 1, optimizer step 3, micro-batch 3; samples: \S+", text), text[-3000:]
+    assert not (tmp_path / "ckpt" / LATEST).exists()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert all(s["step"] < 5 for s in steps)  # step 5 raised before logging a NaN loss
+
+
 def test_injected_faults_are_parsed_strictly():
     from ds_trainer.faults import parse
 
