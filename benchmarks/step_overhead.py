@@ -5,13 +5,17 @@ the same pre-loaded batches and the same DeepSpeed JSON (the one the Trainer der
 
   (a) engine:  deepspeed.initialize -> engine(x), engine.backward(loss), engine.step(), with the
                Trainer's four parameter groups (so only the loop differs)
-  (b) trainer: ds_trainer.Trainer(...).train() for one epoch over the batches (its own step timing,
-               `epoch_time_s`, which excludes checkpointing and evaluation)
+  (b) trainer: ds_trainer.Trainer(...).train() for one epoch over the batches, with its default
+               logging (TensorBoard, steps.jsonl, MFU); timed from the wall-clock `time` of each
+               optimizer step's steps.jsonl row
   (c) torch:   the model, torch.optim.AdamW (same groups) and clip_grad_norm_, no DeepSpeed
 
-Each repeat runs the three in turn (the order rotates) in this one process, so the ratios b/a and
-a/c are measured under the same machine load; the result is the median and range over repeats.
-This machine is noisy: only the ratios mean anything.
+Step time is the steady state: from the end of step `--skip` to the end of the last step, divided
+by the steps in between, the same for all three (the Trainer's one-off costs at its first step, such
+as counting the model's FLOPs for MFU, are start-up, like DeepSpeed's own first step). Each repeat
+runs the three in turn (the order rotates) in this one process, so the ratios b/a and a/c are
+measured under the same machine load; the result is the median and range over repeats. This
+machine is noisy: only the ratios mean anything.
 
     python benchmarks/step_overhead.py                       # about 2-4 minutes on 2 cores
     python benchmarks/step_overhead.py --steps 20 --repeats 3 --out results/step_overhead.json
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt_spread, md_table, spread, write_result
 
 
 def small_clip_dir(root: Path, image_size: int, hidden: int, layers: int) -> Path:
@@ -64,20 +69,39 @@ def build_model(model_dir: Path) -> torch.nn.Module:
     return CLIPModel(str(model_dir))
 
 
-def run_trainer(model_dir: Path, batches: list, args: argparse.Namespace, work: Path) -> tuple[float, dict]:
+def run_trainer(model_dir: Path, batches: list, args: argparse.Namespace, work: Path) -> tuple[float, dict, Any]:
     from ds_trainer import Trainer
 
     run_dir = work / f"trainer-{time.monotonic_ns()}"
     trainer = Trainer(build_model(model_dir), batches, None, device="cpu" if args.cpu else None,
                       checkpoint_dir=str(run_dir / "ckpt"), run_dir=run_dir, num_epochs=1, warmup_epochs=0,
                       batch_size=args.batch_size, learning_rate=1e-4, zero_stage=args.zero_stage,
-                      save_frequency=0)  # fmt: skip
-    (row,) = trainer.train()
+                      save_frequency=0, precision="fp32")  # fmt: skip
+    trainer.train()
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
-    return row["epoch_time_s"] / len(batches), ds_config
+    times = [json.loads(line)["time"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    return steady_step_time(times, args.skip), ds_config, trainer.mfu
 
 
-def run_engine(model_dir: Path, batches: list, ds_config: dict) -> float:
+def steady_step_time(step_ends: list[float], skip: int) -> float:
+    """Mean time per step after the first `skip` steps, from each step's end time."""
+    skip = min(skip, len(step_ends) - 2)
+    if skip < 0:
+        raise ValueError("need at least 2 timed steps")
+    return (step_ends[-1] - step_ends[skip]) / (len(step_ends) - 1 - skip)
+
+
+_FORCE_CPU = False  # --cpu
+
+
+def _sync() -> None:
+    """On a GPU, wait for the step to finish before reading the clock (the Trainer's per-step
+    non-finite check syncs the same way), so host time is device time."""
+    if torch.cuda.is_available() and not _FORCE_CPU:
+        torch.cuda.synchronize()
+
+
+def run_engine(model_dir: Path, batches: list, ds_config: dict, skip: int) -> float:
     import deepspeed
 
     from ds_trainer.config import TrainingSection
@@ -90,17 +114,20 @@ def run_engine(model_dir: Path, batches: list, ds_config: dict) -> float:
                         weight_decay=ds_config["optimizer"]["params"].get("weight_decay", 0.0))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t), config=ds_config)
     device, dtype = engine.device, next(engine.module.parameters()).dtype
-    start = time.perf_counter()
+    ends = []
     for x, y in batches:
         out = engine(x.to(device, dtype))
         loss = F.cross_entropy(out.float(), y.to(device))
         engine.backward(loss)
         engine.step()
-    return (time.perf_counter() - start) / len(batches)
+        _sync()
+        ends.append(time.time())
+    return steady_step_time(ends, skip)
 
 
-def run_torch(model_dir: Path, batches: list, ds_config: dict) -> float:
-    model = build_model(model_dir)
+def run_torch(model_dir: Path, batches: list, ds_config: dict, skip: int) -> float:
+    device = torch.device("cuda" if torch.cuda.is_available() and not _FORCE_CPU else "cpu")
+    model = build_model(model_dir).to(device)
     from ds_trainer.config import TrainingSection
     from ds_trainer.optim import param_groups
 
@@ -109,19 +136,17 @@ def run_torch(model_dir: Path, batches: list, ds_config: dict) -> float:
     t = TrainingSection(learning_rate=opt_params["lr"], weight_decay=opt_params.get("weight_decay", 0.0))
     opt = torch.optim.AdamW(param_groups(model, t))
     clip = ds_config.get("gradient_clipping")
-    start = time.perf_counter()
+    ends = []
     for x, y in batches:
-        loss = F.cross_entropy(model(x).float(), y)
+        loss = F.cross_entropy(model(x.to(device)).float(), y.to(device))
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / len(batches)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        _sync()
+        ends.append(time.time())
+    return steady_step_time(ends, skip)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,14 +154,17 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per contender per repeat")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip", type=int, default=3, help="steps not timed at the start of each run (warm-up)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--hidden", type=int, default=256, help="width of the random-init CLIP vision tower")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
-    p.add_argument("--out", default="benchmarks/results/step_overhead.json", help="JSON result")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/step_overhead.json)")
     args = p.parse_args(argv)
+    global _FORCE_CPU
+    _FORCE_CPU = args.cpu
 
     from ds_trainer.distributed import init_distributed
 
@@ -147,41 +175,52 @@ def main(argv: list[str] | None = None) -> int:
         n_params = sum(p.numel() for p in build_model(model_dir).parameters())
         batches = make_batches(args.steps, args.batch_size, args.image_size)
         warm = make_batches(3, args.batch_size, args.image_size)
-        _, ds_config = run_trainer(model_dir, warm, args, work)  # warm-up, and the JSON the others use
-        run_engine(model_dir, warm, ds_config)
-        run_torch(model_dir, warm, ds_config)
+        _, ds_config, _ = run_trainer(model_dir, warm, args, work)  # warm-up, and the JSON the others use
+        run_engine(model_dir, warm, ds_config, 0)
+        run_torch(model_dir, warm, ds_config, 0)
         times: dict[str, list[float]] = {"trainer": [], "engine": [], "torch": []}
+        meters = []  # the Trainer's MFU meter per repeat: FLOPs per sample and the CPU's measured peak
         order = ["trainer", "engine", "torch"]
         for r in range(args.repeats):
             for name in order[r % 3:] + order[: r % 3]:
                 if name == "trainer":
-                    times[name].append(run_trainer(model_dir, batches, args, work)[0])
+                    step_time, _, meter = run_trainer(model_dir, batches, args, work)
+                    times[name].append(step_time)
+                    meters.append(meter)
                 elif name == "engine":
-                    times[name].append(run_engine(model_dir, batches, ds_config))
+                    times[name].append(run_engine(model_dir, batches, ds_config, args.skip))
                 else:
-                    times[name].append(run_torch(model_dir, batches, ds_config))
+                    times[name].append(run_torch(model_dir, batches, ds_config, args.skip))
     trainer_over_engine = [t / e for t, e in zip(times["trainer"], times["engine"])]
     engine_over_torch = [e / t for e, t in zip(times["engine"], times["torch"])]
-    result: dict[str, Any] = {
-        "benchmark": "step_overhead",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else None,
-                    "torch_threads": torch.get_num_threads()},
-        "settings": {**vars(args), "parameters": n_params, "zero_stage": ds_config["zero_optimization"]["stage"],
-                     "precision": "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"},
-        "step_time_s": {k: spread(v) for k, v in times.items()},
-        "trainer_over_engine": spread(trainer_over_engine),
-        "engine_over_torch": spread(engine_over_torch),
-        "raw": times,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-    }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    toe, eot = result["trainer_over_engine"], result["engine_over_torch"]
-    print(f"step_overhead: trainer/engine step time {toe['median']:.3f} (range {toe['min']:.3f}-{toe['max']:.3f}), "
-          f"engine/torch {eot['median']:.3f} (range {eot['min']:.3f}-{eot['max']:.3f}), {args.repeats} repeats of "
-          f"{args.steps} steps, {n_params / 1e6:.1f} M params; {out}")  # fmt: skip
+    toe, eot = spread(trainer_over_engine), spread(engine_over_torch)
+    # MFU of each contender: the Trainer's counted FLOPs per sample x samples/s over the matmul rate
+    # measured in the same repeat (the Trainer measures it at start-up).
+    flops_per_sample = meters[0].flops_per_sample
+    peaks = [m.peak.per_device for m in meters]
+    mfu = {k: spread([flops_per_sample * args.batch_size / t / peak for t, peak in zip(v, peaks)])
+           for k, v in times.items()}  # fmt: skip
+    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    stage = ds_config["zero_optimization"]["stage"]
+    names = {"trainer": "`ds_trainer.Trainer`", "engine": "bare DeepSpeed engine loop (same groups, same JSON)",
+             "torch": "plain PyTorch (AdamW, clipping)"}
+    markdown = md_table(["contender", "step time, s (median, range)", "MFU vs measured matmul peak"],
+                        [[names[k], fmt_spread(spread(v)), fmt_spread(mfu[k])] for k, v in times.items()])
+    markdown += "\n\n" + md_table(["ratio (per repeat)", "median (range)", "target"], [
+        ["Trainer / engine", fmt_spread(toe), "≤ 1.03"], ["engine / PyTorch", fmt_spread(eot), "-"]])
+    markdown += (f"\n\n{args.repeats} repeats × {args.steps} steps (first {args.skip} untimed), batch "
+                 f"{args.batch_size}, {args.image_size} px, random-init CLIP vision tower {args.hidden} wide × "
+                 f"{args.layers} layers = {n_params / 1e6:.1f} M parameters, ZeRO {stage}, {precision}, one rank. "
+                 f"MFU: {flops_per_sample / 1e9:.3g} GFLOP per sample (forward + backward, counted by the Trainer "
+                 f"with FlopCounterMode) × samples/s, over the {meters[0].peak.source} rate measured in the "
+                 f"same repeat (median {statistics.median(peaks) / 1e9:.0f} GFLOP/s).")
+    summary = (f"trainer/engine step time {fmt_spread(toe)}, engine/torch {fmt_spread(eot)}, {args.repeats} repeats "
+               f"of {args.steps} steps, {n_params / 1e6:.1f} M params")
+    write_result("step_overhead", args.out, argv, summary, markdown,
+                 settings={**vars(args), "parameters": n_params, "zero_stage": stage, "precision": precision},
+                 step_time_s={k: spread(v) for k, v in times.items()}, trainer_over_engine=toe,
+                 engine_over_torch=eot, raw=times, mfu=mfu, flops_per_sample=flops_per_sample,
+                 peak_flops=peaks)  # fmt: skip
     return 0
 
 

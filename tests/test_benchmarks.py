@@ -23,3 +23,5 @@ def test_step_overhead_writes_its_ratios(tmp_path):
         assert len(result["raw"][name]) == 1 and result["raw"][name][0] > 0
     assert result["trainer_over_engine"]["median"] > 0 and result["settings"]["zero_stage"] == 1
     assert "step_overhead: trainer/engine step time" in proc.stdout
+    assert result["flops_per_sample"] > 0 and all(0 < result["mfu"][k]["median"] < 1 for k in result["raw"])
+    assert "| Trainer / engine |" in result["markdown"] and result["machine"]["cpus"] >= 1
