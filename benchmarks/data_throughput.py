@@ -15,6 +15,8 @@ faster than here, so scale it by the GPU step rate you measure there.
 With crop=resize and --draft, JPEGs of at least twice the crop size are also timed without the
 draft fast path (PIL `Image.draft`: libjpeg decodes at 1/2, 1/4 or 1/8 scale) and the speed-up
 is printed.
+
+The result goes to benchmarks/results/data_throughput.json (`--out`), through common.write_result.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 # The model must be local: a benchmark should not hang on, or wait for, a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +38,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import md_table, write_result
 from ds_trainer.data.pipeline import make_shard_loader
 from ds_trainer.data.shards import write_shards
 from ds_trainer.data.transforms import Preprocess
@@ -102,14 +106,16 @@ def _write_tree(src: Path, sizes: list[int], formats: list[str], per_set: int) -
                 (label_dir / f"{i:05d}.{ext}").symlink_to(files[i % len(files)])
 
 
-def time_loader(shards: Path, generator: str, pre: Preprocess, args: argparse.Namespace) -> Row:
-    """Steady-state images/s: the clock starts once every worker has delivered its first batch."""
-    loader = make_shard_loader(
-        shards, "train", batch_size=args.batch_size, train=True, generators=[generator],
-        num_workers=args.workers, image_size=pre.image_size, shuffle_buffer=64, preprocess=pre,
-    )  # fmt: skip
+def steady_rate(loader: Any, batches: int) -> tuple[float, int]:
+    """(steady-state images/s of a ShardLoader, its worker processes).
+
+    The clock starts once every worker has delivered its first batch (worker start-up excluded),
+    then `batches` batches are timed; the loader must be at least workers + batches long.
+    """
     workers = loader.plan().num_workers
     warm = max(workers, 1)
+    if len(loader) < warm + batches:
+        raise ValueError(f"the loader has {len(loader)} batches; timing {batches} after {warm} needs {warm + batches}")
     start = 0.0
     timed = 0
     for i, batch in enumerate(loader):
@@ -117,11 +123,20 @@ def time_loader(shards: Path, generator: str, pre: Preprocess, args: argparse.Na
             start = time.perf_counter()
         elif i >= warm:
             timed += batch["pixel_values"].shape[0]
-        if i + 1 == warm + args.batches:
+        if i + 1 == warm + batches:
             break
-    elapsed = time.perf_counter() - start
+    return timed / (time.perf_counter() - start), workers
+
+
+def time_loader(shards: Path, generator: str, pre: Preprocess, args: argparse.Namespace) -> Row:
+    """Steady-state images/s of the train loader over one synthetic shard set."""
+    loader = make_shard_loader(
+        shards, "train", batch_size=args.batch_size, train=True, generators=[generator],
+        num_workers=args.workers, image_size=pre.image_size, shuffle_buffer=64, preprocess=pre,
+    )  # fmt: skip
+    rate, workers = steady_rate(loader, args.batches)
     size, fmt = int(generator.lstrip("jpegn")), generator.rstrip("0123456789")
-    return Row(size, fmt, timed / elapsed, workers)
+    return Row(size, fmt, rate, workers)
 
 
 def time_train_step(model_name: str, batch_size: int, steps: int) -> tuple[float, int]:
@@ -144,6 +159,15 @@ def time_train_step(model_name: str, batch_size: int, steps: int) -> tuple[float
     for _ in range(steps):
         step()
     return steps * batch_size / (time.perf_counter() - start), model.image_size
+
+
+def write_tree(src: Path, shards: Path, sizes: list[int], formats: list[str], per_set: int, workers: int) -> None:
+    """Synthetic GenImage-like shard sets (generators `<fmt><size>`, e.g. jpeg128) of `per_set` train images each.
+
+    At least one shard per worker, or plan_rank would leave workers idle.
+    """
+    _write_tree(src, sizes, formats, per_set)
+    write_shards(src, shards, max_count=-(-per_set // max(workers, 1)), workers=1, progress=False)
 
 
 def _table(rows: list[Row], step_rate: float) -> str:
@@ -174,6 +198,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     # 1 thread: a per-core figure like the loader's; on a shared machine OpenMP threads also spin-wait
     # on each other (2 threads measured 40x slower than 1 here under load)
     p.add_argument("--threads", type=int, default=1, help="torch threads for the train step (0: torch's default)")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/data_throughput.json)")
     return p.parse_args(argv)
 
 
@@ -196,10 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="ds_trainer_bench_") as tmp:
         src, shards = Path(tmp) / "src", Path(tmp) / "shards"
         t0 = time.perf_counter()
-        _write_tree(src, sizes, formats, per_set)
-        # >= one shard per worker, or plan_rank would leave workers idle
-        max_count = -(-per_set // max(args.workers, 1))
-        write_shards(src, shards, max_count=max_count, workers=1, progress=False)
+        write_tree(src, shards, sizes, formats, per_set, args.workers)
         print(f"wrote {len(sizes) * len(formats)} shard sets of {per_set} images in {time.perf_counter() - t0:.1f}s")
         print(f"loader: crop={args.crop} draft={args.draft} blur_prob={args.blur_prob} jpeg_prob={args.jpeg_prob}\n")
 
@@ -207,12 +229,58 @@ def main(argv: list[str] | None = None) -> None:
         print(_table(rows, step_rate))
 
         large = [r for r in rows if r.fmt == "jpeg" and r.size >= 2 * image_size]
+        drafts = []
         if args.draft and args.crop == "resize" and large:
             print("\ndraft fast path, JPEG (same run):")
             for r in large:
                 off = time_loader(shards, f"jpeg{r.size}", replace(pre, draft=False), args)
+                drafts.append({"size": r.size, "draft_img_s": r.loader, "no_draft_img_s": off.loader,
+                               "speedup": r.loader / off.loader})  # fmt: skip
                 print(f"{r.size:>5}²  draft {r.loader:7.1f} img/s  no draft {off.loader:7.1f} img/s  "
                       f"speed-up x{r.loader / off.loader:.2f}")  # fmt: skip
+    _write(args, argv, rows, drafts, step_rate, image_size)
+
+
+def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[Row], drafts: list[dict], step_rate: float,
+           image_size: int) -> None:  # fmt: skip
+    threads = torch.get_num_threads()
+    table = md_table(
+        ["image", "format", "loader img/s", "workers", "img/s per worker", "loader / step", "cores to feed the step"],
+        [[f"{r.size}²", r.fmt, f"{r.loader:.1f}", r.workers, f"{r.per_core:.1f}", f"{r.loader / step_rate:.2f}",
+          f"{step_rate / r.per_core:.1f}"] for r in rows],
+    )  # fmt: skip
+    if drafts:
+        table += "\n\n" + md_table(
+            ["JPEG", "draft img/s", "no draft img/s", "speed-up"],
+            [[f"{d['size']}²", f"{d['draft_img_s']:.1f}", f"{d['no_draft_img_s']:.1f}", f"x{d['speedup']:.2f}"]
+             for d in drafts],
+        )  # fmt: skip
+    markdown = (
+        f"{table}\n\nSteady-state images/s of `make_shard_loader(train=True)` (decode, crop={args.crop}, "
+        f"draft={args.draft}, normalise to {image_size} px; batch {args.batch_size}, {args.batches} timed batches "
+        "after worker start-up) over synthetic GenImage-like shards (JPEG q96 like the reals, PNG like the fakes), "
+        "against the CPU train step "
+        f"of `{args.model}` (forward + backward + AdamW, {threads} torch thread(s)): {step_rate:.1f} img/s. "
+        "`cores to feed the step` = step rate / loader rate per worker; on a GPU scale it by the GPU step rate. "
+        "One run on a shared 2-core machine: compare rows, not absolute numbers."
+    )
+    slowest, fastest = min(rows, key=lambda r: r.per_core), max(rows, key=lambda r: r.per_core)
+    summary = (
+        f"loader {slowest.per_core:.1f} img/s per worker ({slowest.size}² {slowest.fmt}) to {fastest.per_core:.1f} "
+        f"({fastest.size}² {fastest.fmt}); feeding the {args.model} CPU step ({step_rate:.0f} img/s) takes "
+        f"{step_rate / fastest.per_core:.1f}-{step_rate / slowest.per_core:.1f} loader cores"
+    )
+    settings = {k: getattr(args, k) for k in ("batch_size", "workers", "batches", "crop", "draft", "blur_prob",
+                                              "jpeg_prob", "model", "steps")}  # fmt: skip
+    settings.update(sizes=sorted({r.size for r in rows}), formats=sorted({r.fmt for r in rows}), threads=threads,
+                    image_size=image_size)  # fmt: skip
+    write_result(
+        "data_throughput", args.out, argv, summary, markdown, settings=settings, step_img_s=step_rate,
+        rows=[{"size": r.size, "format": r.fmt, "loader_img_s": r.loader, "workers": r.workers,
+               "img_s_per_worker": r.per_core, "loader_over_step": r.loader / step_rate,
+               "cores_per_step": step_rate / r.per_core} for r in rows],
+        draft=drafts,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -371,6 +371,23 @@ def _share_cpu_threads() -> None:
     torch.set_num_threads(max(1, threads))
 
 
+def reserve_cpu_threads(loader_workers: int) -> int | None:
+    """On a CPU, leave one core per data-loader worker process: torch threads = this rank's share - workers.
+
+    Decoding workers and the step's OpenMP threads on the same cores oversubscribe them, and OpenMP
+    threads spin-wait on each other when a core is taken: measured here (2 cores, 1 worker) the
+    tiny model's step ran 10-20x slower with 2 threads than with 1 (benchmarks/train_throughput.py).
+    OMP_NUM_THREADS, when set, is the user's choice and wins. Returns the new thread count, or None.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if loader_workers <= 0 or get_accelerator().device_name() != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    threads = max(1, torch.get_num_threads() - loader_workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _cpu_has_fast_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()

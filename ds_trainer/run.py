@@ -53,7 +53,7 @@ def _loaders(cfg: Config, env: Any, train: bool) -> tuple[Any, Any]:
     d = cfg.data
     common = dict(
         rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, image_size=d.image_size, seed=cfg.seed,
-        preprocess=Preprocess.from_config(d, draft=d.jpeg_draft),
+        preprocess=Preprocess.from_config(d, draft=d.jpeg_draft), pin_memory=d.pin_memory,
     )  # fmt: skip
     eval_batch = d.eval_batch_size or cfg.training.batch_size
     train_loader = None

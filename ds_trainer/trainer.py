@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ds_trainer import checkpoint, faults, optim
 from ds_trainer.config import Config, TrainingSection, build_config
-from ds_trainer.distributed import DistEnv, detect_device, init_distributed, torch_device
+from ds_trainer.distributed import DistEnv, detect_device, init_distributed, reserve_cpu_threads, torch_device
 from ds_trainer.ds_compat import patch_universal_loading
 from ds_trainer.ds_config import build_ds_config
 from ds_trainer.ds_config import optimizer_steps_per_epoch as optim_steps_per_epoch
@@ -171,6 +171,9 @@ class Trainer:
             # Near convergence Adam's moments underflow into denormals, which x86 CPUs process
             # ~100x slower (measured: 5 vs 350 samples/s on the tiny model); flush them to zero.
             torch.set_flush_denormal(True)
+            threads = reserve_cpu_threads(max(self._loader_workers(self.train_loader), self._loader_workers(self.val_loader)))
+            if threads is not None:
+                log.info("torch threads: %d (one core left to each train loader worker)", threads)
         self.input_dtype = (
             torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else torch.float32
         )
@@ -301,6 +304,15 @@ class Trainer:
             pin_memory=loader.pin_memory,
             drop_last=train,
         )
+
+    @staticmethod
+    def _loader_workers(loader: Iterable | None) -> int:
+        """Worker processes a train loader runs beside the step (a ShardLoader's planned ones)."""
+        if loader is None:
+            return 0
+        if hasattr(loader, "plan"):
+            return int(loader.plan().num_workers)
+        return int(getattr(loader, "num_workers", 0) or 0)
 
     def _check_batch_size(self) -> None:
         loader_bs = getattr(self.train_loader, "batch_size", None)

@@ -223,3 +223,74 @@ def test_corrupt_sample_does_not_stop_training(corrupt: Path, num_workers: int) 
     batches = _epoch(loader)
     assert len(batches) == len(loader) == 4
     assert all(len(b["key"]) == 2 for b in batches)
+
+
+# ---------------------------------------------------------------- pin memory (data.pin_memory)
+
+
+def _spy_dataloader(monkeypatch) -> list[dict]:
+    """Records the keywords ShardLoader gives its torch DataLoader (which is built without pinning)."""
+    from ds_trainer.data import pipeline
+
+    calls: list[dict] = []
+    real = pipeline.DataLoader
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **{**kwargs, "pin_memory": False})
+
+    monkeypatch.setattr(pipeline, "DataLoader", spy)
+    return calls
+
+
+def test_pin_memory_needs_cuda(single: Path, monkeypatch) -> None:
+    calls = _spy_dataloader(monkeypatch)
+    assert not torch.cuda.is_available()  # this test describes the CPU machine the suite runs on
+    loader = _loader(single, "train", batch_size=4, train=True, num_workers=0, pin_memory=True)
+    assert len(_epoch(loader)) == 2
+    assert loader.requested_pin_memory and calls[-1]["pin_memory"] is False
+    # where CUDA is available the flag is what the DataLoader gets
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for asked in (True, False):
+        loader = _loader(single, "train", batch_size=4, train=True, num_workers=0, pin_memory=asked)
+        _epoch(loader)
+        assert calls[-1]["pin_memory"] is asked
+
+
+def test_pin_memory_reaches_the_loaders_from_the_config(single: Path) -> None:
+    from ds_trainer.config import Config
+    from ds_trainer.distributed import DistEnv
+    from ds_trainer.run import _loaders
+
+    for asked in (True, False):
+        cfg = Config(data={"shards": str(single), "image_size": 32, "num_workers": 0, "pin_memory": asked},
+                     training={"batch_size": 4})  # fmt: skip
+        train, val = _loaders(cfg, DistEnv(rank=0, local_rank=0, world_size=1), train=True)
+        assert train.requested_pin_memory is asked and val.requested_pin_memory is asked
+        assert train.pin_memory is (asked and torch.cuda.is_available())
+
+
+def test_pinned_batches_keep_their_structure(single: Path, corrupt: Path, monkeypatch) -> None:
+    """torch's pin step (DataLoader pin_memory=True) on the loader's dict batches: tensors pinned, the rest as is.
+
+    Page-locking needs CUDA, so Tensor.pin_memory is replaced by a copy that marks its result.
+    """
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    def fake_pin(self, device=None):
+        out = self.clone()
+        out.pinned_here = True
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batches = _epoch(_loader(single, "train", batch_size=4, train=True, num_workers=0))
+    batches += _epoch(_loader(corrupt, "val", batch_size=3, train=False, num_workers=0))
+    assert sum(b["bad_samples"] for b in batches) == 1  # the corrupt val image
+    for batch in batches:
+        pinned = pin_memory(batch)
+        assert type(pinned) is dict and pinned.keys() == batch.keys()
+        for name in ("pixel_values", "labels"):
+            assert getattr(pinned[name], "pinned_here", False) and torch.equal(pinned[name], batch[name])
+        for name in ("generator", "key", "bad_samples", "worker", "position"):
+            assert pinned[name] == batch[name] and type(pinned[name]) is type(batch[name])
+        assert all(isinstance(k, str) for k in pinned["key"])

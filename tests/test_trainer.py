@@ -126,3 +126,23 @@ def test_bad_arguments(tmp_path):
     trainer = make_trainer(tmp_path, batch_size=16)
     with pytest.raises(ConfigError, match="batch_size is 16, but train_loader yields batches of 8"):
         trainer.train()
+
+
+@pytest.mark.parametrize("omp", [None, "2"])
+def test_cpu_threads_leave_a_core_to_each_loader_worker(tmp_path, monkeypatch, omp):
+    # Loader workers decoding beside the step's OpenMP threads oversubscribe the cores (measured
+    # 10-20x slower steps on 2 cores); OMP_NUM_THREADS set by the user is left alone.
+    if omp:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    else:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ds = separable_dataset(n=8)
+        trainer = Trainer(CLIPModel(model_name="tiny"), DataLoader(ds, batch_size=4, num_workers=1), None,
+                          device="cpu", num_epochs=1, checkpoint_dir=str(tmp_path / "ckpt"), run_dir=tmp_path / "run")
+        trainer._setup()
+        assert torch.get_num_threads() == (2 if omp else 1)
+    finally:
+        torch.set_num_threads(before)

@@ -447,6 +447,10 @@ class ShardLoader:
     Batches: {"pixel_values": float [B,3,S,S], "labels": long [B], "generator": list[str],
     "key": list[str]}. Call set_epoch(e) before each epoch; the same (seed, epoch, rank,
     world_size, num_workers) always gives the same batches.
+
+    `pin_memory`: on a GPU machine the DataLoader copies each batch's tensors into page-locked
+    memory (its pin thread, off the training loop), so `.to(device, non_blocking=True)` overlaps
+    the copy with compute; strings and counts pass through unchanged. Without CUDA it is off.
     """
 
     def __init__(
@@ -463,6 +467,7 @@ class ShardLoader:
         seed: int = 0,
         name: str = "",
         preprocess: Preprocessor | None = None,
+        pin_memory: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -476,6 +481,9 @@ class ShardLoader:
         self.rank = rank
         self.world_size = world_size
         self.requested_workers = num_workers
+        self.requested_pin_memory = pin_memory
+        # page-locking needs CUDA; on a CPU the DataLoader would only warn and copy for nothing
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.image_size = image_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -573,7 +581,7 @@ class ShardLoader:
             rotate=produced % streams,
         )
         loader = DataLoader(
-            stream, batch_size=None, num_workers=plan.num_workers, persistent_workers=False
+            stream, batch_size=None, num_workers=plan.num_workers, persistent_workers=False, pin_memory=self.pin_memory
         )
         self._consumed = {"epoch": self.epoch, "batches": produced, "positions": positions}
         if self.train and produced >= self._len:
@@ -616,11 +624,13 @@ def make_shard_loader(
     preprocess: Preprocessor | None = None,
     holdout_fraction: float = 0.0,
     holdout: bool = False,
+    pin_memory: bool = True,
 ) -> ShardLoader:
     """Loader over the `split` shards of the shard set in `shard_dir` (see ShardLoader).
 
     `holdout_fraction` > 0 sets aside that share of the split's shards (per generator, spread
     evenly, the same on every run): `holdout=False` reads the rest, `holdout=True` the held-out part.
+    `pin_memory` (data.pin_memory) page-locks batches when CUDA is available, else does nothing.
     """
     manifest = load_manifest(shard_dir)
     shards = manifest.select(split, generators)
@@ -640,6 +650,7 @@ def make_shard_loader(
         seed=seed,
         name=f"{manifest.root}/{split}",
         preprocess=preprocess,
+        pin_memory=pin_memory,
     )
 
 
