@@ -79,6 +79,9 @@ class ModelSection(Section):
             raise ValueError("lora.enabled and freeze_backbone contradict: LoRA trains adapters inside the backbone")
         if self.freeze_backbone and self.mode != "fine-tune":
             raise ValueError(f"freeze_backbone applies to mode fine-tune; mode {self.mode} never trains the backbone")
+        if self.gradient_checkpointing and (self.mode != "fine-tune" or self.freeze_backbone):
+            why = "freeze_backbone trains the head alone" if self.mode == "fine-tune" else f"mode {self.mode} trains no tower"
+            raise ValueError(f"gradient_checkpointing saves activation memory of a trained backbone; {why}, so set it false")
         if self.mode != "fine-tune" and self.num_classes != 2:
             raise ValueError(f"mode {self.mode} scores two prompts (real, ai); num_classes must be 2")
         return self

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def ai_scores(outputs: torch.Tensor) -> torch.Tensor:
@@ -30,6 +29,9 @@ def binary_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] |
     if s.size == 0:
         nan = math.nan
         return {"acc": nan, "real_acc": nan, "fake_acc": nan, "auc": nan, "ap": nan}
+    # Imported here, not at module level: scikit-learn costs ~1 s of every launch's time to first step.
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     pred = (s >= threshold).astype(np.int64)
     real, fake = y == 0, y == 1
     both = real.any() and fake.any()

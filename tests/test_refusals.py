@@ -160,6 +160,11 @@ CASES = [
          train(deepspeed={"zero_stage": 0, "offload_optimizer": "cpu"})),
     Case("lora-zero-shot", "LoRA on a zero-shot model", 2, r"lora applies to mode fine-tune",
          train(model={"mode": "zero-shot", "lora": {"enabled": True}})),
+    Case("checkpointing-frozen", "gradient checkpointing of a frozen backbone", 2,
+         r"gradient_checkpointing saves activation memory of a trained backbone; freeze_backbone",
+         train(model={"freeze_backbone": True, "gradient_checkpointing": True})),
+    Case("attention-kernel", "an attention kernel that does not exist", 2, r"model\.attn_implementation",
+         train(model={"attn_implementation": "flash"})),
     # --- the raw DeepSpeed JSON
     Case("ds-json-missing", "deepspeed.config_file names no file", 2, r"deepspeed\.config_file: .*not found",
          lambda tmp, shards: train(deepspeed={"config_file": str(tmp / "none.json")})(tmp, shards)),

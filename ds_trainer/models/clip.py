@@ -18,6 +18,11 @@ Naming contract: every CLIP weight (towers, projections, LoRA adapters) has `bac
 component of its parameter name, the head is `head.*`, so the Trainer can give the backbone its own
 learning rate without knowing the strategy. In the text modes CLIP's `logit_scale` is a buffer
 (still `backbone.logit_scale` in the state dict), see `_logit_scale_as_buffer`.
+
+Speed switches: `attn_implementation` ("sdpa" or "eager") picks transformers' attention kernel in
+every tower; `gradient_checkpointing` recomputes each vision encoder layer's forward in backward
+instead of keeping its activations (fine-tune only, where the tower trains: full or LoRA).
+benchmarks/speed_switches.py measures both.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class CLIPModel(nn.Module):
         real_prompt: str = "a real photo",
         ai_prompt: str = "an AI-generated image",
         lora: LoraSection | Mapping[str, Any] | None = None,
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -76,6 +83,8 @@ class CLIPModel(nn.Module):
         self.freeze_backbone = freeze_backbone
         self.real_prompt = real_prompt
         self.ai_prompt = ai_prompt
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
         self.tokenizer: Any = None
         if mode == "fine-tune":
             self._build_fine_tune(num_classes, lora_settings)
@@ -86,12 +95,23 @@ class CLIPModel(nn.Module):
     def _build_fine_tune(self, num_classes: int, lora: LoraSection | None) -> None:
         if lora is not None and self.freeze_backbone:
             raise ConfigError("model.lora: LoRA trains adapters inside the backbone; set freeze_backbone to false")
-        tower = load_vision_tower(self.model_name)
+        if self.gradient_checkpointing and self.freeze_backbone:
+            raise ConfigError(
+                "model.gradient_checkpointing: with freeze_backbone only the head trains, so the tower keeps no "
+                "activations for backward and there is nothing to recompute; set it to false"
+            )
+        tower = load_vision_tower(self.model_name, attn_implementation=self.attn_implementation)
         self.vision_config = tower.config
         self.backbone = apply_lora(tower, lora) if lora is not None else tower
         self.head = nn.Linear(tower.config.hidden_size, num_classes)
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
+        if self.gradient_checkpointing:
+            # After peft wrapped the tower (its wrapper would otherwise hook the patch embedding to
+            # require grad, needed by reentrant checkpointing only). The non-reentrant variant
+            # gives LoRA adapters their gradients although the layer inputs do not require grad.
+            # transformers checkpoints each encoder layer's forward while the layer is in training mode.
+            tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def _build_zero_shot(self, num_classes: int, lora: LoraSection | None) -> None:
         if num_classes != 2:
@@ -100,7 +120,14 @@ class CLIPModel(nn.Module):
             raise ConfigError(f"model.lora: LoRA applies to mode fine-tune, not {self.mode}; disable it")
         if self.freeze_backbone:
             raise ConfigError(f"model.freeze_backbone: mode {self.mode} never trains the backbone; leave it false")
-        self.backbone, self.tokenizer = load_clip(self.model_name)
+        if self.gradient_checkpointing:
+            # Zero-shot trains nothing; prompt-tuning (built on this mode) trains only its context,
+            # whose activations are the text tower's on two prompts: no batch-sized memory to save.
+            raise ConfigError(
+                f"model.gradient_checkpointing: applies to mode fine-tune (the vision tower trains); mode {self.mode} "
+                "keeps no batch-sized activations for backward; set it to false"
+            )
+        self.backbone, self.tokenizer = load_clip(self.model_name, attn_implementation=self.attn_implementation)
         self.vision_config = self.backbone.config.vision_config
         self.backbone.requires_grad_(False)
         _logit_scale_as_buffer(self.backbone)

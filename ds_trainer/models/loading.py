@@ -40,6 +40,11 @@ TINY_TEXT_CONFIG = {
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+# transformers' attention kernels we offer (config.model.attn_implementation): "sdpa" is
+# torch.nn.functional.scaled_dot_product_attention (fused kernels on GPU), "eager" is CLIP's own
+# matmul-softmax-matmul. Both compute the same function.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
 
 def _quiet_transformers() -> None:
     # transformers 5 prints a load report and progress bars on every from_pretrained, on every rank.
@@ -66,22 +71,32 @@ def _resolve(model_name: str) -> tuple[str, Path | None]:
     return model_name, None
 
 
-def load_vision_tower(model_name: str) -> nn.Module:
+def load_vision_tower(model_name: str, attn_implementation: str = "sdpa") -> nn.Module:
     """A `transformers.CLIPVisionModel` from a preset name, a local directory or a hub id.
 
-    A full CLIP checkpoint works too: transformers picks its vision half.
+    A full CLIP checkpoint works too: transformers picks its vision half. `attn_implementation`
+    ("sdpa" or "eager") is the attention kernel every layer uses.
     """
+    _check_attn_implementation(attn_implementation)
     _quiet_transformers()
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     if model_name == "tiny":
-        return CLIPVisionModel(CLIPVisionConfig(**TINY_VISION_CONFIG))
-    source, _ = _resolve(model_name)
-    return _from_pretrained(CLIPVisionModel, source, model_name)
+        # A config's `attn_implementation` keyword is what `from_pretrained(..., attn_implementation=)`
+        # sets too; the model checks it is supported when it is built.
+        tower = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION_CONFIG, attn_implementation=attn_implementation))
+    else:
+        source, _ = _resolve(model_name)
+        tower = _from_pretrained(CLIPVisionModel, source, model_name, attn_implementation=attn_implementation)
+    return _checked_attn(tower, attn_implementation, model_name)
 
 
-def load_clip(model_name: str) -> tuple[nn.Module, Any]:
-    """(`transformers.CLIPModel` with both towers, its `CLIPTokenizer`) for the text-using modes."""
+def load_clip(model_name: str, attn_implementation: str = "sdpa") -> tuple[nn.Module, Any]:
+    """(`transformers.CLIPModel` with both towers, its `CLIPTokenizer`) for the text-using modes.
+
+    `attn_implementation` applies to both towers.
+    """
+    _check_attn_implementation(attn_implementation)
     _quiet_transformers()
     from transformers import CLIPConfig, CLIPTokenizer
     from transformers import CLIPModel as HFCLIPModel
@@ -97,13 +112,15 @@ def load_clip(model_name: str) -> tuple[nn.Module, Any]:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-        config = CLIPConfig(text_config=text, vision_config=TINY_VISION_CONFIG, projection_dim=64)
-        return HFCLIPModel(config), tokenizer
+        config = CLIPConfig(text_config=text, vision_config=TINY_VISION_CONFIG, projection_dim=64,
+                            attn_implementation=attn_implementation)  # fmt: skip
+        return _checked_attn(HFCLIPModel(config), attn_implementation, model_name), tokenizer
 
     source, local = _resolve(model_name)
     if local is not None:
         _check_full_clip_directory(local)
-    model, info = _from_pretrained(HFCLIPModel, source, model_name, output_loading_info=True)
+    model, info = _from_pretrained(HFCLIPModel, source, model_name, output_loading_info=True,
+                                   attn_implementation=attn_implementation)  # fmt: skip
     missing = [k for k in info.get("missing_keys", ()) if k.startswith(("text_model.", "text_projection"))]
     if missing:
         raise ConfigError(
@@ -111,7 +128,27 @@ def load_clip(model_name: str) -> tuple[nn.Module, Any]:
             f"{missing[0]}); zero-shot and prompt-tuning need a full CLIP checkpoint, or use mode fine-tune"
         )
     tokenizer = _load_tokenizer(CLIPTokenizer, source, model_name)
-    return model, tokenizer
+    return _checked_attn(model, attn_implementation, model_name), tokenizer
+
+
+def _check_attn_implementation(attn_implementation: str) -> None:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"model.attn_implementation: {attn_implementation!r} is not supported; choose one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+
+
+def _checked_attn(model: nn.Module, attn_implementation: str, name: str) -> nn.Module:
+    """The model, once every (sub-)config says it runs `attn_implementation` (transformers may fall back silently)."""
+    configs = [model.config, *(getattr(model.config, key) for key in model.config.sub_configs)]
+    used = {c._attn_implementation for c in configs if c is not None}
+    if used != {attn_implementation}:
+        raise ConfigError(
+            f"model.attn_implementation: asked for {attn_implementation!r}, but transformers set up {name!r} "
+            f"with {', '.join(sorted(map(str, used)))}; choose another of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    return model
 
 
 def _check_full_clip_directory(path: Path) -> None:
