@@ -27,6 +27,8 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
         "lora": ["peft>=0.10"],
+        # benchmarks/vs_hf_trainer.py: the Hugging Face Trainer as the peer (never a runtime dependency)
+        "bench": ["accelerate>=1.0", "transformers>=5.0"],
     },
     entry_points={"console_scripts": ["ds-trainer=ds_trainer.cli:main"]},
 )

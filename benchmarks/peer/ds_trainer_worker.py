@@ -1,0 +1,66 @@
+"""One rank of the ds_trainer contender of vs_hf_trainer.py (started by the deepspeed launcher).
+
+ds_trainer.Trainer trains one epoch over the saved tensors; rank 0's steps.jsonl (a unix "time" per
+optimizer step) and metrics.jsonl are in --run-dir, and rank 0 copies their timings to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.peer.shared import build_model, load_dataset, trainer_config, write_json
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher may add it
+    args = p.parse_args()
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ds_trainer import Trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dataset = load_dataset(args.data, args.steps * args.batch_size * world)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0,
+                        pin_memory=torch.cuda.is_available())  # as HF's Trainer does
+    trainer = Trainer(build_model(args.model_dir), loader, None,
+                      config=trainer_config(args.run_dir, args.batch_size, args.zero_stage))  # fmt: skip
+    (row,) = trainer.train()
+    if trainer.env is not None and trainer.env.is_main:
+        run_dir = Path(args.run_dir)
+        steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line.strip()]
+        write_json(args.out, {
+            "contender": "ds_trainer",
+            "world_size": world,
+            "step_end_time": [s["time"] for s in steps],
+            "samples_per_s_epoch": row["samples_per_s"],
+            "epoch_time_s": row["epoch_time_s"],
+            "ds_config": json.loads((run_dir / "ds_config.json").read_text()),
+            "train_loss": row["train_loss"],
+            "optimizer": type(trainer.engine.optimizer).__name__,
+            "param_groups": len(trainer.group_names),
+            "torch_threads": torch.get_num_threads(),
+            "finished": time.time(),
+        })  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Smoke test of benchmarks/vs_hf_trainer.py: both contenders launch, train and report on a tiny setting.
+
+The benchmark itself runs with `make bench`, never in `make test`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cmd
+
+
+@pytest.mark.distributed
+def test_vs_hf_trainer_writes_both_rates(tmp_path):
+    out = tmp_path / "vs_hf_trainer.json"
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "vs_hf_trainer.py"), "--hidden", "64", "--layers", "1",
+                    "--image-size", "32", "--batch-size", "4", "--steps", "3", "--world-sizes", "1", "--repeats", "1",
+                    "--out", str(out)], timeout=480)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"settings", "per_world_size", "raw", "summary", "markdown", "machine"} <= set(result)
+    assert result["settings"]["world_sizes"] == [1] and result["settings"]["zero_stage"] == 1
+    one = result["per_world_size"]["1"]
+    for contender in ("ds_trainer", "hf"):
+        assert one["samples_per_s"][contender]["median"] > 0
+        assert one["time_to_first_step_s"][contender]["median"] > 0
+        (run,) = result["raw"]["1"][contender]
+        assert run["samples_per_s"] > 0 and len(run["step_time_s"]) == 2
+    assert one["ratio"]["median"] > 0 and one["ratio_median_step"]["median"] > 0
+    # HF trained with the very JSON ds_trainer derived (accelerate only silences steps_per_print).
+    assert one["ds_config"]["ds_trainer_wrote_the_derived_one"]
+    assert all(d.startswith("steps_per_print") for d in one["ds_config"]["differences"])
+    assert "| world size |" in result["markdown"] and "vs_hf_trainer: 1 rank: ds_trainer/HF" in proc.stdout
+    # Neither launch left DeepSpeed's shared-memory all-reduce buffers behind.
+    for contender in ("ds_trainer", "hf"):
+        port = result["raw"]["1"][contender][0]["master_port"]
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
