@@ -49,10 +49,18 @@ test: ops
 test-fast: ops
 	$(BIN)/python -m pytest tests -m "not distributed" $(PYTEST_ARGS)
 
-# CPU benchmarks (ratios measured in one run; see benchmarks/README.md), results in benchmarks/results/.
-bench: ops
+# CPU benchmarks (ratios measured in one run; see benchmarks/README.md): each writes
+# benchmarks/results/<name>.json, then benchmarks/RESULTS.md is rendered from them. ~20 min on 2 cores.
+# On a GPU machine: bash benchmarks/gpu_suite.sh.
+bench: ops demo-data
 	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/vs_hf_trainer.py
+	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/zero_memory.py
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/speed_switches.py
+	$(BIN)/python benchmarks/write_results.py
 
 # Random rank kills and resumes of a 2-rank run (tests/soak; at most 10 minutes; SOAK_SEED replays one).
 soak: ops
