@@ -142,7 +142,9 @@ def _unflatten_masters(
     from ds_trainer.config import TrainingSection
 
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in optim.param_groups(model, TrainingSection())]
+    # The run's own training settings decide the groups (backbone_lr_scale 1 merges backbone and head).
+    training = TrainingSection.model_validate(source.state["config"].get("training", {}))
+    groups = [[names[id(p)] for p in g["params"]] for g in optim.param_groups(model, training)]
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     if len(groups) != len(masters):
         raise CheckpointError(f"{source.tag_dir}: {len(masters)} fp32 master groups, the model has {len(groups)}")

@@ -2,7 +2,8 @@
 
 Parameter groups follow the usual practice: biases and norm weights (every tensor with fewer
 than two dimensions) get no weight decay, and parameters of the CLIP towers (any name with a
-`backbone` component) get `learning_rate * backbone_lr_scale`.
+`backbone` component) get `learning_rate * backbone_lr_scale`; groups with the same LR and decay
+are one group.
 
 Schedules, in optimizer steps (one per `grad_accumulation_steps` micro-batches):
 - `cosine` is DeepSpeed's own `WarmupCosineLR`, set in the JSON (see ds_config.py).
@@ -36,21 +37,33 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, t: TrainingSection) -> list[dict[str, Any]]:
-    """The trainable parameters in up to four groups: {head, backbone} x {decay, no decay}."""
+    """The trainable parameters in groups by (LR, weight decay): no decay on biases and norms, and
+    the backbone at `learning_rate * backbone_lr_scale`.
+
+    With `backbone_lr_scale` 1 the backbone and head share a group (named `all` when both are in
+    it): two groups instead of four, because DeepSpeed's ZeRO optimizer pays per group and step (a
+    norm, a flatten and an Adam kernel each; measured ~5 % of a small model's step on CPU).
+    """
+    split = t.backbone_lr_scale != 1.0
     groups: dict[tuple[bool, bool], dict[str, Any]] = {}
+    parts: dict[tuple[bool, bool], set[str]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         backbone, no_decay = is_backbone(name), no_weight_decay(name, param)
-        group = groups.get((backbone, no_decay))
+        key = (backbone and split, no_decay)
+        group = groups.get(key)
         if group is None:
-            group = groups[(backbone, no_decay)] = {
+            group = groups[key] = {
                 "params": [],
-                "lr": t.learning_rate * (t.backbone_lr_scale if backbone else 1.0),
+                "lr": t.learning_rate * (t.backbone_lr_scale if backbone and split else 1.0),
                 "weight_decay": 0.0 if no_decay else t.weight_decay,
-                "name": f"{'backbone' if backbone else 'head'}{'_no_decay' if no_decay else ''}",
             }
         group["params"].append(param)
+        parts.setdefault(key, set()).add("backbone" if backbone else "head")
+    for key, group in groups.items():
+        part = "all" if len(parts[key]) > 1 else next(iter(parts[key]))
+        group["name"] = part + ("_no_decay" if key[1] else "")
     return [groups[k] for k in sorted(groups)]
 
 

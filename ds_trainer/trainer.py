@@ -655,6 +655,7 @@ class Trainer:
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "model_name": getattr(self.model, "model_name", type(self.model).__name__),
             "num_parameters": self._num_parameters(),
+            "param_groups": list(self.group_names),  # the optimizer state's layout (see optim.param_groups)
             # The whole run config: export rebuilds the model from its `model` section.
             "config": self.cfg.to_dict(),
         }
@@ -733,6 +734,15 @@ class Trainer:
                 f"{tag_dir} holds a model of {int(then_count):,} parameters ({then_name}); this one has {count:,} "
                 f"({name}). Resume with the model.* settings it was trained with, or start without --load-dir"
             )
+        then_groups = saved.get("param_groups")
+        if then_groups is not None and self.train_loader is not None:
+            now_groups = [g["name"] for g in optim.param_groups(self.model, self.t)]
+            if list(then_groups) != now_groups:
+                raise CheckpointError(
+                    f"{tag_dir} holds optimizer state for parameter groups {', '.join(then_groups)}; this run has "
+                    f"{', '.join(now_groups)} (training.backbone_lr_scale 1 puts backbone and head in one group, any "
+                    "other value splits them). Resume with the backbone_lr_scale it was trained with"
+                )
 
     def _plan_resume(self, tag_dir: Path, saved: dict[str, Any]) -> None:
         """Before the engine exists: adapt to a checkpoint saved on a different world size.

@@ -34,6 +34,16 @@ def test_param_groups_split_decay_and_backbone_lr():
     assert "head.bias" in {names[id(p)] for p in groups["head_no_decay"]["params"]}
 
 
+def test_equal_lr_and_decay_share_a_group():
+    # backbone_lr_scale 1: two groups, not four (DeepSpeed's ZeRO optimizer pays per group and step).
+    model = CLIPModel("tiny")
+    groups = param_groups(model, training(learning_rate=1e-3))
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("all", 1e-3, 0.01), ("all_no_decay", 1e-3, 0.0)]
+    grouped = [[n for n, p in model.named_parameters() if any(p is q for q in g["params"])] for g in groups]
+    assert "head.weight" in grouped[0] and "head.bias" in grouped[1]
+    assert sum(map(len, grouped)) == len(list(model.parameters()))
+
+
 def test_frozen_backbone_leaves_head_groups_only():
     groups = param_groups(CLIPModel("tiny", freeze_backbone=True), training())
     assert [g["name"] for g in groups] == ["head", "head_no_decay"]

@@ -85,6 +85,12 @@ def test_resume_from_seed_style_pth_path_continues(tmp_path):
     assert [r["epoch"] for r in rows] == [3]
     assert rows[0]["step"] == 18
 
+    # Another backbone_lr_scale regroups the parameters: the optimizer state no longer fits.
+    third = make_trainer(tmp_path, epochs=4, backbone_lr_scale=0.1)
+    with pytest.raises(CheckpointError, match=r"parameter groups all, all_no_decay; this run has head, head_no_decay, "
+                                              r"backbone, backbone_no_decay"):  # fmt: skip
+        third.resume_from_checkpoint(str(tmp_path / "ckpt" / "epoch_3"))
+
 
 def test_resume_errors(tmp_path):
     trainer = make_trainer(tmp_path, epochs=1)
