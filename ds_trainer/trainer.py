@@ -108,6 +108,9 @@ class Trainer:
         self._universal = False  # load the checkpoint through DeepSpeed's universal format
         self._skip_batches = 0  # batches of the next epoch a preempted run had already trained on
         self._data_state: dict[str, Any] | None = None  # the train loader's position at that point
+        # The interrupted epoch's train totals over all ranks (loss sum, correct, seen, bad, non-finite):
+        # saved with a preemption, added back on resume so the epoch's row covers all of its batches.
+        self._partial_totals: list[float] | None = None
         self.history: list[dict[str, Any]] = []
         self.last_predictions: dict[str, Any] | None = None  # the last evaluate()'s per-image scores
         self._lock: Any = None  # checkpoint_dir's DirLock while train() runs (rank 0)
@@ -364,11 +367,12 @@ class Trainer:
         )  # fmt: skip
         start = time.perf_counter()
         skip, self._skip_batches = self._skip_batches, 0
+        offset = 0  # batches of this epoch before the loop's first (a fast-forwarded resume)
         if skip and self._data_state is not None and hasattr(loader, "load_state_dict"):
             # The loader fast-forwards its streams itself, without decoding what it skips.
             loader.load_state_dict(self._data_state)
             log.info("epoch %d: continuing after the %d batches trained on before the preemption", epoch, skip)
-            skip = 0
+            skip, offset = 0, skip
         elif skip:
             log.info("epoch %d: skipping the %d batches trained on before the preemption", epoch, skip)
         self._data_state = None
@@ -421,7 +425,8 @@ class Trainer:
                 faults.after_step(int(engine.global_steps), self.env.rank)
                 if self.preemption.should_stop():
                     bar.close()
-                    self._save_preempted(epoch, batches_done=i + 1)
+                    partial = [loss_sum, correct, seen, torch.tensor(float(bad), device=self.device)]
+                    self._save_preempted(epoch, batches_done=offset + i + 1, partial=partial, nonfinite=nonfinite)
         bar.close()
         elapsed = time.perf_counter() - start
         self.nonfinite.check()
@@ -429,21 +434,24 @@ class Trainer:
                  torch.tensor(self._data_wait, device=self.device)]  # fmt: skip
         totals = all_reduce_sum(torch.stack([x.float() for x in local]))
         loss_total, correct_total, seen_total, bad_total, wait_total = (float(x) for x in totals.tolist())
-        if seen_total == 0:
+        # A resumed epoch: its batches before the preemption count too (the rate is this process's alone).
+        carried, self._partial_totals = self._partial_totals or [0.0] * 5, None
+        epoch_seen = seen_total + carried[2]
+        if epoch_seen == 0:
             raise ConfigError("the train loader yielded no batches")
-        self._check_bad(int(bad_total), int(seen_total), "training")
+        self._check_bad(int(bad_total + carried[3]), int(epoch_seen), "training")
         row = {
-            "train_bad_samples": int(bad_total),
-            "train_nonfinite_steps": nonfinite,  # the same on every rank: they skip together
-            "train_loss": loss_total / seen_total,
-            "train_acc": correct_total / seen_total,
-            "samples_per_s": seen_total / elapsed if elapsed > 0 else math.nan,
+            "train_bad_samples": int(bad_total + carried[3]),
+            "train_nonfinite_steps": nonfinite + int(carried[4]),  # the same on every rank: they skip together
+            "train_loss": (loss_total + carried[0]) / epoch_seen,
+            "train_acc": (correct_total + carried[1]) / epoch_seen,
+            "samples_per_s": seen_total / elapsed if elapsed > 0 and seen_total else math.nan,
             "epoch_time_s": elapsed,
             # Mean over ranks of the time the loop sat in next(loader): > a few % means the loader is the bottleneck.
             "data_wait_s": wait_total / self.env.world_size,
             "data_wait_fraction": wait_total / self.env.world_size / elapsed if elapsed > 0 else math.nan,
         }
-        if self.mfu is not None and self.mfu.flops_per_sample:
+        if self.mfu is not None and self.mfu.flops_per_sample and seen_total:
             row["mfu"] = self.mfu.mfu(seen_total, elapsed)
             row["train_tflops"] = self.mfu.achieved_tflops(seen_total, elapsed)
         return row
@@ -477,12 +485,20 @@ class Trainer:
         state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
         return gather_objects([state])
 
-    def _save_preempted(self, epoch: int, batches_done: int) -> None:
-        """Every rank agreed to stop at this step: save where we are, then exit with code 75."""
+    def _save_preempted(self, epoch: int, batches_done: int, partial: list[torch.Tensor], nonfinite: int) -> None:
+        """Every rank agreed to stop at this step: save where we are, then exit with code 75.
+
+        This may be the epoch's last batch: the epoch is then trained but not evaluated, and the
+        resume finishes it (its row, evaluation and checkpoint) from the saved train totals.
+        """
         step = int(self.engine.global_steps)
+        totals = all_reduce_sum(torch.stack([x.float() for x in partial])).tolist() + [float(nonfinite)]
+        carried = self._partial_totals or [0.0] * 5  # a second preemption in a resumed epoch keeps the first part
+        self._partial_totals = [float(x) + c for x, c in zip(totals, carried)]
         self._batches_done = batches_done
         tag_dir = self.save_checkpoint(checkpoint.step_tag(step))
         self._batches_done = 0
+        self._partial_totals = None
         assert self.env is not None
         if self.env.is_main:
             checkpoint.mark_preempted(self.t.checkpoint_dir, tag_dir.name, step)
@@ -641,6 +657,7 @@ class Trainer:
             "batches_done": getattr(self, "_batches_done", 0),  # into epoch + 1 (a preemption save)
             # Per rank: the streaming loader's position (rank r's entry is r's own state).
             "data": self._gather_data_state() if getattr(self, "_batches_done", 0) else None,
+            "partial_epoch": self._partial_totals if getattr(self, "_batches_done", 0) else None,
             "global_step": int(self.engine.global_steps),
             "train_batch_size": int(self.engine.train_batch_size()),
             "micro_batch_size": int(self.engine.train_micro_batch_size_per_gpu()),
@@ -699,6 +716,8 @@ class Trainer:
             log.warning("the model/training/deepspeed config differs from the checkpoint's; continuing with this one")
         self.epoch = int(state["epoch"])
         self._skip_batches = int(state.get("batches_done", 0))
+        partial = state.get("partial_epoch")
+        self._partial_totals = [float(x) for x in partial] if self._skip_batches and partial else None
         data = state.get("data") or []
         assert self.env is not None
         if self._skip_batches and len(data) == self.env.world_size:

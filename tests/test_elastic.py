@@ -106,25 +106,27 @@ def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_s
     state = json.loads((ckpt / tag / "ds_trainer.json").read_text())
     step = state["global_step"]
     assert step == int(tag.split("_")[1]) and step >= 12
-    assert state["epoch"] == step // 8 and state["batches_done"] == step % 8
+    # batches_done 8: stopped at the epoch's last batch, which the resume finishes (row, checkpoint)
+    assert state["epoch"] * 8 + state["batches_done"] == step and 1 <= state["batches_done"] <= 8
     # The marker train.sbatch requeues on (srun's exit code may say 143 for a rank it ended).
     assert json.loads((ckpt / "PREEMPTED").read_text())["tag"] == tag
-    # Resume: the next logged step is the one after the saved one, and the epoch finishes at its usual step.
+    # Resume: the next logged step is the one after the saved one, and the epochs end at their usual steps.
+    epochs = state["epoch"] + 2
     resumed = subprocess.run(
-        ["./launch.sh", "--config", str(cfg), "--load-dir", str(ckpt), "--set", f"training.num_epochs={state['epoch'] + 1}",
+        ["./launch.sh", "--config", str(cfg), "--load-dir", str(ckpt), "--set", f"training.num_epochs={epochs}",
          "--set", f"logging.run_dir={tmp_path / 'run2'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert not (ckpt / "PREEMPTED").exists()
     after = jsonl(tmp_path / "run2" / "steps.jsonl")
-    assert after[0]["step"] == step + 1 and after[-1]["step"] == (state["epoch"] + 1) * 8
+    assert after[0]["step"] == step + 1 and after[-1]["step"] == epochs * 8
     rows = jsonl(tmp_path / "run2" / "metrics.jsonl")
-    assert [r["epoch"] for r in rows] == [state["epoch"] + 1]
+    assert [r["epoch"] for r in rows] == [state["epoch"] + 1, epochs]
     # Exact data position (2 ranks x 2 workers): the resumed steps see the very batches an
     # uninterrupted run sees, so their losses match it step for step.
     reference = subprocess.run(
-        ["./launch.sh", "--config", str(cfg), "--set", f"training.num_epochs={state['epoch'] + 1}",
+        ["./launch.sh", "--config", str(cfg), "--set", f"training.num_epochs={epochs}",
          "--set", f"logging.run_dir={tmp_path / 'ref'}", "--set", f"training.checkpoint_dir={tmp_path / 'ref_ckpt'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -132,6 +134,10 @@ def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_s
     want = {r["step"]: r["train/loss"] for r in jsonl(tmp_path / "ref" / "steps.jsonl")}
     for r in after:
         assert r["train/loss"] == pytest.approx(want[r["step"]], rel=1e-4, abs=1e-6), r["step"]
+    # The interrupted epoch's row covers its batches from before the preemption too (all ranks).
+    ref_rows = {r["epoch"]: r for r in jsonl(tmp_path / "ref" / "metrics.jsonl")}
+    assert rows[0]["train_loss"] == pytest.approx(ref_rows[state["epoch"] + 1]["train_loss"], rel=1e-4)
+    assert rows[0]["train_acc"] == pytest.approx(ref_rows[state["epoch"] + 1]["train_acc"])
 
 
 def _rank_pids(launcher_pid):

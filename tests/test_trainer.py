@@ -1,6 +1,7 @@
 """Layer 2: the Trainer in one process (a DeepSpeed world of one), on in-memory data."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -152,3 +153,34 @@ def test_cpu_threads_leave_a_core_to_each_loader_worker(tmp_path, monkeypatch, o
         assert torch.get_num_threads() == (2 if omp else 1)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("stop_at", [3, 6])  # optimizer steps into epoch 2 (of 6): mid-epoch, and its last batch
+def test_a_preempted_epoch_resumes_with_the_whole_epochs_metrics(tmp_path, stop_at):
+    from ds_trainer.errors import Preempted
+
+    def trainer(root):
+        torch.manual_seed(0)
+        ds = separable_dataset()
+        return Trainer(model=CLIPModel(model_name="tiny"), train_loader=DataLoader(ds, batch_size=8),
+                       val_loader=DataLoader(ds, batch_size=16), learning_rate=1e-3, num_epochs=2, device="cpu",
+                       checkpoint_dir=str(root / "ckpt"), run_dir=root / "run")  # fmt: skip
+
+    reference = trainer(tmp_path / "ref").train()
+    first = trainer(tmp_path / "a")
+    first.preemption.should_stop = lambda: int(first.engine.global_steps) == 6 + stop_at
+    with pytest.raises(Preempted, match=f"{stop_at} batches into epoch 2"):
+        first.train()
+    state = json.loads((tmp_path / "a" / "ckpt" / f"step_{6 + stop_at}" / "ds_trainer.json").read_text())
+    assert (state["epoch"], state["batches_done"]) == (1, stop_at) and state["partial_epoch"][2] == 8 * stop_at
+    second = trainer(tmp_path / "a")
+    second.resume_from_checkpoint(tmp_path / "a" / "ckpt")
+    rows = second.train()
+    # Epoch 2's row covers all its batches (those before the preemption too), like the uninterrupted run's;
+    # preempted at its last batch, the resume trains nothing and only finishes the epoch.
+    assert [r["epoch"] for r in rows] == [2] and rows[0]["step"] == 12
+    assert rows[0]["train_loss"] == pytest.approx(reference[1]["train_loss"], rel=1e-5)
+    assert rows[0]["train_acc"] == reference[1]["train_acc"]
+    assert rows[0]["val_loss"] == pytest.approx(reference[1]["val_loss"], rel=1e-4)
+    if stop_at == 6:
+        assert math.isnan(rows[0]["samples_per_s"])
