@@ -50,7 +50,7 @@ test-fast: ops
 	$(BIN)/python -m pytest tests -m "not distributed" $(PYTEST_ARGS)
 
 # CPU benchmarks (ratios measured in one run; see benchmarks/README.md): each writes
-# benchmarks/results/<name>.json, then benchmarks/RESULTS.md is rendered from them. ~20 min on 2 cores.
+# benchmarks/results/<name>.json, then benchmarks/RESULTS.md is rendered from them. ~10 min on 2 cores.
 # On a GPU machine: bash benchmarks/gpu_suite.sh.
 bench: ops demo-data
 	$(BIN)/python benchmarks/step_overhead.py
