@@ -144,7 +144,9 @@ def _unflatten_masters(
     names = {id(p): n for n, p in model.named_parameters()}
     # The run's own training settings decide the groups (backbone_lr_scale 1 merges backbone and head).
     training = TrainingSection.model_validate(source.state["config"].get("training", {}))
-    groups = [[names[id(p)] for p in g["params"]] for g in optim.param_groups(model, training)]
+    # A checkpoint without recorded groups predates merged groups: backbone and head were always apart.
+    legacy = "param_groups" not in source.state
+    groups = [[names[id(p)] for p in g["params"]] for g in optim.param_groups(model, training, split_parts=legacy)]
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     if len(groups) != len(masters):
         raise CheckpointError(f"{source.tag_dir}: {len(masters)} fp32 master groups, the model has {len(groups)}")

@@ -36,7 +36,7 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias")
 
 
-def param_groups(model: nn.Module, t: TrainingSection) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, t: TrainingSection, split_parts: bool = False) -> list[dict[str, Any]]:
     """The trainable parameters in groups by (LR, weight decay): no decay on biases and norms, and
     the backbone at `learning_rate * backbone_lr_scale`.
 
@@ -44,7 +44,8 @@ def param_groups(model: nn.Module, t: TrainingSection) -> list[dict[str, Any]]:
     it): two groups instead of four, because DeepSpeed's ZeRO optimizer pays per group and step (a
     norm, a flatten and an Adam kernel each; measured ~5 % of a small model's step on CPU).
     """
-    split = t.backbone_lr_scale != 1.0
+    # split_parts: backbone and head apart even at the same LR (checkpoints of ds_trainer before the merge).
+    split = split_parts or t.backbone_lr_scale != 1.0
     groups: dict[tuple[bool, bool], dict[str, Any]] = {}
     parts: dict[tuple[bool, bool], set[str]] = {}
     for name, param in model.named_parameters():

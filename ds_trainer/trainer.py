@@ -111,6 +111,7 @@ class Trainer:
         # The interrupted epoch's train totals over all ranks (loss sum, correct, seen, bad, non-finite):
         # saved with a preemption, added back on resume so the epoch's row covers all of its batches.
         self._partial_totals: list[float] | None = None
+        self._split_groups = False  # resuming a checkpoint that predates merged parameter groups
         self.history: list[dict[str, Any]] = []
         self.last_predictions: dict[str, Any] | None = None  # the last evaluate()'s per-image scores
         self._lock: Any = None  # checkpoint_dir's DirLock while train() runs (rank 0)
@@ -220,7 +221,7 @@ class Trainer:
         if self._universal:
             self.ds_config["checkpoint"] = {"load_universal": True}
             patch_universal_loading()
-        groups = optim.param_groups(self.model, self.t)
+        groups = optim.param_groups(self.model, self.t, split_parts=self._split_groups)
         self.group_names = [g["name"] for g in groups]
         lr_scheduler = None
         if self.t.scheduler in ("step", "plateau"):
@@ -754,7 +755,12 @@ class Trainer:
                 f"({name}). Resume with the model.* settings it was trained with, or start without --load-dir"
             )
         then_groups = saved.get("param_groups")
-        if then_groups is not None and self.train_loader is not None:
+        if then_groups is None and saved.get("global_step"):
+            # Written before groups were recorded (and merged): its optimizer state has backbone and head
+            # apart, so this run keeps them apart too, and the resume fits.
+            self._split_groups = True
+            log.info("%s predates merged parameter groups: backbone and head stay in separate groups", tag_dir)
+        elif then_groups is not None and self.train_loader is not None:
             now_groups = [g["name"] for g in optim.param_groups(self.model, self.t)]
             if list(then_groups) != now_groups:
                 raise CheckpointError(

@@ -127,6 +127,30 @@ def test_zero0_bf16_exports_the_fp32_master_weights(tmp_path):
     )  # bf16 engine vs fp32 masters
 
 
+def test_zero0_bf16_export_of_a_checkpoint_from_before_merged_groups(tmp_path):
+    # Before the merge, backbone and head had groups of their own at any backbone_lr_scale, and the
+    # state did not record them: the export must split the fp32 masters the old way.
+    cfg = build_config({
+        "training": {"num_epochs": 1, "batch_size": 8, "scheduler": "none", "monitor": "train_loss",
+                     "checkpoint_dir": str(tmp_path / "ckpt")},
+        "deepspeed": {"precision": "bf16"}, "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False},
+    })  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(build_model(cfg.model), DataLoader(dataset(), batch_size=8), config=cfg, device="cpu")
+    trainer._split_groups = True  # the old layout: four groups at backbone_lr_scale 1
+    trainer.train()
+    assert len(trainer.engine.optimizer.fp32_groups_flat) == 4
+    state_path = tmp_path / "ckpt" / "epoch_1" / "ds_trainer.json"
+    state = json.loads(state_path.read_text())
+    del state["param_groups"]
+    state_path.write_text(json.dumps(state))
+    opt, names = trainer.engine.optimizer, {id(p): n for n, p in trainer.model.named_parameters()}
+    exported = load_exported(export_checkpoint(tmp_path / "ckpt", tmp_path / "export")).state_dict()
+    for params, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+        for p, chunk in zip(params, flat.split([q.numel() for q in params])):
+            assert torch.equal(exported[names[id(p)]], chunk.view(p.shape)), names[id(p)]
+
+
 def test_lora_export_is_merged_and_matches_engine(tmp_path):
     trainer = train(tmp_path, model=LORA, zero_stage=2, lr=1e-2)
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]

@@ -184,3 +184,20 @@ def test_a_preempted_epoch_resumes_with_the_whole_epochs_metrics(tmp_path, stop_
     assert rows[0]["val_loss"] == pytest.approx(reference[1]["val_loss"], rel=1e-4)
     if stop_at == 6:
         assert math.isnan(rows[0]["samples_per_s"])
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_checkpoint_from_before_merged_groups_still_resumes(tmp_path, stage):
+    # ds_trainer before the group merge always kept backbone and head apart (four groups) and did not
+    # record its groups; such a checkpoint must resume, not fail inside DeepSpeed's optimizer load.
+    first = make_trainer(tmp_path, epochs=1, zero_stage=stage, backbone_lr_scale=0.5)
+    first.train()
+    state_path = tmp_path / "ckpt" / "epoch_1" / "ds_trainer.json"
+    state = json.loads(state_path.read_text())
+    assert state.pop("param_groups") == ["head", "head_no_decay", "backbone", "backbone_no_decay"]
+    state_path.write_text(json.dumps(state))
+    second = make_trainer(tmp_path, epochs=2, zero_stage=stage)  # backbone_lr_scale 1: merged groups for new runs
+    second.resume_from_checkpoint(tmp_path / "ckpt")
+    assert second.group_names == ["head", "head_no_decay", "backbone", "backbone_no_decay"]
+    rows = second.train()
+    assert [r["epoch"] for r in rows] == [2] and math.isfinite(rows[0]["train_loss"])
