@@ -6,7 +6,6 @@ optimizer step) and metrics.jsonl are in --run-dir, and rank 0 copies their timi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,19 +15,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.peer.shared import build_model, load_dataset, trainer_config, write_json
+from benchmarks.peer.shared import build_model, load_dataset, trainer_config, worker_parser, write_json
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
+    p = worker_parser(__doc__.split("\n\n")[0])
     p.add_argument("--zero-stage", type=int, default=1)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher may add it
     args = p.parse_args()
 
     import torch

@@ -14,7 +14,6 @@ of this runs.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.peer.shared import build_model, load_dataset, write_json
+from benchmarks.peer.shared import build_model, load_dataset, worker_parser, write_json
 
 
 class LossWrapper(nn.Module):
@@ -48,15 +47,8 @@ class LossWrapper(nn.Module):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
+    p = worker_parser(__doc__.split("\n\n")[0])
     p.add_argument("--ds-config", required=True, help="the DeepSpeed JSON ds_trainer derived, given verbatim")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher may add it
     args = p.parse_args()
 
     from transformers import Trainer, TrainerCallback, TrainingArguments

@@ -7,6 +7,7 @@ and builds the same random-init CLIP model from the same local directory.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -71,3 +72,16 @@ def trainer_config(run_dir: str | Path, batch_size: int, zero_stage: int) -> Any
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def worker_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments both contenders' workers take (each adds its own)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher may add it
+    return p
