@@ -66,7 +66,9 @@ def save(engine: Any, checkpoint_dir: str | Path, tag: str, state: dict[str, Any
         shutil.rmtree(partial)  # left by a save that died
     if dist.is_initialized():
         dist.barrier()
-    client_state = {"ds_trainer": state, **UNIVERSAL_INFO}
+    # The metadata goes into the marker alone (resume.read is its one reader); DeepSpeed's client state
+    # only carries what ds_to_universal requires.
+    client_state = dict(UNIVERSAL_INFO)
     try:
         with faults.saving(tag):
             engine.save_checkpoint(str(checkpoint_dir), tag=partial.name, client_state=client_state, save_latest=False)
@@ -103,7 +105,7 @@ def _human(n: float) -> str:
 
 
 def _no_space_message(checkpoint_dir: Path, tag: str) -> str:
-    sizes = [sum(read_state(d).get("files", {}).values()) for d in checkpoint_dir.iterdir()
+    sizes = [sum(read_marker(d).get("files", {}).values()) for d in checkpoint_dir.iterdir()
              if d.is_dir() and (d / MARKER).is_file() and is_complete(d)]  # fmt: skip
     need = f"about {_human(max(sizes))} (the size of the last checkpoints)" if sizes else "the model's and optimizer's state"
     free = _human(shutil.disk_usage(checkpoint_dir).free)
@@ -162,7 +164,8 @@ def is_complete(tag_dir: Path) -> bool:
     return not problems(tag_dir)
 
 
-def read_state(tag_dir: Path) -> dict[str, Any]:
+def read_marker(tag_dir: Path) -> Any:
+    """The marker's JSON as written (its schema is resume.py's: resume.read interprets it)."""
     return json.loads((tag_dir / MARKER).read_text())
 
 
@@ -199,7 +202,7 @@ def resolve(path: str | Path) -> tuple[Path, str]:
             f"no complete checkpoint in {p} (found: {found}); "
             "a checkpoint is complete once ds_trainer.json is written next to DeepSpeed's files"
         )
-    newest = max(complete, key=lambda d: (read_state(d).get("global_step", -1), d.stat().st_mtime))
+    newest = max(complete, key=lambda d: (read_marker(d).get("global_step", -1), d.stat().st_mtime))
     return p, newest.name
 
 

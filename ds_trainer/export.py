@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_trainer import checkpoint
+from ds_trainer import checkpoint, resume
 from ds_trainer.errors import CheckpointError, ConfigError, DataError
+from ds_trainer.resume import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,20 @@ VERIFY_ATOL, VERIFY_RTOL = 1e-4, 1e-3
 # ---------------------------------------------------------------------------------------------- export
 @dataclass
 class Source:
-    """A resolved checkpoint: `checkpoint_dir/tag` and the ds_trainer.json state rank 0 wrote last."""
+    """A resolved checkpoint: `checkpoint_dir/tag` and its metadata (resume.read's)."""
 
     checkpoint_dir: Path
     tag: str
-    state: dict[str, Any]
+    meta: CheckpointMeta
 
     @property
     def tag_dir(self) -> Path:
         return self.checkpoint_dir / self.tag
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run config the checkpoint was trained with (export and eval rebuild the model from it)."""
+        return self.meta.run_config()
 
 
 def resolve_source(load_dir: str | Path, tag: str | None = None) -> Source:
@@ -72,14 +78,9 @@ def resolve_source(load_dir: str | Path, tag: str | None = None) -> Source:
                 f"{what} checkpoint {tag!r} in {ckpt_dir} (complete tags: {_complete_tags(ckpt_dir)}); "
                 "a checkpoint is complete once ds_trainer.json is written next to DeepSpeed's files"
             )
-    state = checkpoint.read_state(ckpt_dir / tag)
-    if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
-        raise CheckpointError(
-            f"{ckpt_dir / tag / checkpoint.MARKER} has no run config (written by an older ds_trainer); "
-            "export rebuilds the model from it: resume that run for one more epoch with this version "
-            "(ds-trainer train --load-dir ...) to write a checkpoint that has it"
-        )
-    return Source(ckpt_dir, tag, state)
+    meta = resume.read(ckpt_dir / tag)
+    meta.run_config()  # refuse a checkpoint without one here, before any work
+    return Source(ckpt_dir, tag, meta)
 
 
 def _complete_tags(ckpt_dir: Path) -> str:
@@ -143,10 +144,9 @@ def _unflatten_masters(
 
     names = {id(p): n for n, p in model.named_parameters()}
     # The run's own training settings decide the groups (backbone_lr_scale 1 merges backbone and head).
-    training = TrainingSection.model_validate(source.state["config"].get("training", {}))
-    # A checkpoint without recorded groups predates merged groups: backbone and head were always apart.
-    legacy = "param_groups" not in source.state
-    groups = [[names[id(p)] for p in g["params"]] for g in optim.param_groups(model, training, split_parts=legacy)]
+    training = TrainingSection.model_validate(source.config.get("training", {}))
+    groups = [[names[id(p)] for p in g["params"]]
+              for g in optim.param_groups(model, training, split_parts=source.meta.split_groups)]  # fmt: skip
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     if len(groups) != len(masters):
         raise CheckpointError(f"{source.tag_dir}: {len(masters)} fp32 master groups, the model has {len(groups)}")
@@ -169,7 +169,7 @@ def rebuild_model(source: Source) -> nn.Module:
     from ds_trainer.models import build_model
 
     try:
-        section = ModelSection.model_validate(source.state["config"]["model"])
+        section = ModelSection.model_validate(source.config["model"])
     except ValidationError as exc:  # a config layout from another version
         raise CheckpointError(
             f"{source.tag_dir}: the saved model config is not valid for this version: {exc}"
@@ -215,7 +215,7 @@ def export_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%s, epoch %s, step %s) to %s", source.tag_dir, _mode(model),
-             source.state.get("epoch"), source.state.get("global_step"), out)  # fmt: skip
+             source.meta.get("epoch"), source.meta.get("global_step"), out)  # fmt: skip
     return out
 
 
@@ -270,9 +270,9 @@ def _write_export(model: nn.Module, source: Source, out: Path) -> None:
 def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged: bool) -> dict[str, Any]:
     from ds_trainer.data.transforms import CLIP_MEAN, CLIP_STD
 
-    section = source.state["config"]["model"]
+    section = source.config["model"]
     size = int(model.image_size)
-    crop_mode = (source.state["config"].get("data") or {}).get("crop", "resize")
+    crop_mode = (source.config.get("data") or {}).get("crop", "resize")
     return {
         "format_version": FORMAT_VERSION,
         "mode": _mode(model),
@@ -295,13 +295,13 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
         "source": {
             "checkpoint_dir": str(source.checkpoint_dir.resolve()),
             "tag": source.tag,
-            "epoch": source.state.get("epoch"),
-            "global_step": source.state.get("global_step"),
-            "world_size": source.state.get("world_size"),
-            "zero_stage": source.state.get("zero_stage"),
+            "epoch": source.meta.get("epoch"),
+            "global_step": source.meta.get("global_step"),
+            "world_size": source.meta.get("world_size"),
+            "zero_stage": source.meta.get("zero_stage"),
             "model_name": section.get("model_name"),
-            "best_metric": source.state.get("best_metric"),
-            "monitor": source.state.get("monitor"),
+            "best_metric": source.meta.get("best_metric"),
+            "monitor": source.meta.get("monitor"),
         },
     }
 

@@ -54,6 +54,10 @@ def parse(spec: str) -> tuple[Fault, ...]:
     return tuple(faults)
 
 
+def enabled() -> bool:
+    return bool(os.environ.get(ENV))
+
+
 def active(kind: str) -> list[Fault]:
     spec = os.environ.get(ENV)
     return [f for f in parse(spec) if f.kind == kind] if spec else []

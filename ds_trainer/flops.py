@@ -98,6 +98,13 @@ class MfuMeter:
     world_size: int
     flops_per_sample: float | None = None
 
+    @classmethod
+    def for_device(cls, device: torch.device, dtype: torch.dtype, configured_tflops: float | None,
+                   world_size: int) -> MfuMeter:  # fmt: skip
+        peak = peak_flops(device, dtype, configured_tflops)
+        log.info("mfu: peak %.1f TFLOP/s per device (%s)", peak.per_device / 1e12, peak.source)
+        return cls(peak, world_size)
+
     def mfu(self, samples: float, seconds: float) -> float | None:
         """`samples` over all ranks in `seconds` of wall time; None before the FLOPs are counted."""
         if not self.flops_per_sample or seconds <= 0 or self.peak.per_device <= 0:

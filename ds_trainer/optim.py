@@ -19,6 +19,7 @@ Schedules, in optimizer steps (one per `grad_accumulation_steps` micro-batches):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from ds_trainer.config import TrainingSection
+
+log = logging.getLogger(__name__)
 
 
 def is_backbone(name: str) -> bool:
@@ -140,6 +143,13 @@ class PlateauScale:
 
     def state_dict(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict(), "scale": self.scale}
+
+    def restore(self, state: dict[str, Any] | None, lr_scheduler: LambdaLR) -> None:
+        """A resume: the checkpoint's plateau state, or a fresh start (with a warning) if it has none."""
+        if state:
+            self.load_state_dict(state, lr_scheduler)
+        else:
+            log.warning("the checkpoint has no plateau scheduler state; the plateau scheduler starts afresh")
 
     def load_state_dict(self, state: dict[str, Any], lr_scheduler: LambdaLR) -> None:
         self.scheduler.load_state_dict(state["scheduler"])

@@ -8,9 +8,11 @@ a GPU run does not sync its CUDA stream for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -29,14 +31,23 @@ class PreemptionGuard:
         self._group: Any = None
 
     def install(self) -> None:
-        """Collective (creates a gloo group on non-gloo jobs); call on every rank, once."""
-        if dist.is_initialized() and dist.get_backend() != "gloo":
+        """Collective the first time (creates a gloo group on non-gloo jobs); call on every rank."""
+        if self._group is None and dist.is_initialized() and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
         if threading.current_thread() is not threading.main_thread():
             log.warning("not on the main thread: SIGTERM/SIGUSR1 will not trigger a checkpoint")
             return
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[PreemptionGuard]:
+        """The handlers for the block; the previous ones are back however it ends (collective: see install)."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

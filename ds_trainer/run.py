@@ -125,11 +125,11 @@ def run_evaluation(
     trainer = Trainer(model, None, val_loader, config=cfg)
     metrics = trainer.evaluate()
     result = {
-        "checkpoint": str(source.tag_dir), "epoch": source.state.get("epoch"), "global_step": source.state.get("global_step"),
+        "checkpoint": str(source.tag_dir), "epoch": source.meta.epoch, "global_step": source.meta.global_step,
         "split": cfg.data.val_split, "samples": metrics["val_samples"], "bad_samples": metrics["val_bad_samples"],
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
-        "config": source.state.get("config"),
+        "config": source.config,
     }  # fmt: skip
     if env.is_main:
         pred = trainer.last_predictions or {}

@@ -9,11 +9,13 @@ on another host (a requeued Slurm job lands anywhere) when the holder stopped re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,29 @@ class DirLock:
         if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
         self.held = False
+
+
+@contextlib.contextmanager
+def held_by_rank0(directory: str | Path, is_main: bool, world_size: int) -> Iterator[DirLock | None]:
+    """Collective: rank 0 takes `directory`'s lock for the block; every rank learns whether it could.
+
+    Yields the lock on rank 0 (None elsewhere); it is released however the block ends.
+    """
+    from ds_trainer.metrics import gather_objects
+
+    lock, refusal = None, None
+    if is_main:
+        lock = DirLock(directory)
+        try:
+            lock.acquire()
+        except CheckpointError as exc:
+            lock, refusal = None, str(exc)
+    if world_size > 1:
+        refusal = gather_objects([refusal])[0]
+    if refusal is not None:
+        raise CheckpointError(refusal)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()

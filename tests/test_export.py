@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from checkpoint_layouts import rewrite_as_v1
 from conftest import REPO, launch_env, run_cmd, write_config
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -136,14 +137,12 @@ def test_zero0_bf16_export_of_a_checkpoint_from_before_merged_groups(tmp_path):
         "deepspeed": {"precision": "bf16"}, "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False},
     })  # fmt: skip
     torch.manual_seed(0)
+    # Four groups, as the old code built at any scale; the record then says the scale was 1, as such a run's did.
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"backbone_lr_scale": 0.5})})
     trainer = Trainer(build_model(cfg.model), DataLoader(dataset(), batch_size=8), config=cfg, device="cpu")
-    trainer._split_groups = True  # the old layout: four groups at backbone_lr_scale 1
     trainer.train()
     assert len(trainer.engine.optimizer.fp32_groups_flat) == 4
-    state_path = tmp_path / "ckpt" / "epoch_1" / "ds_trainer.json"
-    state = json.loads(state_path.read_text())
-    del state["param_groups"]
-    state_path.write_text(json.dumps(state))
+    rewrite_as_v1(tmp_path / "ckpt" / "epoch_1", merged_groups=False, training={"backbone_lr_scale": 1.0})
     opt, names = trainer.engine.optimizer, {id(p): n for n, p in trainer.model.named_parameters()}
     exported = load_exported(export_checkpoint(tmp_path / "ckpt", tmp_path / "export")).state_dict()
     for params, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):

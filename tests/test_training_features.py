@@ -149,7 +149,7 @@ def test_every_optimizer_trains_at_every_zero_stage(tmp_path, optimizer, stage):
     trainer = make(tmp_path, optimizer_type=optimizer, zero_stage=stage, num_epochs=1, backbone_lr_scale=0.1,
                    learning_rate=1e-2 if optimizer == "sgd" else 1e-3)
     torch.manual_seed(0)
-    trainer._setup()
+    trainer.setup()
     basic = trainer.engine.basic_optimizer
     assert type(basic).__name__.lower().replace("fused", "").startswith(optimizer.replace("adamw", "adam"))
     groups = {g["name"]: g for g in basic.param_groups}

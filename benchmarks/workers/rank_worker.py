@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from step_overhead import build_model, make_batches
 
     from ds_trainer import Trainer
+    from ds_trainer.hooks import Hook
     from ds_trainer.config import build_config
     from ds_trainer.distributed import init_distributed
 
@@ -279,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     comms: dict[str, dict[str, int]] = {}  # op -> message bytes -> calls, in the comms epoch
     comm_ms: dict[str, float] = {}  # op -> total milliseconds in the comms epoch
 
-    class BenchTrainer(Trainer):
-        """The Trainer with a hook around each epoch (comms logger, memory) and no checkpoints."""
+    class EpochProbe(Hook):
+        """Around each epoch: the comms logger, memory peaks, and the live tensors before its last step."""
 
-        def _train_epoch(self, epoch: int) -> dict[str, float]:
+        def on_epoch_start(self, epoch: int) -> None:
+            self.counting, self.snapshot, self.calls = epoch == comm_epoch, args.tensors and epoch == args.epochs, 0
             if epoch == 1:
                 # The peak so far is the set-up's (from_pretrained, DeepSpeed flattening and partitioning the
                 # parameters); reset it, so that the peak read after the epochs is the training steps' own.
@@ -291,27 +293,18 @@ def main(argv: list[str] | None = None) -> int:
                              cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-            counting = epoch == comm_epoch
             if args.comms:
-                ds_comm.configure(enabled=counting, prof_all=counting)
+                ds_comm.configure(enabled=self.counting, prof_all=self.counting)
                 ds_comm.reset_log()
-            snapshot = args.tensors and epoch == args.epochs
-            if snapshot:  # the live tensors right before the epoch's last optimizer step: grads and Adam state both exist
-                engine, calls = self.engine, [0]
 
-                def step(*a: Any, **k: Any) -> Any:
-                    calls[0] += 1
-                    if calls[0] == args.steps:
-                        tensors.update(live_tensor_bytes(engine))
-                    return type(engine).step(engine, *a, **k)
+        def on_before_step(self, step: int) -> None:
+            # The live tensors right before the epoch's last optimizer step: grads and Adam state both exist.
+            self.calls += 1
+            if self.snapshot and self.calls == args.steps:
+                tensors.update(live_tensor_bytes(trainer.engine))
 
-                engine.step = step
-            try:
-                row = super()._train_epoch(epoch)
-            finally:
-                if snapshot:
-                    del engine.step
-            if counting:
+        def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
+            if self.counting:
                 for name, sizes in ds_comm.comms_logger.comms_dict.items():
                     comms[name] = {str(size): int(v[0]) for size, v in sizes.items()}
                     # DeepSpeed 0.19's timed_op reads its per-name timer with elapsed(reset=False), so each logged
@@ -325,12 +318,14 @@ def main(argv: list[str] | None = None) -> int:
                 if epoch == args.epochs and malloc_trim():
                     # What the allocator held but no tensor used: freed memory glibc had not returned yet.
                     peak["status_kib_after_malloc_trim"] = proc_status_kib()
-            return row
+
+    class BenchTrainer(Trainer):
+        """The Trainer without checkpoints: a benchmark keeps none."""
 
         def save_checkpoint(self, tag: str, update_latest: bool = True) -> Path:
-            return Path(self.t.checkpoint_dir) / tag  # a benchmark keeps no checkpoint
+            return Path(self.t.checkpoint_dir) / tag
 
-    trainer = BenchTrainer(model, batches, None, config=cfg, device="cpu" if args.cpu else None)
+    trainer = BenchTrainer(model, batches, None, config=cfg, device="cpu" if args.cpu else None, hooks=[EpochProbe()])
     rows = trainer.train()
     timeline["total_s"] = time.perf_counter() - t_start
     result = {

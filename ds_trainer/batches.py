@@ -1,0 +1,43 @@
+"""What the loop and evaluation read from a batch, and the limit on undecodable samples."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ds_trainer.errors import DataError
+
+
+def unpack(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) on the device: a dict with pixel_values/labels, or an (images, labels) pair."""
+    if isinstance(batch, Mapping):
+        inputs, targets = batch["pixel_values"], batch["labels"]
+    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        inputs, targets = batch[0], batch[1]
+    else:
+        raise TypeError(
+            "a batch must be a dict with 'pixel_values' and 'labels', or an (images, labels) pair; "
+            f"got {type(batch).__name__}"
+        )
+    return inputs.to(device, dtype=dtype, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def bad_samples(batch: Any) -> int:
+    """Samples the streaming loader could not decode while filling this batch."""
+    return int(batch.get("bad_samples", 0)) if isinstance(batch, Mapping) else 0
+
+
+def keys(batch: Any) -> Sequence[Any]:
+    return batch.get("key", ()) if isinstance(batch, Mapping) else ()
+
+
+def check_bad_fraction(bad: int, good: int, what: str, limit: float) -> None:
+    total = bad + good
+    if total and bad / total > limit:
+        raise DataError(
+            f"{bad} of {total} {what} samples ({bad / total:.1%}) could not be decoded, above "
+            f"data.max_bad_fraction {limit:g}; re-create the shards (ds-trainer shard verifies every image) "
+            "or raise the limit"
+        )

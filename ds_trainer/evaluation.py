@@ -1,0 +1,101 @@
+"""One evaluation pass over every rank's share of a loader: loss, the protocol metrics, every image's score."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds_trainer import batches, loaders
+from ds_trainer.metrics import (
+    ai_scores,
+    all_reduce_max_int,
+    all_reduce_sum,
+    binary_metrics,
+    gather_1d,
+    gather_objects,
+    per_generator_metrics,
+)
+
+
+@dataclass
+class EvalResult:
+    row: dict[str, Any]  # val_loss, val_acc, ..., val_generators and val_mean_* with generator names
+    predictions: dict[str, Any]  # every image's score, label and generator (None if not named), all ranks
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    loader: Iterable,
+    *,
+    epoch: int,
+    zero_stage: int,
+    dtype: torch.dtype,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    image_size: int,
+    max_bad_fraction: float,
+) -> EvalResult:
+    """Collective: every rank calls it with its own loader share."""
+    device = engine.device
+    engine.eval()
+    loaders.set_epoch(loader, epoch)
+    n_local = len(loader)  # type: ignore[arg-type]
+    # Ranks can hold different numbers of batches. Under ZeRO-3 every forward gathers
+    # parameters collectively, so short ranks must keep stepping with a dummy batch.
+    n_steps = all_reduce_max_int(n_local, device) if zero_stage == 3 else n_local
+    scores, labels, generators = [], [], []
+    loss_sum = torch.zeros((), device=device)
+    bad = 0
+    it = iter(loader)
+    dummy: torch.Tensor | None = None
+    for i in range(n_steps):
+        batch = next(it, None) if i < n_local else None
+        if batch is None:
+            if dummy is None:
+                dummy = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
+            engine(dummy)
+            continue
+        inputs, targets = batches.unpack(batch, device, dtype)
+        dummy = inputs[:1]
+        outputs = engine(inputs)
+        loss_sum += loss_fn(outputs, targets).detach().float() * targets.shape[0]
+        scores.append(ai_scores(outputs))
+        labels.append(targets)
+        bad += batches.bad_samples(batch)
+        if isinstance(batch, Mapping) and "generator" in batch:
+            generators.extend(batch["generator"])
+    engine.train()
+    all_scores = gather_1d(torch.cat(scores) if scores else torch.zeros(0))
+    all_labels = gather_1d(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+    total_loss = float(all_reduce_sum(loss_sum).item())
+    n = all_labels.numel()
+    m = binary_metrics(all_scores.cpu().numpy(), all_labels.cpu().numpy())
+    row: dict[str, Any] = {
+        "val_loss": total_loss / n if n else math.nan,
+        "val_acc": m["acc"],
+        "val_auc": m["auc"],
+        "val_ap": m["ap"],
+        "val_real_acc": m["real_acc"],
+        "val_fake_acc": m["fake_acc"],
+        "val_samples": n,
+    }
+    row["val_bad_samples"] = int(all_reduce_sum(torch.tensor([bad], device=device)).item())
+    batches.check_bad_fraction(row["val_bad_samples"], n, "validation", max_bad_fraction)
+    # Same decision on every rank (a collective follows): the streaming loader names generators.
+    all_generators = gather_objects(generators) if hasattr(loader, "generators") else []
+    named = bool(all_generators) and len(all_generators) == n
+    predictions = {
+        "score": all_scores.float().cpu().numpy(),
+        "label": all_labels.cpu().numpy(),
+        "generator": all_generators if len(all_generators) == n else None,
+    }
+    if named:
+        # The benchmark protocol: every generator on its own, then their unweighted mean.
+        table = per_generator_metrics(all_scores.cpu().numpy(), all_labels.cpu().numpy(), all_generators)
+        row["val_generators"] = table
+        row.update({f"val_mean_{k}": v for k, v in table["mean"].items()})
+    return EvalResult(row, predictions)

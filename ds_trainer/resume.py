@@ -1,0 +1,256 @@
+"""The checkpoint's metadata (`<tag>/ds_trainer.json`): its one writer, its one reader, and the resume plan.
+
+`metadata()` builds what rank 0 writes next to DeepSpeed's files (checkpoint.save adds the file
+sizes); `read()` is the only place that interprets it, for resume, `export` and `eval` alike. The
+layout is versioned: version 1 (ds_trainer up to the component split) held the interrupted epoch's
+totals as a positional list and, before merged parameter groups, no `param_groups`; `read()`
+upgrades it, so such checkpoints still resume and export.
+
+`plan()` decides, before any engine exists, how a checkpoint saved on another world size resumes:
+the global batch stays what it was (the LR schedule and the optimizer's statistics depend on it), so
+gradient accumulation absorbs the change of rank count, and ZeRO-sharded or bf16 optimizer state
+goes through DeepSpeed's universal format.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ds_trainer import checkpoint
+from ds_trainer.errors import CheckpointError, ConfigError, first_line
+
+log = logging.getLogger(__name__)
+
+VERSION = 2
+_REQUIRED = ("epoch", "global_step")
+
+
+def num_parameters(model: nn.Module) -> int:
+    # ZeRO-3 leaves each parameter's full size in ds_numel once the engine has partitioned it.
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+def model_name(model: nn.Module) -> str:
+    return str(getattr(model, "model_name", type(model).__name__))
+
+
+def metadata(train_state: dict[str, Any], engine: Any, *, world_size: int, zero_stage: int, model: nn.Module,
+             group_names: list[str], config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The metadata of a checkpoint about to be saved (`train_state`: TrainState.state_dict())."""
+    return {
+        "version": VERSION,
+        **train_state,
+        "global_step": int(engine.global_steps),
+        "train_batch_size": int(engine.train_batch_size()),
+        "micro_batch_size": int(engine.train_micro_batch_size_per_gpu()),
+        "grad_accumulation_steps": int(engine.gradient_accumulation_steps()),
+        "config_hash": checkpoint.config_hash(config),
+        "world_size": world_size,
+        "zero_stage": zero_stage,
+        "model_name": model_name(model),
+        "num_parameters": num_parameters(model),
+        "param_groups": list(group_names),  # the optimizer state's layout (see optim.param_groups)
+        # The whole run config, as the user gave it: export rebuilds the model from its `model` section.
+        "config": config,
+    }
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's metadata, upgraded to the current version."""
+
+    tag_dir: Path
+    state: dict[str, Any]  # the whole (upgraded) record; TrainState.load_state_dict takes it
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state["epoch"])
+
+    @property
+    def global_step(self) -> int:
+        return int(self.state["global_step"])
+
+    @property
+    def batches_done(self) -> int:
+        return int(self.state.get("batches_done") or 0)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.state.get("world_size") or 0)
+
+    @property
+    def zero_stage(self) -> int | None:
+        return self.state.get("zero_stage")
+
+    @property
+    def train_batch_size(self) -> int:
+        return int(self.state.get("train_batch_size") or 0)
+
+    @property
+    def param_groups(self) -> list[str] | None:
+        return self.state.get("param_groups")
+
+    @property
+    def split_groups(self) -> bool:
+        """Saved before merged parameter groups: backbone and head have optimizer groups of their own."""
+        return self.param_groups is None
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        config = self.state.get("config")
+        return config if isinstance(config, dict) else None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.state.get(key, default)
+
+    def run_config(self) -> dict[str, Any]:
+        """The run config, required by export and eval (they rebuild the model from it)."""
+        config = self.config
+        if config is None or "model" not in config:
+            raise CheckpointError(
+                f"{self.tag_dir / checkpoint.MARKER} has no run config (written by an older ds_trainer); "
+                "export rebuilds the model from it: resume that run for one more epoch with this version "
+                "(ds-trainer train --load-dir ...) to write a checkpoint that has it"
+            )
+        return config
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 record in the current layout."""
+    state = dict(state)
+    version = int(state.get("version") or 1)
+    if version == 1:
+        partial = state.get("partial_epoch")
+        if isinstance(partial, list):
+            names = ("loss_sum", "correct", "seen", "bad", "nonfinite")
+            state["partial_epoch"] = {n: float(v) for n, v in zip(names, partial)}
+        # No recorded groups: written before groups were merged, when backbone and head were always apart.
+        state.setdefault("param_groups", None)
+        state["version"] = VERSION
+    elif version > VERSION:
+        raise CheckpointError(
+            f"{checkpoint.MARKER} has layout version {version}; this ds_trainer reads up to {VERSION}: upgrade ds_trainer"
+        )
+    return state
+
+
+def read(tag_dir: str | Path) -> CheckpointMeta:
+    """The metadata of the checkpoint at `tag_dir` (a complete tag: see checkpoint.resolve)."""
+    tag_dir = Path(tag_dir)
+    path = tag_dir / checkpoint.MARKER
+    try:
+        raw = checkpoint.read_marker(tag_dir)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc}") from None
+    if not isinstance(raw, dict) or any(key not in raw for key in _REQUIRED):
+        raise CheckpointError(
+            f"{path} is not a ds_trainer checkpoint record (it needs {', '.join(_REQUIRED)}); "
+            "give a checkpoint directory written by ds-trainer train"
+        )
+    try:
+        return CheckpointMeta(tag_dir, upgrade(raw))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{tag_dir}: {exc}") from None
+
+
+def check_same_model(meta: CheckpointMeta, model: nn.Module, group_names: list[str] | None) -> None:
+    """Refuse, before DeepSpeed's shape errors, a checkpoint of another architecture or optimizer layout.
+
+    `group_names`: the parameter groups this run would build (None: not training, nothing to compare).
+    """
+    count, then_count = num_parameters(model), meta.get("num_parameters")
+    if then_count is not None and int(then_count) != count:
+        raise CheckpointError(
+            f"{meta.tag_dir} holds a model of {int(then_count):,} parameters ({meta.get('model_name')}); this one has "
+            f"{count:,} ({model_name(model)}). Resume with the model.* settings it was trained with, or start "
+            "without --load-dir"
+        )
+    if meta.split_groups:
+        log.info("%s predates merged parameter groups: backbone and head stay in separate groups", meta.tag_dir)
+    elif group_names is not None and list(meta.param_groups or []) != list(group_names):
+        raise CheckpointError(
+            f"{meta.tag_dir} holds optimizer state for parameter groups {', '.join(meta.param_groups or [])}; this run "
+            f"has {', '.join(group_names)} (training.backbone_lr_scale 1 puts backbone and head in one group, any "
+            "other value splits them). Resume with the backbone_lr_scale it was trained with"
+        )
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How this job's engine is built to load a checkpoint."""
+
+    grad_accumulation_steps: int | None = None  # None: the config's
+    universal: bool = False  # load through DeepSpeed's universal format (another world size)
+    split_groups: bool = False  # backbone and head in groups of their own (a v1 checkpoint's layout)
+
+
+def plan(meta: CheckpointMeta, world_size: int, micro_batch: int, config_accumulation: int) -> ResumePlan:
+    old_world = meta.world_size
+    if not old_world or old_world == world_size:
+        return ResumePlan(split_groups=meta.split_groups)
+    accumulation = None
+    global_batch = meta.train_batch_size
+    if global_batch:
+        accumulation, rest = divmod(global_batch, micro_batch * world_size)
+        if rest or accumulation < 1:
+            raise ConfigError(
+                f"{meta.tag_dir} trained with a global batch of {global_batch} "
+                f"({meta.get('micro_batch_size')} x {meta.get('grad_accumulation_steps')} accumulation x "
+                f"{old_world} ranks); on {world_size} ranks with batch_size {micro_batch} that needs "
+                f"{global_batch / (micro_batch * world_size):g} accumulation steps, not a whole number. "
+                f"Choose training.batch_size so that batch_size x {world_size} divides {global_batch}"
+            )
+        log.info(
+            "resuming a %d-rank checkpoint on %d ranks: grad_accumulation_steps %d (config: %d) keeps the "
+            "global batch %d", old_world, world_size, accumulation, config_accumulation, global_batch,
+        )  # fmt: skip
+    universal = any(meta.tag_dir.glob("*optim_states.pt"))
+    return ResumePlan(grad_accumulation_steps=accumulation, universal=universal, split_groups=meta.split_groups)
+
+
+def load_engine(engine: Any, meta: CheckpointMeta, universal: bool) -> None:
+    """Collective: DeepSpeed loads the model, optimizer and LR scheduler state of `meta`'s tag."""
+    try:
+        if universal:
+            loaded, _ = engine.load_checkpoint(str(meta.tag_dir), tag=checkpoint.UNIVERSAL)
+        else:
+            loaded, _ = engine.load_checkpoint(str(meta.tag_dir.parent), tag=meta.tag_dir.name)
+    except RuntimeError as exc:  # torch's "size mismatch" / "Missing key(s)" for another architecture
+        raise CheckpointError(
+            f"{meta.tag_dir} does not fit this model ({first_line(exc, 300)}); resume with the model it was "
+            "trained with, or start without --load-dir"
+        ) from exc
+    if loaded is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint at {meta.tag_dir}")
+
+
+def warn_if_config_differs(meta: CheckpointMeta, now: dict[str, Any]) -> None:
+    if meta.get("config_hash") in (None, checkpoint.config_hash(now)):
+        return
+    keys = config_differences(meta.config, now)
+    log.warning("the model/training/deepspeed config differs from the checkpoint's (%s); continuing with this one",
+                ", ".join(keys) or "its keys were not recorded")  # fmt: skip
+
+
+def config_differences(then: dict[str, Any] | None, now: dict[str, Any], limit: int = 8) -> list[str]:
+    """The dotted keys of model/training/deepspeed that differ between two run configs (paths excluded)."""
+    if not then:
+        return []
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            out.append(prefix)
+
+    for section in ("model", "training", "deepspeed"):
+        walk(then.get(section), now.get(section), section)
+    out = [key for key in out if key != "training.checkpoint_dir"]
+    return out[:limit] + ([f"+{len(out) - limit} more"] if len(out) > limit else [])
