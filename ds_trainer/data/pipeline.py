@@ -46,7 +46,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from ds_trainer.data.shards import IMAGE_KEYS, ShardInfo, load_manifest
+from ds_trainer.data.manifest import ShardInfo, load_manifest
+from ds_trainer.data.scan import IMAGE_KEYS
 from ds_trainer.data.transforms import clip_preprocess
 from ds_trainer.errors import DataError
 
