@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ds_trainer.data import ShardLoader, make_shard_loader, shard_genimage
-from ds_trainer.data.pipeline import plan_rank
 from ds_trainer.data.manifest import ShardInfo
+from ds_trainer.data.rank_plan import plan_rank
 from ds_trainer.errors import DataError
 
 SIZE = 16  # tiny images keep the suite fast; the maths does not depend on it
