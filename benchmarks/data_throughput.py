@@ -1,7 +1,7 @@
 """Can the data loader feed the training step? Images/s of the shard loader vs the train step.
 
 For each GenImage-like image size and format (JPEG like the reals, lossless PNG like the fakes)
-this writes a small temporary shard set with `ds_trainer.data.shards.write_shards`, streams it
+this writes a small temporary shard set with `ds_trainer.data.shards.shard_genimage`, streams it
 with `make_shard_loader(train=True)` and a `Preprocess` (decode, augment, crop, normalise), and
 times only steady-state batches (after every worker delivered its first one). It then times
 forward + backward + AdamW step of the model on CPU for the same batch size. The last column,
@@ -40,7 +40,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import md_table, write_result
 from ds_trainer.data.pipeline import make_shard_loader
-from ds_trainer.data.shards import write_shards
+from ds_trainer.data.shards import shard_genimage
 from ds_trainer.data.transforms import Preprocess
 
 FORMATS = {"jpeg": ("jpg", {"format": "JPEG", "quality": 96}), "png": ("png", {"format": "PNG"})}
@@ -167,7 +167,7 @@ def write_tree(src: Path, shards: Path, sizes: list[int], formats: list[str], pe
     At least one shard per worker, or plan_rank would leave workers idle.
     """
     _write_tree(src, sizes, formats, per_set)
-    write_shards(src, shards, max_count=-(-per_set // max(workers, 1)), workers=1, progress=False)
+    shard_genimage(src, shards, max_count=-(-per_set // max(workers, 1)), workers=1, progress=False)
 
 
 def _table(rows: list[Row], step_rate: float) -> str:

@@ -161,7 +161,8 @@ def _cmd_ds_config(args: argparse.Namespace) -> int:
 
 def _cmd_shard(args: argparse.Namespace) -> int:
     """Re-running the same command resumes: complete shards are kept, only missing ones are written."""
-    from ds_trainer.data.shards import shard_genimage, summary_line
+    from ds_trainer.data.manifest import summary_line
+    from ds_trainer.data.shards import shard_genimage
 
     report = shard_genimage(
         args.src, args.out, max_count=args.max_count, max_size=args.max_size, generators=args.generators,

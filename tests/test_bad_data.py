@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from ds_trainer.data import make_shard_loader
-from ds_trainer.data.pipeline import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from ds_trainer.data.decode import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 
 SIZE = 16  # tiny model input keeps the suite fast; the checks run before preprocessing
 VAL = 48  # tiny_shards' val split: 2 generators x (a shard of 20 + a shard of 4)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_trainer.data import ShardLoader, make_shard_loader, write_shards
-from ds_trainer.data.pipeline import plan_rank
-from ds_trainer.data.shards import ShardInfo
+from ds_trainer.data import ShardLoader, make_shard_loader, shard_genimage
+from ds_trainer.data.manifest import ShardInfo
+from ds_trainer.data.rank_plan import plan_rank
 from ds_trainer.errors import DataError
 
 SIZE = 16  # tiny images keep the suite fast; the maths does not depend on it
@@ -32,7 +32,7 @@ def uneven(tmp_path_factory, make_tree) -> Path:
     root = tmp_path_factory.mktemp("uneven")
     spec = {"a": {"train": (7, 6), "val": (4, 3)}, "b": {"train": (1, 1), "val": (2, 2)}}
     src = make_tree(root / "gi", spec, size=(20, 16))
-    manifest = write_shards(src, root / "shards", max_count=10, progress=False)
+    manifest = shard_genimage(src, root / "shards", max_count=10, progress=False).manifest
     assert sorted(e["count"] for e in manifest["shards"] if e["split"] == "train") == [2, 3, 10]
     return root / "shards"
 
@@ -42,7 +42,7 @@ def single(tmp_path_factory, make_tree) -> Path:
     """one train shard of 9 samples and one val shard of 5: fewer shards than ranks."""
     root = tmp_path_factory.mktemp("single")
     src = make_tree(root / "gi", {"a": {"train": (5, 4), "val": (3, 2)}}, size=(20, 16))
-    write_shards(src, root / "shards", max_count=100, progress=False)
+    shard_genimage(src, root / "shards", max_count=100, progress=False)
     return root / "shards"
 
 
@@ -206,7 +206,7 @@ def corrupt(tmp_path_factory, make_tree) -> Path:
         png.write_bytes(png.read_bytes()[:60])  # header intact, pixel data cut off
     # verify=False: let the broken file into the shards (the shard tool would drop it), so the
     # loader's own skipping is what is tested.
-    write_shards(src, root / "shards", max_count=100, progress=False, verify=False)
+    shard_genimage(src, root / "shards", max_count=100, progress=False, verify=False)
     return root / "shards"
 
 

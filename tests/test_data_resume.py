@@ -8,8 +8,8 @@ import tarfile
 import pytest
 
 from ds_trainer.data import make_shard_loader
-from ds_trainer.data.pipeline import split_holdout
-from ds_trainer.data.shards import load_manifest
+from ds_trainer.data.manifest import load_manifest
+from ds_trainer.data.rank_plan import split_holdout
 from ds_trainer.errors import DataError
 
 KW = dict(batch_size=4, train=True, world_size=2, num_workers=2, image_size=32, shuffle_buffer=16, seed=3)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ds_trainer.data import load_manifest, scan_genimage, shards, write_shards
-from ds_trainer.data.shards import _scan, parse_size, shard_genimage
+from ds_trainer.data import load_manifest, scan_tree, shard_genimage, shard_write
+from ds_trainer.data.shard_plan import parse_size
 from ds_trainer.data.transforms import to_rgb
 from ds_trainer.errors import DataError
 
@@ -41,33 +41,34 @@ def test_scan_layout_labels_and_case_insensitive_extensions(tmp_path: Path, make
     (ai / "notes.txt").write_text("junk")
     (root / "g1" / "val" / "nature" / "Thumbs.db").write_bytes(b"\0")
 
-    records, skipped = _scan(root)
-    assert sum(skipped.values()) == 2
+    scan = scan_tree(root)
+    records = scan.records
+    assert len(scan.skipped) == 2
     by = Counter((r.generator, r.split, r.label) for r in records)
     assert by == {("g1", "train", 1): 4, ("g1", "train", 0): 3, ("g1", "val", 1): 1, ("g1", "val", 0): 1,
                   ("g2", "train", 1): 1, ("g2", "train", 0): 1}
     names = {r.path.name for r in records}
     assert {"upper.PNG", "mixed.JpEg"} <= names and "notes.txt" not in names
-    assert records == scan_genimage(root)  # sorted, reproducible
+    assert records == scan_tree(root).records  # sorted, reproducible
 
 
 def test_scan_generator_filter(tmp_path: Path, make_tree) -> None:
     root = make_tree(tmp_path / "gi", {"g1": {"train": (1, 1)}, "g2": {"train": (1, 1)}})
-    assert {r.generator for r in scan_genimage(root, ["g2"])} == {"g2"}
+    assert {r.generator for r in scan_tree(root, ["g2"]).records} == {"g2"}
     with pytest.raises(DataError, match="nope.*available: g1, g2"):
-        scan_genimage(root, ["nope"])
+        scan_tree(root, ["nope"])
 
 
 def test_scan_missing_or_empty_src(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
-        scan_genimage(tmp_path / "missing")
+        scan_tree(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "stray_dir").mkdir()
     with pytest.raises(DataError, match="no generator folders.*stray_dir"):
-        scan_genimage(tmp_path / "empty")
+        scan_tree(tmp_path / "empty")
 
 
-# ---------------------------------------------------------------- write_shards
+# ---------------------------------------------------------------- shard_genimage
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def shard_set(tmp_path: Path, make_tree) -> tuple[Path, Path, dict]:
     src = make_tree(tmp_path / "gi", {"g.1": {"train": (12, 11), "val": (3, 2)}, "g2": {"train": (4, 4)}})
     (src / "g2" / "train" / "ai" / "readme.md").write_text("junk")
     out = tmp_path / "shards"
-    manifest = write_shards(src, out, max_count=10, seed=3, progress=False)
+    manifest = shard_genimage(src, out, max_count=10, seed=3, progress=False).manifest
     return src, out, manifest
 
 
@@ -127,7 +128,7 @@ def test_manifest_counts_and_shard_mixing(shard_set) -> None:
 
 def test_shards_are_reproducible(tmp_path: Path, shard_set) -> None:
     src, out, manifest = shard_set
-    again = write_shards(src, tmp_path / "again", max_count=10, seed=3, progress=False)
+    again = shard_genimage(src, tmp_path / "again", max_count=10, seed=3, progress=False).manifest
     for entry in manifest["shards"]:
         assert (out / entry["path"]).read_bytes() == (tmp_path / "again" / entry["path"]).read_bytes()
     assert again["shards"] == manifest["shards"]
@@ -135,7 +136,7 @@ def test_shards_are_reproducible(tmp_path: Path, shard_set) -> None:
 
 def test_rewrite_removes_stale_shards(shard_set) -> None:
     src, out, _ = shard_set
-    manifest = write_shards(src, out, max_count=100, seed=3, progress=False)
+    manifest = shard_genimage(src, out, max_count=100, seed=3, progress=False).manifest
     assert len(manifest["shards"]) == 3
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tar")) == sorted(
         e["path"] for e in manifest["shards"]
@@ -149,7 +150,7 @@ def test_rewrite_removes_stale_shards(shard_set) -> None:
 def test_unreadable_image_is_skipped_at_write_time(tmp_path: Path, make_tree) -> None:
     src = make_tree(tmp_path / "gi", {"g": {"train": (2, 2)}})
     (src / "g" / "train" / "ai" / "broken.png").write_bytes(b"not a png")
-    manifest = write_shards(src, tmp_path / "out", progress=False)
+    manifest = shard_genimage(src, tmp_path / "out", progress=False).manifest
     assert manifest["skipped"]["unreadable"] == 1
     assert manifest["counts"]["g"]["train"]["total"] == 4
 
@@ -305,7 +306,7 @@ def _without_time(manifest: dict) -> dict:
 
 
 def test_release_layout_counts_and_skipped_files(tmp_path: Path, release: Path) -> None:
-    manifest = write_shards(release, tmp_path / "out", max_count=4, workers=1, progress=False)
+    manifest = shard_genimage(release, tmp_path / "out", max_count=4, workers=1, progress=False).manifest
     assert manifest["counts"] == RELEASE_COUNTS
     files = manifest["skipped"]["files"]
     assert [(f["path"], f["kind"]) for f in files] == [(p, k) for p, k, _ in RELEASE_SKIPPED]
@@ -324,7 +325,7 @@ def test_release_layout_counts_and_skipped_files(tmp_path: Path, release: Path) 
 
 def test_release_colour_modes_are_kept_and_recorded(tmp_path: Path, release: Path) -> None:
     out = tmp_path / "out"
-    manifest = write_shards(release, out, max_count=100, workers=1, progress=False)
+    manifest = shard_genimage(release, out, max_count=100, workers=1, progress=False).manifest
     assert manifest["modes"]["ADM"]["train"] == {
         "ai": {"LA": 1, "P": 1, "RGB": 2, "RGBA": 1},
         "nature": {"CMYK": 1, "L": 1, "RGB": 2},
@@ -345,18 +346,18 @@ def test_release_colour_modes_are_kept_and_recorded(tmp_path: Path, release: Pat
 
 
 def test_generator_filter_on_release_layout(tmp_path: Path, release: Path) -> None:
-    manifest = write_shards(release, tmp_path / "out", generators=["ADM"], workers=1, progress=False)
+    manifest = shard_genimage(release, tmp_path / "out", generators=["ADM"], workers=1, progress=False).manifest
     assert list(manifest["counts"]) == ["ADM"]
     assert {s["path"].split("/")[0] for s in manifest["skipped"]["files"]} == {"ADM"}
     with pytest.raises(DataError, match=r"sdv5 not found in .*available: ADM, stable_diffusion_v_1_4"):
-        write_shards(release, tmp_path / "out2", generators=["sdv5"], workers=1, progress=False)
+        shard_genimage(release, tmp_path / "out2", generators=["sdv5"], workers=1, progress=False)
     with pytest.raises(DataError, match=r"one generator's folder.*--generators imagenet_ai_0508_adm"):
-        scan_genimage(release / ADM)
+        scan_tree(release / ADM)
 
 
 def test_workers_give_the_same_shards(tmp_path: Path, release: Path) -> None:
-    one = write_shards(release, tmp_path / "w1", max_count=3, workers=1, progress=False)
-    two = write_shards(release, tmp_path / "w2", max_count=3, workers=2, progress=False)
+    one = shard_genimage(release, tmp_path / "w1", max_count=3, workers=1, progress=False).manifest
+    two = shard_genimage(release, tmp_path / "w2", max_count=3, workers=2, progress=False).manifest
     assert _without_time(one) == _without_time(two)
     assert _shard_keys(tmp_path / "w1", one) == _shard_keys(tmp_path / "w2", two)
     for entry in one["shards"]:
@@ -365,7 +366,7 @@ def test_workers_give_the_same_shards(tmp_path: Path, release: Path) -> None:
 
 def test_resume_rewrites_only_the_missing_shard(tmp_path: Path, release: Path) -> None:
     out = tmp_path / "out"
-    first = write_shards(release, out, max_count=3, workers=1, progress=False)
+    first = shard_genimage(release, out, max_count=3, workers=1, progress=False).manifest
     before = _mtimes(out)
     victim = first["shards"][1]["path"]
     (out / victim).unlink()
@@ -383,10 +384,10 @@ def test_resume_rewrites_only_the_missing_shard(tmp_path: Path, release: Path) -
 
 
 def test_resume_after_a_crash_mid_shard(tmp_path: Path, release: Path, monkeypatch) -> None:
-    reference = write_shards(release, tmp_path / "ref", max_count=3, workers=1, progress=False)
+    reference = shard_genimage(release, tmp_path / "ref", max_count=3, workers=1, progress=False).manifest
     out = tmp_path / "out"
     calls = {"n": 0}
-    real = shards._tar_sample
+    real = shard_write._tar_sample
 
     def crash_on_the_8th_sample(*args):
         calls["n"] += 1
@@ -394,9 +395,9 @@ def test_resume_after_a_crash_mid_shard(tmp_path: Path, release: Path, monkeypat
             raise KeyboardInterrupt  # the user pressed Ctrl-C inside the third shard
         return real(*args)
 
-    monkeypatch.setattr(shards, "_tar_sample", crash_on_the_8th_sample)
+    monkeypatch.setattr(shard_write, "_tar_sample", crash_on_the_8th_sample)
     with pytest.raises(KeyboardInterrupt):
-        write_shards(release, out, max_count=3, workers=1, progress=False)
+        shard_genimage(release, out, max_count=3, workers=1, progress=False)
     monkeypatch.undo()
     assert not (out / "manifest.json").exists()
     assert len(list(out.rglob("shard-*.tar.tmp"))) == 1
@@ -416,11 +417,11 @@ def test_resume_after_a_crash_mid_shard(tmp_path: Path, release: Path, monkeypat
 def test_changed_source_file_rewrites_its_shard(tmp_path: Path, make_tree) -> None:
     src = make_tree(tmp_path / "gi", {"g": {"train": (6, 6)}}, size=(8, 8))
     out = tmp_path / "out"
-    first = write_shards(src, out, max_count=4, workers=1, progress=False)
+    first = shard_genimage(src, out, max_count=4, workers=1, progress=False).manifest
     before = _mtimes(out)
     target = src / "g" / "train" / "ai" / "ai_000.png"
     _noise(12, 99).save(target)  # same name, new content: size and mtime change
-    again = write_shards(src, out, max_count=4, workers=1, progress=False)
+    again = shard_genimage(src, out, max_count=4, workers=1, progress=False).manifest
     changed = {p for p, t in _mtimes(out).items() if before[p] != t}
     (owner,) = [p for p, keys in _shard_keys(out, again).items()
                 if any(json.loads(_tar_samples(out / p)[k]["json"])["path"].endswith("ai_000.png") for k in keys)]
@@ -432,14 +433,15 @@ def test_max_size_splits_shards_by_bytes(tmp_path: Path, make_tree) -> None:
     src = make_tree(tmp_path / "gi", {"g": {"train": (10, 10)}}, size=(40, 32))
     image_bytes = sum(p.stat().st_size for p in src.rglob("*.*"))
     out = tmp_path / "out"
-    manifest = write_shards(src, out, max_size="20KB", workers=1, progress=False)
+    manifest = shard_genimage(src, out, max_size="20KB", workers=1, progress=False).manifest
     assert manifest["max_size"] == 20_000
     assert len(manifest["shards"]) >= image_bytes // 20_000 + 1 > 1
     for entry in manifest["shards"]:
         assert 0 < (out / entry["path"]).stat().st_size == entry["bytes"] <= 20_000
     assert sum(e["count"] for e in manifest["shards"]) == 20
     # one image larger than the limit still gets a shard of its own rather than failing the run
-    assert [e["count"] for e in write_shards(src, tmp_path / "tiny", max_size=100, progress=False)["shards"]] == [1] * 20
+    tiny = shard_genimage(src, tmp_path / "tiny", max_size=100, progress=False).manifest
+    assert [e["count"] for e in tiny["shards"]] == [1] * 20
 
 
 def test_parse_size() -> None:
@@ -478,7 +480,7 @@ def test_unverified_shards_keep_corrupt_pixels_and_are_not_reused_by_a_verified_
     png = src / "g" / "train" / "ai" / "ai_000.png"
     png.write_bytes(png.read_bytes()[:200])  # header intact, pixel data cut off
     out = tmp_path / "out"
-    loose = write_shards(src, out, workers=1, progress=False, verify=False)
+    loose = shard_genimage(src, out, workers=1, progress=False, verify=False).manifest
     assert (loose["verified"], loose["counts"]["g"]["train"]["total"], loose["skipped"]["unreadable"]) == (False, 6, 0)
     strict = shard_genimage(src, out, workers=1, progress=False)
     assert (strict.reused, strict.written) == (0, 1)
@@ -492,5 +494,5 @@ def test_write_failure_in_a_worker_is_a_data_error_naming_the_shard(tmp_path: Pa
     (out / "h").mkdir(parents=True)
     (out / "h" / "train").write_text("a file where the shard folder goes")
     with pytest.raises(DataError, match=r"writing shard .*h/train/shard-00000[01].tar failed.*re-run"):
-        write_shards(src, out, max_count=4, workers=2, progress=False)
+        shard_genimage(src, out, max_count=4, workers=2, progress=False)
     assert not (out / "manifest.json").exists()

@@ -237,14 +237,14 @@ def test_rerun_without_the_flag_drops_what_it_read_from_outside(tree, tmp_path: 
 def test_a_file_replaced_by_an_outside_link_after_the_scan_is_not_read(tree, tmp_path: Path, monkeypatch) -> None:
     src, elsewhere = tree
     victim = src / "g" / "train" / "nature" / "nature_000.jpg"
-    real_plan = shards._plan
+    real_plan = shards.plan_shards
 
     def swap_then_plan(*args, **kwargs):
         victim.unlink()
         victim.symlink_to(elsewhere / "photos" / "p0.jpg")
         return real_plan(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "_plan", swap_then_plan)
+    monkeypatch.setattr(shards, "plan_shards", swap_then_plan)
     out = tmp_path / "out"
     manifest = _shard(src, out)
     assert manifest["counts"]["g"]["train"] == {"ai": 4, "nature": 2, "total": 6}

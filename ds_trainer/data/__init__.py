@@ -2,15 +2,10 @@
 
 from ds_trainer.data.demo import build_demo_tree, make_demo_shards
 from ds_trainer.data.genimage import GenImageDataset
+from ds_trainer.data.manifest import Manifest, ShardInfo, load_manifest
 from ds_trainer.data.pipeline import ShardLoader, make_shard_loader
-from ds_trainer.data.shards import (
-    ImageRecord,
-    Manifest,
-    ShardInfo,
-    load_manifest,
-    scan_genimage,
-    write_shards,
-)
+from ds_trainer.data.scan import ImageRecord, scan_tree
+from ds_trainer.data.shards import shard_genimage
 from ds_trainer.data.transforms import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 __all__ = [
@@ -26,6 +21,6 @@ __all__ = [
     "load_manifest",
     "make_demo_shards",
     "make_shard_loader",
-    "scan_genimage",
-    "write_shards",
+    "scan_tree",
+    "shard_genimage",
 ]

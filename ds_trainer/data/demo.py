@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ds_trainer.data.shards import rewrite_manifest, write_shards
+from ds_trainer.data.manifest import rewrite_manifest
+from ds_trainer.data.shards import shard_genimage
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def make_demo_shards(
     with tempfile.TemporaryDirectory(prefix="ds_trainer_demo_") as tmp:
         base = Path(work_dir) if work_dir is not None else Path(tmp)
         tree = build_demo_tree(base / "genimage_demo", **tree_kwargs)
-        manifest = write_shards(tree, out, max_count=max_count, seed=seed, progress=progress)
+        manifest = shard_genimage(tree, out, max_count=max_count, seed=seed, progress=progress).manifest
     # record how the data was made: the temporary source path alone would explain nothing
     bound = inspect.signature(build_demo_tree).bind(base, **tree_kwargs)
     bound.apply_defaults()

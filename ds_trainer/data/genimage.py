@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ds_trainer.data.shards import SPLITS, ImageRecord, scan_genimage
+from ds_trainer.data.scan import SPLITS, ImageRecord, scan_tree
 from ds_trainer.data.transforms import clip_preprocess
 from ds_trainer.errors import DataError
 
@@ -41,8 +41,8 @@ class GenImageDataset(Dataset):
         self.split = split
         self.transform = transform
         self.image_size = image_size
-        self.records: list[ImageRecord] = [r for r in scan_genimage(root, generators, follow_symlinks=follow_symlinks)
-                                            if r.split == split]
+        scan = scan_tree(root, generators, follow_symlinks=follow_symlinks)
+        self.records: list[ImageRecord] = [r for r in scan.records if r.split == split]
         if not self.records:
             raise DataError(
                 f"no '{split}' images under {self.root}; "

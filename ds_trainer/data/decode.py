@@ -1,0 +1,150 @@
+"""Raw tar samples -> checked, decoded, preprocessed samples -> batches; bad samples are skipped and counted.
+
+Bad is: an image that does not decode, is smaller than MIN_IMAGE_SIDE or larger than
+MAX_IMAGE_PIXELS; a label missing or not 0/1; and every stand-in the tar reader put in the stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ds_trainer.data.scan import IMAGE_KEYS
+from ds_trainer.data.tar_stream import UNREADABLE
+from ds_trainer.data.transforms import clip_preprocess
+from ds_trainer.errors import DataError
+
+# the name these lines had before decoding got its own module: train.log records it
+logger = logging.getLogger("ds_trainer.data.pipeline")
+
+# Images below this side are refused in training and evaluation alike: no detector input can be
+# made from them (GenImage's smallest are BigGAN's 128 x 128), and a 1 x 1 file is a broken export.
+MIN_IMAGE_SIDE = 8
+# Refused from the header, before any pixel is decoded: a PNG can declare 20,000 x 20,000 in a few
+# hundred bytes and take GiBs to decode. GenImage's largest images (ImageNet reals) are far below;
+# this is also below PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89.5 M), whose warning is refused too.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class _StandIn(Exception):
+    """A stand-in met in decode_samples: bad, and already logged by the tar reader that made it."""
+
+
+Preprocessor = Callable[..., torch.Tensor]  # (img, label, train, rng) -> [3, S, S]
+
+
+def clip_preprocessor(image_size: int) -> Preprocessor:
+    return functools.partial(_clip_preprocess, image_size=image_size)
+
+
+def _clip_preprocess(
+    img: Image.Image, label: int, train: bool, rng: random.Random | None, *, image_size: int
+) -> torch.Tensor:
+    return clip_preprocess(img, image_size, train=train, rng=rng)
+
+
+def _label(sample: dict[str, Any]) -> int:
+    if "cls" not in sample:
+        raise ValueError("no .cls member (the label)")
+    label = int(sample["cls"])
+    if label not in (0, 1):
+        raise ValueError(f"label {label} is neither 0 (nature) nor 1 (ai)")
+    return label
+
+
+def _open_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's image with only its header read, refused if its size is out of bounds.
+
+    Checked before decoding, so a decompression bomb costs a header read. PIL refuses above twice
+    its own limit (DecompressionBombError) and only warns above it; the warning is made an error.
+    """
+    image_key = next((k for k in sample if k in IMAGE_KEYS), None)
+    if image_key is None:
+        raise ValueError(f"no image member (one of .{', .'.join(sorted(IMAGE_KEYS))})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(sample[image_key]))
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        problem = f"over MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS}); not decoded"
+    elif min(w, h) < MIN_IMAGE_SIDE:
+        problem = f"a side is below MIN_IMAGE_SIDE ({MIN_IMAGE_SIDE})"
+    else:
+        return img
+    img.close()
+    raise ValueError(f"image is {w}x{h} pixels, {problem}")
+
+
+def decode_samples(
+    samples: Iterator[dict[str, Any]],
+    *,
+    train: bool,
+    preprocess: Preprocessor,
+    seed_tag: str,
+    worker: int,
+    skip_raw: int,
+    max_failures_in_row: int,
+) -> Iterator[dict[str, Any]]:
+    skipped = 0
+    in_row = 0
+    pending_bad = 0
+    position = 0
+    for sample in samples:
+        position += 1
+        if position <= skip_raw:
+            continue  # read before the interruption: fast-forward without decoding
+        key = sample.get("__key__", "?")
+        # Seeded per sample, not drawn from one stream: resuming mid-epoch must not shift it.
+        rng = random.Random(f"{seed_tag}:{key}") if train else None
+        try:
+            if sample.get(UNREADABLE):
+                raise _StandIn
+            label = _label(sample)
+            with _open_image(sample) as img:
+                pixels = preprocess(img, label=label, train=train, rng=rng)
+        except Exception as exc:  # broken images raise many types; one bad file must not stop training
+            skipped += 1
+            in_row += 1
+            pending_bad += 1
+            if not isinstance(exc, _StandIn):  # stand-ins were logged where they were made
+                logger.warning(
+                    "skipping sample %s of %s: %s: %s (%d skipped so far in this worker)",
+                    key, sample.get("__url__", "?"), type(exc).__name__, exc, skipped,
+                )  # fmt: skip
+            if train and in_row > max_failures_in_row:
+                # a repeating stream of nothing but failures would spin forever
+                raise DataError(
+                    f"no image in {sample.get('__url__', '?')} can be decoded; re-create the shards"
+                ) from exc
+            continue
+        in_row = 0
+        yield {
+            "pixel_values": pixels, "label": label, "generator": sample["__generator__"], "key": key,
+            "bad": pending_bad, "worker": worker, "position": position,
+        }  # fmt: skip
+        pending_bad = 0
+    if pending_bad:
+        # the stream (eval: finite) ended on bad samples; this tail carries their count
+        yield {"bad": pending_bad, "worker": worker, "position": position}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch; an eval batch may end with decode_samples' tail, or be only that (no samples: see ShardLoader)."""
+    samples = [s for s in items if "pixel_values" in s]
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]) if samples else torch.zeros(0),
+        "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "generator": [s["generator"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "bad_samples": sum(s["bad"] for s in items),
+        "worker": items[-1]["worker"],
+        "position": items[-1]["position"],  # raw samples this worker had read by the end of the batch
+    }
