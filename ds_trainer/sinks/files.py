@@ -45,13 +45,12 @@ class FileSink(Sink):
 
     def step(self, global_step: int, scalars: dict[str, float]) -> None:
         """One line appended to steps.jsonl; no flush beyond the line buffer."""
-        values = {k: float(v) for k, v in scalars.items()}
         if self.steps_path is None:
             return
         line = {
             "step": int(global_step),
             "time": round(time.time(), 3),  # wall clock: time to first step, step rates
-            **{k: _clean(v) for k, v in values.items()},
+            **{k: _clean(float(v)) for k, v in scalars.items()},
         }
         self._append_step(json.dumps(line) + "\n")
 
