@@ -11,6 +11,10 @@ LoRA) and, optionally, the runs' `metrics.jsonl`/`steps.jsonl` into:
 - `training.png`: losses, val AUC, LR and samples/s against steps (when runs are given);
 - `report.html`: all of it with the metrics table, the resolved config and the checkpoint, images
   embedded (no network access needed).
+
+Reading the results is `ds_trainer.eval_results`, drawing the figures `ds_trainer.report_figures`;
+this module writes the PNGs, the page and the TensorBoard copy. Their public names are importable
+from here too.
 """
 
 from __future__ import annotations
@@ -18,331 +22,49 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from ds_trainer.errors import ConfigError, DataError
+from ds_trainer.errors import ConfigError
+from ds_trainer.eval_results import (
+    MEAN,
+    METRIC_LABELS,
+    EvalRun,
+    attach_run,
+    load_eval,
+    predictions_block,
+    union_generators,
+)
 from ds_trainer.metrics import PROTOCOL_METRICS
+from ds_trainer.report_figures import (
+    _mean_roc,  # tests/test_report.py checks the mean curve's AUC through this module
+    accuracy_figure,
+    build_figures,
+    confusion_counts,
+    confusion_figure,
+    pyplot,
+    roc_figure,
+    score_figure,
+    training_figure,
+)
 
-MEAN = "mean"
-METRIC_LABELS = {"acc": "accuracy", "real_acc": "real accuracy", "fake_acc": "fake accuracy", "ap": "AP", "auc": "AUC"}
-
-
-@dataclass
-class EvalRun:
-    """One `ds-trainer eval` result with its per-image predictions."""
-
-    name: str
-    path: Path
-    result: dict[str, Any]
-    scores: np.ndarray  # P(AI-generated) per image
-    labels: np.ndarray  # 1 = AI-generated, 0 = real
-    generators: np.ndarray  # generator name per image
-    run_dir: Path | None = None
-    curves: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows
-    steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl rows
-
-    @property
-    def generator_names(self) -> list[str]:
-        return sorted(set(self.generators.tolist()))
-
-    def table(self) -> dict[str, dict[str, float]]:
-        """Per-generator protocol metrics and their mean, as `ds-trainer eval` computed them."""
-        table = self.result.get("generators") or {}
-        return {g: {k: _num(v) for k, v in row.items()} for g, row in table.items()}
+__all__ = [
+    "MEAN", "METRIC_LABELS", "EvalRun", "Report", "accuracy_figure", "attach_run", "build_figures",
+    "confusion_counts", "confusion_figure", "load_eval", "log_to_tensorboard", "metrics_table_html",
+    "predictions_block", "render_html", "roc_figure", "score_figure", "training_figure", "write_report",
+]
 
 
-def _num(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def predictions_block(scores: np.ndarray, labels: np.ndarray, generators: Sequence[str] | None) -> dict[str, Any]:
-    """The compact `predictions` entry of an eval JSON: generator names once, an index per image."""
-    names = sorted(set(generators)) if generators else []
-    index = {g: i for i, g in enumerate(names)}
-    return {
-        "generators": names,
-        "generator": [index[g] for g in generators] if generators else [],
-        "label": [int(v) for v in labels],
-        "score": [round(float(v), 6) for v in scores],
-    }
-
-
-def load_eval(path: str | Path, name: str | None = None) -> EvalRun:
-    """Read an eval JSON written by `ds-trainer eval`; clear errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--eval {path}: no such file (write one with `ds-trainer eval ... --out {path}`)")
-    try:
-        result = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"--eval {path}: not JSON ({exc})") from exc
-    pred = result.get("predictions") if isinstance(result, dict) else None
-    if not isinstance(pred, dict) or not all(k in pred for k in ("score", "label", "generator", "generators")):
-        raise DataError(
-            f"--eval {path}: no per-image predictions in it; re-run `ds-trainer eval` (it writes them since "
-            "the report exists)"
-        )
-    scores = np.asarray(pred["score"], dtype=np.float64)
-    labels = np.asarray(pred["label"], dtype=np.int64)
-    names = list(pred["generators"])
-    gen_index = np.asarray(pred["generator"], dtype=np.int64)
-    if not (len(scores) == len(labels) == len(gen_index)) or len(scores) == 0:
-        raise DataError(f"--eval {path}: predictions have {len(scores)} scores, {len(labels)} labels, "
-                        f"{len(gen_index)} generators; they must be equal and non-zero")
-    if names and (gen_index.min() < 0 or gen_index.max() >= len(names)):
-        raise DataError(f"--eval {path}: a generator index is outside its {len(names)} names")
-    generators = np.asarray(names, dtype=object)[gen_index] if names else np.full(len(scores), "all", dtype=object)
-    return EvalRun(name or _default_name(path, result), path, result, scores, labels, generators)
-
-
-def _default_name(path: Path, result: dict[str, Any]) -> str:
-    ckpt = result.get("checkpoint")
-    if ckpt:
-        ckpt = Path(ckpt)
-        return f"{ckpt.parent.parent.name or ckpt.parent.name}/{ckpt.name}"
-    return path.stem
-
-
-def attach_run(run: EvalRun, run_dir: str | Path) -> None:
-    """Training curves for `run` from a run directory's metrics.jsonl (and steps.jsonl, if any)."""
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise ConfigError(f"--run {run_dir}: no metrics.jsonl in it (a run_dir written by ds-trainer train)")
-    run.run_dir = run_dir
-    run.curves = _jsonl(metrics)
-    steps = run_dir / "steps.jsonl"
-    run.steps = _jsonl(steps) if steps.is_file() else []
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not a JSON line ({exc})") from exc
-    return rows
-
-
-# ---------------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _panels(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 4):
-    plt = _plt()
-    cols = min(n, max_cols)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    flat = list(axes.ravel())
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
-
-
-def _roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    if len(np.unique(labels)) < 2:
-        return None  # one class: no ROC
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return fpr, tpr, float(roc_auc_score(labels, scores))
-
-
-def _mean_roc(run: EvalRun) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """Vertical average of the per-generator ROC curves; AUC = the protocol's mean AUC."""
-    grid = np.linspace(0.0, 1.0, 201)
-    tprs, aucs = [], []
-    for g in run.generator_names:
-        mask = run.generators == g
-        roc = _roc(run.scores[mask], run.labels[mask])
-        if roc is not None:
-            tprs.append(np.interp(grid, roc[0], roc[1]))
-            aucs.append(roc[2])
-    if not tprs:
-        return None
-    tpr = np.mean(tprs, axis=0)
-    tpr[0] = 0.0
-    return grid, tpr, float(np.mean(aucs))
-
-
-def roc_figure(runs: Sequence[EvalRun]):
-    """One run: a line per generator plus the mean. Several: a panel per generator, a line per run."""
-    if len(runs) == 1:
-        (run,) = runs
-        fig, (ax,) = _panels(1, 6.0, 5.2)
-        for g in run.generator_names:
-            mask = run.generators == g
-            roc = _roc(run.scores[mask], run.labels[mask])
-            if roc is not None:
-                ax.plot(roc[0], roc[1], lw=1.2, label=f"{g} (AUC {roc[2]:.3f})")
-        mean = _mean_roc(run)
-        if mean is not None:
-            ax.plot(mean[0], mean[1], "k--", lw=2, label=f"{MEAN} (AUC {mean[2]:.3f})")
-        _roc_axes(ax, run.name)
-    else:
-        names = _union_generators(runs) + [MEAN]
-        fig, axes = _panels(len(names))
-        for ax, g in zip(axes, names):
-            for run in runs:
-                if g == MEAN:
-                    roc = _mean_roc(run)
-                else:
-                    mask = run.generators == g
-                    roc = _roc(run.scores[mask], run.labels[mask]) if mask.any() else None
-                if roc is not None:
-                    ax.plot(roc[0], roc[1], lw=1.4, label=f"{run.name} (AUC {roc[2]:.3f})")
-            _roc_axes(ax, g)
-    fig.tight_layout()
-    return fig
-
-
-def _roc_axes(ax, title: str) -> None:
-    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (real called AI)",
-           ylabel="true positive rate (AI caught)", title=title)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=7)
-
-
-def _union_generators(runs: Sequence[EvalRun]) -> list[str]:
-    return sorted({g for run in runs for g in run.generator_names})
-
-
-def score_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
-    """Histograms of P(AI) for real vs fake images: a row per run, a panel per generator."""
-    plt = _plt()
-    gens = _union_generators(runs)
-    fig, axes = plt.subplots(len(runs), len(gens), figsize=(3.6 * len(gens), 2.9 * len(runs)), squeeze=False)
-    bins = np.linspace(0.0, 1.0, 26)
-    for r, run in enumerate(runs):
-        for c, g in enumerate(gens):
-            ax = axes[r][c]
-            mask = run.generators == g
-            ax.hist(run.scores[mask & (run.labels == 0)], bins=bins, alpha=0.6, color="tab:green", label="real")
-            ax.hist(run.scores[mask & (run.labels == 1)], bins=bins, alpha=0.6, color="tab:red", label="AI-generated")
-            ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
-            ax.set(xlim=(0, 1), xlabel="P(AI-generated)", title=g if len(runs) == 1 else f"{run.name}\n{g}")
-            if c == 0:
-                ax.set_ylabel("images")
-            if r == 0 and c == 0:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def accuracy_figure(runs: Sequence[EvalRun]):
-    """Accuracy, real accuracy and fake accuracy per generator and their mean; a bar per run."""
-    gens = _union_generators(runs) + [MEAN]
-    fig, axes = _panels(3, width=max(4.5, 0.9 * len(gens) * max(1, len(runs)) ** 0.5 + 2), max_cols=1, height=3.0)
-    width = 0.8 / len(runs)
-    x = np.arange(len(gens))
-    for ax, key in zip(axes, ("acc", "real_acc", "fake_acc")):
-        for i, run in enumerate(runs):
-            table = run.table()
-            values = [table.get(g, {}).get(key, math.nan) for g in gens]
-            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, np.nan_to_num(values), width, label=run.name)
-            for bar, v in zip(bars, values):
-                if not math.isnan(v):
-                    ax.annotate(f"{100 * v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
-                                fontsize=6)
-        ax.axvline(len(gens) - 1.5, color="0.6", lw=0.8)
-        ax.set(ylim=(0, 1.12), ylabel=METRIC_LABELS[key], xticks=x)
-        ax.set_xticklabels(gens, rotation=20, ha="right", fontsize=8)
-        if len(runs) > 1:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return fig
-
-
-def confusion_counts(run: EvalRun, threshold: float = 0.5) -> np.ndarray:
-    """[[real called real, real called AI], [AI called real, AI called AI]] at `threshold`."""
-    from sklearn.metrics import confusion_matrix
-
-    return confusion_matrix(run.labels, (run.scores >= threshold).astype(int), labels=[0, 1])
-
-
-def confusion_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
-    fig, axes = _panels(len(runs), 3.8, 3.6)
-    for ax, run in zip(axes, runs):
-        cm = confusion_counts(run, threshold)
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            share = v / max(1, cm[i].sum())
-            ax.text(j, i, f"{v}\n{100 * share:.1f}%", ha="center", va="center",
-                    color="white" if v > cm.max() / 2 else "black")
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["real", "AI"], yticklabels=["real", "AI"],
-               xlabel=f"predicted (P(AI) ≥ {threshold:g})", ylabel="true", title=run.name)
-    fig.tight_layout()
-    return fig
-
-
-def training_figure(runs: Sequence[EvalRun]):
-    """Losses, val AUC, LR and samples/s against optimizer steps, one colour per run."""
-    fig, axes = _panels(4, 4.6, 3.4, max_cols=2)
-    ax_loss, ax_auc, ax_lr, ax_speed = axes
-    for i, run in enumerate(r for r in runs if r.curves):
-        color = f"C{i}"
-        rows = run.curves
-        steps = [r.get("step") for r in rows]
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
-            pts = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
-            if pts:
-                ax_loss.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"{run.name} {key}")
-        pts = [(s, r["val_auc"]) for s, r in zip(steps, rows) if r.get("val_auc") is not None]
-        if pts:
-            ax_auc.plot(*zip(*pts), color=color, marker="o", ms=3, label=run.name)
-        lr = [(r["step"], r["train/lr"]) for r in run.steps if r.get("train/lr") is not None]
-        if not lr:
-            lr = [(s, r["lr"]) for s, r in zip(steps, rows) if r.get("lr") is not None]
-        if lr:
-            ax_lr.plot(*zip(*lr), color=color, label=run.name)
-        pts = [(s, r["samples_per_s"]) for s, r in zip(steps, rows) if r.get("samples_per_s") is not None]
-        if pts:
-            ax_speed.plot(*zip(*pts), color=color, marker="o", ms=3, label=run.name)
-    for ax, title in ((ax_loss, "loss"), (ax_auc, "validation AUC"), (ax_lr, "learning rate"),
-                      (ax_speed, "training samples/s")):
-        ax.set(xlabel="optimizer step", title=title)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-# ------------------------------------------------------------------------------------ output
 @dataclass
 class Report:
     out_dir: Path
     html: Path
     figures: dict[str, Path]
-
-
-def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, Any]:
-    """name → matplotlib figure, in the order the page shows them."""
-    figures = {
-        "roc": roc_figure(runs),
-        "scores": score_figure(runs, threshold),
-        "accuracy": accuracy_figure(runs),
-        "confusion": confusion_figure(runs, threshold),
-    }
-    if any(run.curves for run in runs):
-        figures["training"] = training_figure(runs)
-    return figures
 
 
 def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float = 0.5,
@@ -356,7 +78,7 @@ def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float 
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"report: two runs share a name ({', '.join(names)}); name them with --name")
-    plt = _plt()
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -449,7 +171,7 @@ def metrics_table_html(runs: Sequence[EvalRun]) -> str:
     head = "<tr><th>generator</th>" + ("<th class='run'>run</th>" if multi else "")
     head += "".join(f"<th>{e(METRIC_LABELS[k])}</th>" for k in PROTOCOL_METRICS) + "<th>images</th></tr>"
     rows = [f"<table id='metrics'>{head}"]
-    for g in _union_generators(runs) + [MEAN]:
+    for g in union_generators(runs) + [MEAN]:
         for run in runs:
             metrics = run.table().get(g)
             if metrics is None:
@@ -472,7 +194,7 @@ def log_to_tensorboard(runs: Sequence[EvalRun], log_dir: str | Path, step: int |
 
     from ds_trainer.sinks import add_pr_curves
 
-    plt = _plt()
+    plt = pyplot()
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         for run in runs:

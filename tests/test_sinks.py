@@ -20,7 +20,10 @@ import pytest
 from ds_trainer.config import LoggingSection
 from ds_trainer.errors import ConfigError
 from ds_trainer.sinks import (
+    CompositeSink,
     MetricsSinks,
+    Sink,
+    TensorBoardSink,
     configure_logging,
     progress_enabled,
     redact_secrets,
@@ -216,11 +219,127 @@ def test_non_main_rank_writes_nothing(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     cfg = _cfg(wandb={"enabled": True, "mode": "offline"})
     sinks = MetricsSinks(run_dir, False, cfg, run_config={"a": 1})
-    sinks.step(1, {"train/loss": 1.0})
-    sinks.write(ROW)
+    # The no-op itself, not a composite that checks the rank in every method.
+    assert type(sinks) is Sink
+    with sinks as entered:
+        assert entered is sinks
+        sinks.step(1, {"train/loss": 1.0})
+        sinks.write(ROW)
+        sinks.rewind(0, 0)
+        sinks.pr_curves(1, {"score": [0.5], "label": [1]})
+        assert sinks.wandb_run is None
     sinks.close()
     assert not run_dir.exists()
     assert "Train Loss" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+class _Recording(Sink):
+    def __init__(self, log: list[str], name: str, fail_close: bool = False) -> None:
+        self.log, self.name, self.fail_close = log, name, fail_close
+
+    def step(self, global_step, scalars):
+        self.log.append(f"{self.name}.step")
+
+    def close(self):
+        self.log.append(f"{self.name}.close")
+        if self.fail_close:
+            raise RuntimeError(f"{self.name} cannot close")
+
+
+def test_context_manager_closes_every_backend_when_the_body_raises():
+    calls: list[str] = []
+    sinks = CompositeSink([_Recording(calls, "a"), _Recording(calls, "b")])
+    with pytest.raises(ValueError, match="body"):
+        with sinks as entered:
+            assert entered is sinks
+            sinks.step(1, {"train/loss": 1.0})
+            raise ValueError("body")
+    assert calls == ["a.step", "b.step", "a.close", "b.close"]
+
+
+def test_a_backend_failing_to_close_does_not_keep_the_others_open(caplog):
+    calls: list[str] = []
+    sinks = CompositeSink(
+        [_Recording(calls, "a", fail_close=True), _Recording(calls, "b"), _Recording(calls, "c", fail_close=True)]
+    )
+    with pytest.raises(RuntimeError, match="a cannot close"):  # the first failure
+        sinks.close()
+    assert calls == ["a.close", "b.close", "c.close"]
+    assert "c cannot close" in caplog.text  # the later one is logged, not lost
+    sinks.close()  # idempotent, also after a failed close
+    assert calls == ["a.close", "b.close", "c.close"]
+
+
+def test_the_body_error_wins_over_a_failing_close(caplog):
+    calls: list[str] = []
+    with pytest.raises(ValueError, match="body"):
+        with CompositeSink([_Recording(calls, "a", fail_close=True), _Recording(calls, "b")]):
+            raise ValueError("body")
+    assert calls == ["a.close", "b.close"]
+    assert "a cannot close" in caplog.text
+
+
+class _FakeWandbRun:
+    name, dir = "fake", "."
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, float], int]] = []
+        self.finished = 0
+
+    def log(self, values, step):
+        self.logged.append((values, step))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_real_backends_close_on_error_and_twice(tmp_path, monkeypatch):
+    import wandb
+
+    run = _FakeWandbRun()
+    monkeypatch.setattr(wandb, "init", lambda **kw: run)
+    cfg = _cfg(wandb={"enabled": True, "mode": "offline"})
+    with pytest.raises(KeyError):
+        with MetricsSinks(tmp_path, True, cfg) as sinks:
+            assert sinks.wandb_run is run
+            sinks.step(1, {"train/loss": 1.0})
+            raise KeyError("body")
+    assert run.finished == 1 and sinks.wandb_run is None
+    sinks.close()
+    sinks.close()
+    assert run.finished == 1
+    # Closed: TensorBoard and W&B take no more points; the jsonl files still record.
+    sinks.step(2, {"train/loss": 0.5})
+    assert run.logged == [({"train/loss": 1.0}, 1)]
+    assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1]
+
+
+def test_a_backend_failing_to_start_closes_those_already_started(tmp_path, monkeypatch):
+    import wandb
+
+    closed: list[bool] = []
+    real_close = TensorBoardSink.close
+
+    def close(self):
+        closed.append(True)
+        real_close(self)
+
+    def broken_init(**kw):
+        raise RuntimeError("down")
+
+    monkeypatch.setattr(TensorBoardSink, "close", close)
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with pytest.raises(ConfigError, match="down"):
+        MetricsSinks(tmp_path, True, _cfg(wandb={"enabled": True, "mode": "offline"}))
+    assert closed == [True]
 
 
 # ------------------------------------------------------------------ TensorBoard

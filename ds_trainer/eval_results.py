@@ -1,0 +1,123 @@
+"""`ds-trainer eval` results on disk: the per-image `predictions` block it writes, and reading
+one result back (with a training run's metrics.jsonl/steps.jsonl) for the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ds_trainer.errors import ConfigError, DataError
+
+MEAN = "mean"
+METRIC_LABELS = {"acc": "accuracy", "real_acc": "real accuracy", "fake_acc": "fake accuracy", "ap": "AP", "auc": "AUC"}
+
+
+@dataclass
+class EvalRun:
+    """One `ds-trainer eval` result with its per-image predictions."""
+
+    name: str
+    path: Path
+    result: dict[str, Any]
+    scores: np.ndarray  # P(AI-generated) per image
+    labels: np.ndarray  # 1 = AI-generated, 0 = real
+    generators: np.ndarray  # generator name per image
+    run_dir: Path | None = None
+    curves: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows
+    steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl rows
+
+    @property
+    def generator_names(self) -> list[str]:
+        return sorted(set(self.generators.tolist()))
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """Per-generator protocol metrics and their mean, as `ds-trainer eval` computed them."""
+        table = self.result.get("generators") or {}
+        return {g: {k: _num(v) for k, v in row.items()} for g, row in table.items()}
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def predictions_block(scores: np.ndarray, labels: np.ndarray, generators: Sequence[str] | None) -> dict[str, Any]:
+    """The compact `predictions` entry of an eval JSON: generator names once, an index per image."""
+    names = sorted(set(generators)) if generators else []
+    index = {g: i for i, g in enumerate(names)}
+    return {
+        "generators": names,
+        "generator": [index[g] for g in generators] if generators else [],
+        "label": [int(v) for v in labels],
+        "score": [round(float(v), 6) for v in scores],
+    }
+
+
+def load_eval(path: str | Path, name: str | None = None) -> EvalRun:
+    """Read an eval JSON written by `ds-trainer eval`; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--eval {path}: no such file (write one with `ds-trainer eval ... --out {path}`)")
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"--eval {path}: not JSON ({exc})") from exc
+    pred = result.get("predictions") if isinstance(result, dict) else None
+    if not isinstance(pred, dict) or not all(k in pred for k in ("score", "label", "generator", "generators")):
+        raise DataError(
+            f"--eval {path}: no per-image predictions in it; re-run `ds-trainer eval` (it writes them since "
+            "the report exists)"
+        )
+    scores = np.asarray(pred["score"], dtype=np.float64)
+    labels = np.asarray(pred["label"], dtype=np.int64)
+    names = list(pred["generators"])
+    gen_index = np.asarray(pred["generator"], dtype=np.int64)
+    if not (len(scores) == len(labels) == len(gen_index)) or len(scores) == 0:
+        raise DataError(f"--eval {path}: predictions have {len(scores)} scores, {len(labels)} labels, "
+                        f"{len(gen_index)} generators; they must be equal and non-zero")
+    if names and (gen_index.min() < 0 or gen_index.max() >= len(names)):
+        raise DataError(f"--eval {path}: a generator index is outside its {len(names)} names")
+    generators = np.asarray(names, dtype=object)[gen_index] if names else np.full(len(scores), "all", dtype=object)
+    return EvalRun(name or _default_name(path, result), path, result, scores, labels, generators)
+
+
+def _default_name(path: Path, result: dict[str, Any]) -> str:
+    ckpt = result.get("checkpoint")
+    if ckpt:
+        ckpt = Path(ckpt)
+        return f"{ckpt.parent.parent.name or ckpt.parent.name}/{ckpt.name}"
+    return path.stem
+
+
+def attach_run(run: EvalRun, run_dir: str | Path) -> None:
+    """Training curves for `run` from a run directory's metrics.jsonl (and steps.jsonl, if any)."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ConfigError(f"--run {run_dir}: no metrics.jsonl in it (a run_dir written by ds-trainer train)")
+    run.run_dir = run_dir
+    run.curves = _jsonl(metrics)
+    steps = run_dir / "steps.jsonl"
+    run.steps = _jsonl(steps) if steps.is_file() else []
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not a JSON line ({exc})") from exc
+    return rows
+
+
+def union_generators(runs: Sequence[EvalRun]) -> list[str]:
+    """Every generator any of `runs` has, sorted: one panel or table row each when runs are overlaid."""
+    return sorted({g for run in runs for g in run.generator_names})
+

@@ -1,0 +1,212 @@
+"""The report's matplotlib figures: ROC, score histograms, accuracy bars, confusion matrix, training curves."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ds_trainer.eval_results import MEAN, METRIC_LABELS, EvalRun, union_generators
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported only when a figure is drawn (it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 4):
+    plt = pyplot()
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    if len(np.unique(labels)) < 2:
+        return None  # one class: no ROC
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return fpr, tpr, float(roc_auc_score(labels, scores))
+
+
+def _mean_roc(run: EvalRun) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Vertical average of the per-generator ROC curves; AUC = the protocol's mean AUC."""
+    grid = np.linspace(0.0, 1.0, 201)
+    tprs, aucs = [], []
+    for g in run.generator_names:
+        mask = run.generators == g
+        roc = _roc(run.scores[mask], run.labels[mask])
+        if roc is not None:
+            tprs.append(np.interp(grid, roc[0], roc[1]))
+            aucs.append(roc[2])
+    if not tprs:
+        return None
+    tpr = np.mean(tprs, axis=0)
+    tpr[0] = 0.0
+    return grid, tpr, float(np.mean(aucs))
+
+
+def roc_figure(runs: Sequence[EvalRun]):
+    """One run: a line per generator plus the mean. Several: a panel per generator, a line per run."""
+    if len(runs) == 1:
+        (run,) = runs
+        fig, (ax,) = _panels(1, 6.0, 5.2)
+        for g in run.generator_names:
+            mask = run.generators == g
+            roc = _roc(run.scores[mask], run.labels[mask])
+            if roc is not None:
+                ax.plot(roc[0], roc[1], lw=1.2, label=f"{g} (AUC {roc[2]:.3f})")
+        mean = _mean_roc(run)
+        if mean is not None:
+            ax.plot(mean[0], mean[1], "k--", lw=2, label=f"{MEAN} (AUC {mean[2]:.3f})")
+        _roc_axes(ax, run.name)
+    else:
+        names = union_generators(runs) + [MEAN]
+        fig, axes = _panels(len(names))
+        for ax, g in zip(axes, names):
+            for run in runs:
+                if g == MEAN:
+                    roc = _mean_roc(run)
+                else:
+                    mask = run.generators == g
+                    roc = _roc(run.scores[mask], run.labels[mask]) if mask.any() else None
+                if roc is not None:
+                    ax.plot(roc[0], roc[1], lw=1.4, label=f"{run.name} (AUC {roc[2]:.3f})")
+            _roc_axes(ax, g)
+    fig.tight_layout()
+    return fig
+
+
+def _roc_axes(ax, title: str) -> None:
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (real called AI)",
+           ylabel="true positive rate (AI caught)", title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=7)
+
+
+
+def score_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
+    """Histograms of P(AI) for real vs fake images: a row per run, a panel per generator."""
+    plt = pyplot()
+    gens = union_generators(runs)
+    fig, axes = plt.subplots(len(runs), len(gens), figsize=(3.6 * len(gens), 2.9 * len(runs)), squeeze=False)
+    bins = np.linspace(0.0, 1.0, 26)
+    for r, run in enumerate(runs):
+        for c, g in enumerate(gens):
+            ax = axes[r][c]
+            mask = run.generators == g
+            ax.hist(run.scores[mask & (run.labels == 0)], bins=bins, alpha=0.6, color="tab:green", label="real")
+            ax.hist(run.scores[mask & (run.labels == 1)], bins=bins, alpha=0.6, color="tab:red", label="AI-generated")
+            ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+            ax.set(xlim=(0, 1), xlabel="P(AI-generated)", title=g if len(runs) == 1 else f"{run.name}\n{g}")
+            if c == 0:
+                ax.set_ylabel("images")
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_figure(runs: Sequence[EvalRun]):
+    """Accuracy, real accuracy and fake accuracy per generator and their mean; a bar per run."""
+    gens = union_generators(runs) + [MEAN]
+    fig, axes = _panels(3, width=max(4.5, 0.9 * len(gens) * max(1, len(runs)) ** 0.5 + 2), max_cols=1, height=3.0)
+    width = 0.8 / len(runs)
+    x = np.arange(len(gens))
+    for ax, key in zip(axes, ("acc", "real_acc", "fake_acc")):
+        for i, run in enumerate(runs):
+            table = run.table()
+            values = [table.get(g, {}).get(key, math.nan) for g in gens]
+            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, np.nan_to_num(values), width, label=run.name)
+            for bar, v in zip(bars, values):
+                if not math.isnan(v):
+                    ax.annotate(f"{100 * v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                                fontsize=6)
+        ax.axvline(len(gens) - 1.5, color="0.6", lw=0.8)
+        ax.set(ylim=(0, 1.12), ylabel=METRIC_LABELS[key], xticks=x)
+        ax.set_xticklabels(gens, rotation=20, ha="right", fontsize=8)
+        if len(runs) > 1:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def confusion_counts(run: EvalRun, threshold: float = 0.5) -> np.ndarray:
+    """[[real called real, real called AI], [AI called real, AI called AI]] at `threshold`."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(run.labels, (run.scores >= threshold).astype(int), labels=[0, 1])
+
+
+def confusion_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
+    fig, axes = _panels(len(runs), 3.8, 3.6)
+    for ax, run in zip(axes, runs):
+        cm = confusion_counts(run, threshold)
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            share = v / max(1, cm[i].sum())
+            ax.text(j, i, f"{v}\n{100 * share:.1f}%", ha="center", va="center",
+                    color="white" if v > cm.max() / 2 else "black")
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["real", "AI"], yticklabels=["real", "AI"],
+               xlabel=f"predicted (P(AI) ≥ {threshold:g})", ylabel="true", title=run.name)
+    fig.tight_layout()
+    return fig
+
+
+def training_figure(runs: Sequence[EvalRun]):
+    """Losses, val AUC, LR and samples/s against optimizer steps, one colour per run."""
+    fig, axes = _panels(4, 4.6, 3.4, max_cols=2)
+    ax_loss, ax_auc, ax_lr, ax_speed = axes
+    for i, run in enumerate(r for r in runs if r.curves):
+        color = f"C{i}"
+        rows = run.curves
+        steps = [r.get("step") for r in rows]
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            pts = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
+            if pts:
+                ax_loss.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"{run.name} {key}")
+        pts = [(s, r["val_auc"]) for s, r in zip(steps, rows) if r.get("val_auc") is not None]
+        if pts:
+            ax_auc.plot(*zip(*pts), color=color, marker="o", ms=3, label=run.name)
+        lr = [(r["step"], r["train/lr"]) for r in run.steps if r.get("train/lr") is not None]
+        if not lr:
+            lr = [(s, r["lr"]) for s, r in zip(steps, rows) if r.get("lr") is not None]
+        if lr:
+            ax_lr.plot(*zip(*lr), color=color, label=run.name)
+        pts = [(s, r["samples_per_s"]) for s, r in zip(steps, rows) if r.get("samples_per_s") is not None]
+        if pts:
+            ax_speed.plot(*zip(*pts), color=color, marker="o", ms=3, label=run.name)
+    for ax, title in ((ax_loss, "loss"), (ax_auc, "validation AUC"), (ax_lr, "learning rate"),
+                      (ax_speed, "training samples/s")):
+        ax.set(xlabel="optimizer step", title=title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, Any]:
+    """name → matplotlib figure, in the order the page shows them."""
+    figures = {
+        "roc": roc_figure(runs),
+        "scores": score_figure(runs, threshold),
+        "accuracy": accuracy_figure(runs),
+        "confusion": confusion_figure(runs, threshold),
+    }
+    if any(run.curves for run in runs):
+        figures["training"] = training_figure(runs)
+    return figures
+

@@ -1,0 +1,110 @@
+"""The run directory's own record: the seed's console lines, metrics.jsonl and steps.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from ds_trainer.sinks.base import Sink, log
+from ds_trainer.sinks.logs import console
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN; a metric that cannot be computed (AUC of one class) is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _row_value(line: str, key: str) -> float:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf  # a line cut short by a crash: drop it
+    try:
+        return float(row.get(key, -math.inf))  # keyless rows are kept
+    except (TypeError, ValueError, AttributeError):
+        return -math.inf
+
+
+class FileSink(Sink):
+    """Console lines like the seed's, metrics.jsonl per epoch, steps.jsonl per logged step.
+
+    `run_dir=None` prints and writes no file. Unlike the other backends this one keeps recording
+    after close() (a Trainer may evaluate after training): each line then opens the file itself.
+    """
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
+        self.steps_path = run_dir / "steps.jsonl" if run_dir is not None else None
+        self._steps_file: IO[str] | None = None
+        self._closed = False
+
+    def step(self, global_step: int, scalars: dict[str, float]) -> None:
+        """One line appended to steps.jsonl; no flush beyond the line buffer."""
+        if self.steps_path is None:
+            return
+        line = {
+            "step": int(global_step),
+            "time": round(time.time(), 3),  # wall clock: time to first step, step rates
+            **{k: _clean(float(v)) for k, v in scalars.items()},
+        }
+        self._append_step(json.dumps(line) + "\n")
+
+    def _append_step(self, line: str) -> None:
+        # Kept open while the sinks are live; line-buffered, so a reader (or a crash) sees
+        # every finished line.
+        assert self.steps_path is not None
+        if self._steps_file is None and not self._closed:
+            self.steps_path.parent.mkdir(parents=True, exist_ok=True)
+            self._steps_file = self.steps_path.open("a", buffering=1)
+        if self._steps_file is not None:
+            self._steps_file.write(line)
+            return
+        with self.steps_path.open("a") as f:
+            f.write(line)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """The seed's console lines and one metrics.jsonl row (NaN as null)."""
+        out = console()
+        if "train_loss" in row:  # a zero-shot run only evaluates
+            out.info("Train Loss: %.3f, Train Acc: %.3f", row["train_loss"], row["train_acc"])
+        if row.get("val_loss") is not None:
+            out.info(
+                "Val Loss: %.3f, Val Acc: %.3f, Val AUC: %.3f",
+                row["val_loss"],
+                row["val_acc"],
+                row["val_auc"],
+            )
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def rewind(self, epoch: int, step: int) -> None:
+        """metrics.jsonl keeps epochs <= `epoch`, steps.jsonl steps <= `step`, and a line cut
+        short by a crash goes.
+
+        A run that died after logging an epoch but before its checkpoint was complete would
+        otherwise list that epoch twice.
+        """
+        for path, key, last in ((self.path, "epoch", epoch), (self.steps_path, "step", step)):
+            if path is None or not path.is_file():
+                continue
+            if path == self.steps_path and self._steps_file is not None:
+                self._steps_file.close()
+                self._steps_file = None
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _row_value(line, key) <= last]
+            if len(kept) != len(lines):
+                log.info("resume: dropping %d rows after %s %d from %s", len(lines) - len(kept), key, last, path)
+                path.write_text("".join(kept))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._steps_file is not None:
+            steps, self._steps_file = self._steps_file, None
+            steps.close()

@@ -1,0 +1,86 @@
+"""The console and train.log: which ranks speak, at which level, and whether tqdm bars are drawn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+_CONSOLE = "ds_trainer.console"
+
+
+def configure_logging(
+    rank: int, run_dir: str | Path | None, debug: bool | None = None
+) -> None:
+    """Rank 0 by default, all ranks at debug.
+
+    Normally rank 0 prints the seed's console lines and writes everything to train.log, while
+    other ranks only speak up for warnings (so a failing rank 1 is still heard without eight
+    copies of every line). At debug level every rank logs DEBUG to its console and train.log,
+    because a hang or a mismatch between ranks can only be diagnosed from all of them.
+
+    `debug=None` keeps the level an earlier call chose (the CLI's --debug survives the Trainer's
+    own call for its run directory).
+    """
+    root = logging.getLogger("ds_trainer")
+    if debug is not None:
+        root.setLevel(logging.DEBUG if debug else logging.INFO)
+    elif root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    root.propagate = False
+    verbose = root.level <= logging.DEBUG
+    for handler in list(root.handlers):
+        if getattr(handler, "_ds_trainer", False):
+            root.removeHandler(handler)
+            handler.close()
+    handlers: list[logging.Handler] = []
+    console_handler = logging.StreamHandler(sys.stdout)
+    # Rank 0's console keeps the seed's bare lines; other ranks say who they are.
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    console_handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    if verbose:
+        console_handler.setLevel(logging.DEBUG)
+    else:
+        console_handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers.append(console_handler)
+    if run_dir is not None:
+        path = Path(run_dir) / "train.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Append mode: every rank shares the one file, each line tagged with its rank.
+        file_handler = logging.FileHandler(path)
+        file_handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+            )
+        )
+        file_handler.setLevel(
+            logging.DEBUG if rank == 0 or verbose else logging.WARNING
+        )
+        handlers.append(file_handler)
+    for handler in handlers:
+        handler._ds_trainer = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+def console() -> logging.Logger:
+    """The logger of the seed's bare console lines (`Train Loss: ...`)."""
+    return logging.getLogger(_CONSOLE)
+
+
+def progress_enabled(is_main: bool, setting: str) -> bool:
+    """Whether to draw tqdm bars: rank 0 only; `auto` only on a terminal.
+
+    Under a scheduler or CI stdout is a file, where a bar's carriage returns become thousands
+    of junk lines, so `auto` stays quiet there; `on`/`off` override the guess.
+    """
+    if not is_main or setting == "off":
+        return False
+    if setting == "on":
+        return True
+    if setting != "auto":
+        raise ValueError(f"progress_bar must be auto, on or off, not {setting!r}")
+    isatty = getattr(sys.stdout, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
