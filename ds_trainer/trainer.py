@@ -155,7 +155,7 @@ class Trainer:
     def evaluate_and_log(self) -> dict[str, Any]:
         """Evaluate once and write the row to the sinks (a zero-shot run's whole job)."""
         self.setup()
-        with contextlib.closing(self.sinks):
+        with self.sinks:
             row: dict[str, Any] = {"epoch": self.epoch, **self.evaluate(), "step": int(self.engine.global_steps)}
             self.sinks.write(row)
             self.sinks.pr_curves(row["step"], self.last_predictions)
@@ -224,7 +224,7 @@ class Trainer:
         with contextlib.ExitStack() as lifetime:  # released in reverse order, however the epochs end
             lock = lifetime.enter_context(held_by_rank0(self.t.checkpoint_dir, self.env.is_main, self.env.world_size))
             lifetime.enter_context(self.preemption.installed())
-            lifetime.enter_context(contextlib.closing(self.sinks))
+            lifetime.enter_context(self.sinks)
             self._loop.hooks = for_training(
                 self.engine, self.model, self.sinks, self.settings, self.cfg.logging.log_every_n_steps,
                 self.group_names, self.nonfinite, self.mfu, lock, self.env.rank, self.preemption, self.user_hooks,
