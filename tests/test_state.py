@@ -1,6 +1,7 @@
 """The Trainer's policies and its checkpoint metadata, without an engine: best/early stopping, the epoch
 checkpoint schedule, resumable state, the metadata's versions, the resume plan, the derived settings."""
 
+import contextlib
 import json
 import math
 
@@ -221,9 +222,14 @@ def test_hooks_call_only_what_a_hook_overrides_and_ask_every_poll():
         def on_loss(self, micro_batch, loss):
             return loss * 2
 
+    class Measure(Hook):
+        def measure(self):
+            calls.append("measure")
+            return contextlib.nullcontext()
+
     hooks = Hooks([Stop("a", True), Loss(), Stop("b", False)])
     assert hooks.should_stop() and calls == ["a", "b"]  # every rank's collective poll runs, even after a yes
     assert hooks.on_loss(1, 3) == 6
-    assert hooks._at["on_loss"] == [hooks.hooks[1]] and hooks._at["on_step"] == []
-    with hooks.measure():
-        pass
+    assert isinstance(hooks.measure(), contextlib.nullcontext)  # no hook measures: nothing to enter per batch
+    with Hooks([Measure(), Loss()]).measure():
+        assert calls[-1] == "measure"
