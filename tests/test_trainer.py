@@ -119,6 +119,30 @@ def test_gradient_accumulation_reduces_optimizer_steps(tmp_path):
     assert trainer.ds_config["train_batch_size"] == 24
 
 
+def test_the_run_config_is_saved_as_given_not_as_derived(tmp_path):
+    # The loader's batch size and the train_loss fallback (no val_loader) are derived settings: the
+    # engine uses them, but config.yaml and the checkpoint record what the user asked for, so the
+    # config hash does not change between a run and its resume.
+    import yaml
+
+    from ds_trainer import checkpoint
+
+    torch.manual_seed(0)
+    trainer = Trainer(CLIPModel(model_name="tiny"), DataLoader(separable_dataset(n=16), batch_size=8), None,
+                      num_epochs=1, device="cpu", checkpoint_dir=str(tmp_path / "ckpt"), run_dir=tmp_path / "run")
+    given = trainer.cfg.to_dict()
+    trainer.train()
+    assert (trainer.settings.batch_size, trainer.settings.monitor) == (8, "train_loss")
+    assert trainer.ds_config["train_micro_batch_size_per_gpu"] == 8
+    assert trainer.cfg.to_dict() == given
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["training"]["batch_size"] == given["training"]["batch_size"] != 8
+    assert saved["training"]["monitor"] == "val_auc"
+    state = json.loads((tmp_path / "ckpt" / "epoch_1" / "ds_trainer.json").read_text())
+    assert state["config"] == given and state["config_hash"] == checkpoint.config_hash(given)
+    assert state["monitor"] == "train_loss" and state["micro_batch_size"] == 8
+
+
 def test_early_stopping(tmp_path):
     trainer = make_trainer(tmp_path, epochs=10, early_stopping=True, patience=1, learning_rate=1e-9, scheduler_type="none")
     rows = trainer.train()
@@ -185,6 +209,33 @@ def test_a_preempted_epoch_resumes_with_the_whole_epochs_metrics(tmp_path, stop_
     assert rows[0]["val_loss"] == pytest.approx(reference[1]["val_loss"], rel=1e-4)
     if stop_at == 6:
         assert math.isnan(rows[0]["samples_per_s"])
+
+
+def test_a_version_1_preemption_checkpoint_resumes_like_the_current_layout(tmp_path):
+    # Checkpoints written before the component split hold the epoch's partial totals as a positional
+    # list; resume.read upgrades them, and the resumed epoch's row matches the uninterrupted run's.
+    from ds_trainer.errors import Preempted
+
+    def trainer(root):
+        torch.manual_seed(0)
+        ds = separable_dataset()
+        return Trainer(model=CLIPModel(model_name="tiny"), train_loader=DataLoader(ds, batch_size=8),
+                       val_loader=DataLoader(ds, batch_size=16), learning_rate=1e-3, num_epochs=2, device="cpu",
+                       checkpoint_dir=str(root / "ckpt"), run_dir=root / "run")  # fmt: skip
+
+    reference = trainer(tmp_path / "ref").train()
+    first = trainer(tmp_path / "a")
+    first.preemption.should_stop = lambda: int(first.engine.global_steps) == 8
+    with pytest.raises(Preempted):
+        first.train()
+    old = rewrite_as_v1(tmp_path / "a" / "ckpt" / "step_8")
+    assert old["version"] == 1 and isinstance(old["partial_epoch"], list) and old["partial_epoch"][2] == 16
+    second = trainer(tmp_path / "a")
+    second.resume_from_checkpoint(tmp_path / "a" / "ckpt")
+    rows = second.train()
+    assert [r["epoch"] for r in rows] == [2] and rows[0]["step"] == 12
+    assert rows[0]["train_loss"] == pytest.approx(reference[1]["train_loss"], rel=1e-5)
+    assert rows[0]["train_acc"] == reference[1]["train_acc"]
 
 
 @pytest.mark.parametrize("stage", [0, 1])
