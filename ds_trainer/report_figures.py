@@ -151,15 +151,31 @@ def confusion_counts(run: EvalRun, threshold: float = 0.5) -> np.ndarray:
     return confusion_matrix(run.labels, (run.scores >= threshold).astype(int), labels=[0, 1])
 
 
+def _luminance(rgb: Sequence[float]) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (channels 0-1)."""
+    c = np.asarray(rgb[:3], dtype=np.float64)
+    c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2])
+
+
+def readable_text_color(face: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with `face`: one of the two always reaches 4.5:1."""
+    lum = _luminance(face)
+    return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
+
+
 def confusion_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
+    """Counts and row shares; a cell is shaded by its share of the true class, so a small class
+    reads as clearly as a big one, and its text colour is picked against that shade."""
     fig, axes = _panels(len(runs), 3.8, 3.6)
     for ax, run in zip(axes, runs):
         cm = confusion_counts(run, threshold)
-        ax.imshow(cm, cmap="Blues")
+        shares = cm / np.maximum(1, cm.sum(axis=1, keepdims=True))
+        # vmin/vmax fixed: without them the smallest cell is the colormap's white whatever its count
+        image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
         for (i, j), v in np.ndenumerate(cm):
-            share = v / max(1, cm[i].sum())
-            ax.text(j, i, f"{v}\n{100 * share:.1f}%", ha="center", va="center",
-                    color="white" if v > cm.max() / 2 else "black")
+            ax.text(j, i, f"{v}\n{100 * shares[i, j]:.1f}%", ha="center", va="center",
+                    color=readable_text_color(image.to_rgba(shares[i, j])))
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["real", "AI"], yticklabels=["real", "AI"],
                xlabel=f"predicted (P(AI) ≥ {threshold:g})", ylabel="true", title=run.name)
     fig.tight_layout()

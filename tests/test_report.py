@@ -206,3 +206,48 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     assert pixels.shape == (2400, 1280)
     # Not a blank page: text, table lines and plots make the screenshot far from uniform.
     assert pixels.std() > 20 and (pixels < 128).mean() > 0.01
+
+
+def run_from_confusion(cm: list[list[int]], name: str = "cm") -> report.EvalRun:
+    """An eval result whose confusion matrix at threshold 0.5 is `cm` (rows: true real, true AI)."""
+    labels, scores = [], []
+    for true, row in enumerate(cm):
+        for predicted, count in enumerate(row):
+            labels += [true] * count
+            scores += [0.8 if predicted else 0.2] * count
+    n = len(labels)
+    return report.EvalRun(name, Path(f"{name}.json"), {}, np.asarray(scores), np.asarray(labels),
+                          np.full(n, "all", dtype=object))
+
+
+def wcag_contrast(a, b) -> float:
+    """The WCAG 2 contrast ratio of two sRGB colours (1 = identical, 21 = black on white)."""
+
+    def luminance(rgb):
+        c = np.asarray(rgb[:3], dtype=float)
+        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+@pytest.mark.parametrize("cm", [[[50, 30], [41, 39]], [[95, 5], [3, 97]], [[900, 100], [10, 90]], [[0, 40], [40, 0]]])
+def test_every_confusion_cell_annotation_is_readable_on_its_cell(cm):
+    from matplotlib.colors import to_rgb
+
+    fig = report.confusion_figure([run_from_confusion(cm)])
+    try:
+        ax = fig.axes[0]
+        (image,) = ax.images
+        cells = image.get_array()
+        texts = [t for t in ax.texts if t.get_text()]
+        assert len(texts) == 4
+        for text in texts:
+            j, i = (round(v) for v in text.get_position())
+            assert text.get_text().split("\n")[0] == str(cm[i][j])
+            face = image.to_rgba(cells[i, j])
+            ratio = wcag_contrast(to_rgb(text.get_color()), face)
+            assert ratio >= 3, (cm, (i, j), text.get_color(), face, ratio)
+    finally:
+        report.pyplot().close(fig)
