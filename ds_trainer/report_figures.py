@@ -129,14 +129,15 @@ def accuracy_figure(runs: Sequence[EvalRun]):
     for ax, key in zip(axes, ("acc", "real_acc", "fake_acc")):
         for i, run in enumerate(runs):
             table = run.table()
-            values = [table.get(g, {}).get(key, math.nan) for g in gens]
+            # percent, as the labels on the bars and the metrics table give them
+            values = [100 * table.get(g, {}).get(key, math.nan) for g in gens]
             bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, np.nan_to_num(values), width, label=run.name)
             for bar, v in zip(bars, values):
                 if not math.isnan(v):
-                    ax.annotate(f"{100 * v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                    ax.annotate(f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
                                 fontsize=6)
         ax.axvline(len(gens) - 1.5, color="0.6", lw=0.8)
-        ax.set(ylim=(0, 1.12), ylabel=METRIC_LABELS[key], xticks=x)
+        ax.set(ylim=(0, 112), ylabel=f"{METRIC_LABELS[key]} (%)", xticks=x)
         ax.set_xticklabels(gens, rotation=20, ha="right", fontsize=8)
         if len(runs) > 1:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

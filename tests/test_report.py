@@ -251,3 +251,18 @@ def test_every_confusion_cell_annotation_is_readable_on_its_cell(cm):
             assert ratio >= 3, (cm, (i, j), text.get_color(), face, ratio)
     finally:
         report.pyplot().close(fig)
+
+
+def test_accuracy_bars_are_in_percent_like_their_labels(tmp_path):
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    fig = report.accuracy_figure([run])
+    try:
+        table = run.table()
+        for ax, key in zip(fig.axes, ("acc", "real_acc", "fake_acc")):
+            heights = [bar.get_height() for bar in ax.patches]
+            assert heights == pytest.approx([100 * table[g][key] for g in (*GENERATORS, "mean")])
+            labels = [t.get_text() for t in ax.texts]
+            assert labels == [f"{h:.0f}" for h in heights]
+            assert 100 <= ax.get_ylim()[1] <= 115 and "%" in ax.get_ylabel()
+    finally:
+        report.pyplot().close(fig)
