@@ -5,6 +5,7 @@ turns one or more of those files (several runs are overlaid: full fine-tune vs l
 LoRA) and, optionally, the runs' `metrics.jsonl`/`steps.jsonl` into:
 
 - `roc.png`: ROC curves per generator plus the mean, AUC in the legend;
+- `pr.png`: precision-recall curves per generator, AP in the legend;
 - `scores.png`: histograms of P(AI) for real and fake images per generator, the threshold marked;
 - `accuracy.png`: accuracy, real accuracy and fake accuracy per generator, with the mean;
 - `confusion.png`: the confusion matrix at the threshold;
@@ -47,6 +48,7 @@ from ds_trainer.report_figures import (
     build_figures,
     confusion_counts,
     confusion_figure,
+    pr_figure,
     pyplot,
     roc_figure,
     score_figure,
@@ -56,7 +58,7 @@ from ds_trainer.report_figures import (
 __all__ = [
     "MEAN", "METRIC_LABELS", "EvalRun", "Report", "accuracy_figure", "attach_run", "build_figures",
     "confusion_counts", "confusion_figure", "load_eval", "log_to_tensorboard", "metrics_table_html",
-    "predictions_block", "render_html", "roc_figure", "score_figure", "training_figure", "write_report",
+    "pr_figure", "predictions_block", "render_html", "roc_figure", "score_figure", "training_figure", "write_report",
 ]
 
 
@@ -101,6 +103,7 @@ def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float 
 
 FIGURE_TITLES = {
     "roc": "ROC curves per generator",
+    "pr": "Precision-recall curves per generator",
     "scores": "Scores of real and AI-generated images",
     "accuracy": "Accuracy per generator",
     "confusion": "Confusion matrix",

@@ -1,4 +1,4 @@
-"""The report's matplotlib figures: ROC, score histograms, accuracy bars, confusion matrix, training curves."""
+"""The report's matplotlib figures: ROC, precision-recall, score histograms, accuracy bars, confusion matrix, training curves."""
 
 from __future__ import annotations
 
@@ -96,6 +96,48 @@ def _roc_axes(ax, title: str) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=7)
 
+
+
+def _pr(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    if len(np.unique(labels)) < 2:
+        return None  # one class: AP is undefined (the table says n/a)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return recall, precision, float(average_precision_score(labels, scores))
+
+
+def pr_figure(runs: Sequence[EvalRun]):
+    """Precision (of "AI" calls) against recall (AI images caught), AP in the legend; laid out as
+    `roc_figure`. No mean curve: the protocol's mean AP is a mean of numbers, not of curves."""
+    if len(runs) == 1:
+        (run,) = runs
+        fig, (ax,) = _panels(1, 6.0, 5.2)
+        for g in run.generator_names:
+            mask = run.generators == g
+            pr = _pr(run.scores[mask], run.labels[mask])
+            if pr is not None:
+                ax.plot(pr[0], pr[1], lw=1.2, drawstyle="steps-post", label=f"{g} (AP {pr[2]:.3f})")
+        mean_ap = run.table().get(MEAN, {}).get("ap", math.nan)
+        _pr_axes(ax, run.name if math.isnan(mean_ap) else f"{run.name}: mean AP {mean_ap:.3f}")
+    else:
+        fig, axes = _panels(len(union_generators(runs)))
+        for ax, g in zip(axes, union_generators(runs)):
+            for run in runs:
+                mask = run.generators == g
+                pr = _pr(run.scores[mask], run.labels[mask]) if mask.any() else None
+                if pr is not None:
+                    ax.plot(pr[0], pr[1], lw=1.4, drawstyle="steps-post", label=f"{run.name} (AP {pr[2]:.3f})")
+            _pr_axes(ax, g)
+    fig.tight_layout()
+    return fig
+
+
+def _pr_axes(ax, title: str) -> None:
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (AI caught)", ylabel="precision (AI calls that are AI)",
+           title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=7)
 
 
 def score_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
@@ -219,6 +261,7 @@ def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, 
     """name → matplotlib figure, in the order the page shows them."""
     figures = {
         "roc": roc_figure(runs),
+        "pr": pr_figure(runs),
         "scores": score_figure(runs, threshold),
         "accuracy": accuracy_figure(runs),
         "confusion": confusion_figure(runs, threshold),

@@ -70,12 +70,12 @@ def test_one_run_report_has_every_figure_and_the_table(tmp_path, capsys):
     assert cli.main(["report", "--eval", str(ev), "--run", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
     page = tmp_path / "rep" / "report.html"
     assert capsys.readouterr().out.strip() == str(page)
-    for name in ("roc", "scores", "accuracy", "confusion", "training"):
+    for name in ("roc", "pr", "scores", "accuracy", "confusion", "training"):
         w, h = png_size(tmp_path / "rep" / f"{name}.png")
         assert w > 300 and h > 200, name
     text = page.read_text()
     # Self-contained: every figure embedded, nothing fetched.
-    assert text.count("data:image/png;base64,") == 5
+    assert text.count("data:image/png;base64,") == 6
     assert not re.search(r"(src|href)=['\"]https?:", text)
     # The table: a row per generator and the mean, with the values eval computed.
     table = json.loads(ev.read_text())["generators"]
@@ -193,7 +193,7 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     body = re.search(r"<body([^>]*)>", dom.stdout)
     assert body, dom.stdout[:2000]
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
-    assert attrs.get("data-images") == "5" and attrs.get("data-images-loaded") == "5", attrs
+    assert attrs.get("data-images") == "6" and attrs.get("data-images-loaded") == "6", attrs
     # The rendered table: a row per generator and run, plus the runs table.
     assert len(re.findall(r"<tr>\s*<td>(adm|biggan|midjourney)</td>", dom.stdout)) == 6
     assert len(re.findall(r'<tr class="mean">', dom.stdout)) == 2
@@ -264,5 +264,25 @@ def test_accuracy_bars_are_in_percent_like_their_labels(tmp_path):
             labels = [t.get_text() for t in ax.texts]
             assert labels == [f"{h:.0f}" for h in heights]
             assert 100 <= ax.get_ylim()[1] <= 115 and "%" in ax.get_ylabel()
+    finally:
+        report.pyplot().close(fig)
+
+
+def test_pr_curves_are_on_the_page_with_the_protocol_ap(tmp_path):
+    ev = fake_eval(tmp_path / "eval.json", shift=0.25)
+    out = tmp_path / "rep"
+    report.write_report([report.load_eval(ev)], out)
+    assert "id='fig-pr'" in (out / "report.html").read_text()
+    run = report.load_eval(ev)
+    fig = report.pr_figure([run])
+    try:
+        (ax,) = fig.axes
+        legend = [line.get_label() for line in ax.get_lines()]
+        table = run.table()
+        assert legend == [f"{g} (AP {table[g]['ap']:.3f})" for g in GENERATORS]
+        assert ax.get_title() == f"{run.name}: mean AP {table['mean']['ap']:.3f}"
+        # recall runs 0..1 and precision ends at the share of AI images when everything is called AI
+        recall, precision = ax.get_lines()[0].get_data()
+        assert recall.max() == 1.0 and recall.min() == 0.0 and precision[recall == 1.0].min() == pytest.approx(0.5)
     finally:
         report.pyplot().close(fig)
