@@ -9,7 +9,8 @@ LoRA) and, optionally, the runs' `metrics.jsonl`/`steps.jsonl` into:
 - `scores.png`: histograms of P(AI) for real and fake images per generator, the threshold marked;
 - `accuracy.png`: accuracy, real accuracy and fake accuracy per generator, with the mean;
 - `confusion.png`: the confusion matrix at the threshold;
-- `training.png`: losses, val AUC, LR and samples/s against steps (when runs are given);
+- `training.png`: losses (per logged step too), accuracy, val AUC overall and per generator, LR
+  and samples/s against steps (when runs are given);
 - `report.html`: all of it with the metrics table, the resolved config and the checkpoint, images
   embedded (no network access needed).
 

@@ -225,36 +225,91 @@ def confusion_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
     return fig
 
 
+def _series_colors(i: int, n_runs: int) -> tuple[Any, Any]:
+    """(train colour, val colour) of run `i`: two hues for one run; for several, a dark/light
+    pair of one hue per run, so both the run and the split can be told apart."""
+    if n_runs == 1:
+        return "C0", "C1"
+    pairs = pyplot().get_cmap("tab20")
+    return pairs((2 * i) % 20), pairs((2 * i + 1) % 20)
+
+
+def _epoch_points(run: EvalRun, key: str, scale: float = 1.0) -> list[tuple[float, float]]:
+    return [(r["step"], scale * r[key]) for r in run.curves if r.get("step") is not None and r.get(key) is not None]
+
+
+def _has_generator_curves(run: EvalRun) -> bool:
+    return any(r.get("val_generators") for r in run.curves)
+
+
 def training_figure(runs: Sequence[EvalRun]):
-    """Losses, val AUC, LR and samples/s against optimizer steps, one colour per run."""
-    fig, axes = _panels(4, 4.6, 3.4, max_cols=2)
-    ax_loss, ax_auc, ax_lr, ax_speed = axes
-    for i, run in enumerate(r for r in runs if r.curves):
-        color = f"C{i}"
-        rows = run.curves
-        steps = [r.get("step") for r in rows]
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
-            pts = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
-            if pts:
-                ax_loss.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"{run.name} {key}")
-        pts = [(s, r["val_auc"]) for s, r in zip(steps, rows) if r.get("val_auc") is not None]
+    """Against optimizer steps: train loss per logged step and per epoch with the val loss, train and
+    val accuracy, val AUC, a panel per run of val AUC per generator, LR and samples/s."""
+    runs = [r for r in runs if r.curves]
+    per_generator = [r for r in runs if _has_generator_curves(r)]
+    fig, axes = _panels(5 + len(per_generator), 4.6, 3.4, max_cols=2)
+    ax_loss, ax_acc, ax_auc, *ax_gens, ax_lr, ax_speed = axes
+    for i, run in enumerate(runs):
+        train_c, val_c = _series_colors(i, len(runs))
+        who = f"{run.name} " if len(runs) > 1 else ""
+        logged = [(r["step"], r["train/loss"]) for r in run.steps if r.get("train/loss") is not None]
+        if logged:
+            ax_loss.plot(*zip(*logged), color=train_c, lw=0.8, alpha=0.6, label=f"{who}train loss (logged steps)")
+        pts = _epoch_points(run, "train_loss")
         if pts:
-            ax_auc.plot(*zip(*pts), color=color, marker="o", ms=3, label=run.name)
+            # markers only when the logged steps already draw the line
+            ax_loss.plot(*zip(*pts), ls="none" if logged else "-", color=train_c, marker="o", ms=4,
+                         label=f"{who}train loss (epoch mean)")
+        pts = _epoch_points(run, "val_loss")
+        if pts:
+            ax_loss.plot(*zip(*pts), "--", color=val_c, marker="o", ms=4, label=f"{who}val loss")
+        for key, split, color, style in (("train_acc", "train", train_c, "-"), ("val_acc", "val", val_c, "--")):
+            pts = _epoch_points(run, key, scale=100.0)
+            if pts:
+                ax_acc.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"{who}{split} accuracy")
+        pts = _epoch_points(run, "val_auc")
+        if pts:
+            ax_auc.plot(*zip(*pts), color=train_c, marker="o", ms=3, label=f"{who}val AUC (all images)")
+        pts = _epoch_points(run, "val_mean_auc")
+        if pts:
+            ax_auc.plot(*zip(*pts), ":", color=train_c, marker="s", ms=3, label=f"{who}val AUC (mean over generators)")
         lr = [(r["step"], r["train/lr"]) for r in run.steps if r.get("train/lr") is not None]
         if not lr:
-            lr = [(s, r["lr"]) for s, r in zip(steps, rows) if r.get("lr") is not None]
+            lr = _epoch_points(run, "lr")
         if lr:
-            ax_lr.plot(*zip(*lr), color=color, label=run.name)
-        pts = [(s, r["samples_per_s"]) for s, r in zip(steps, rows) if r.get("samples_per_s") is not None]
+            ax_lr.plot(*zip(*lr), color=train_c, label=run.name)
+        pts = _epoch_points(run, "samples_per_s")
         if pts:
-            ax_speed.plot(*zip(*pts), color=color, marker="o", ms=3, label=run.name)
-    for ax, title in ((ax_loss, "loss"), (ax_auc, "validation AUC"), (ax_lr, "learning rate"),
+            ax_speed.plot(*zip(*pts), color=train_c, marker="o", ms=3, label=run.name)
+    gen_colors = {g: f"C{k % 10}" for k, g in enumerate(_curve_generators(per_generator))}
+    for ax, run in zip(ax_gens, per_generator):
+        for g, color in gen_colors.items():
+            pts = [(r["step"], r["val_generators"][g]["auc"]) for r in run.curves
+                   if (r.get("val_generators") or {}).get(g, {}).get("auc") is not None]
+            if pts:
+                ax.plot(*zip(*pts), color=color, marker="o", ms=3, lw=1.2, label=g)
+        pts = [(r["step"], r["val_generators"][MEAN]["auc"]) for r in run.curves
+               if (r.get("val_generators") or {}).get(MEAN, {}).get("auc") is not None]
+        if pts:
+            ax.plot(*zip(*pts), "k--", marker="s", ms=3, lw=2, label=MEAN)
+        ax.set(title=f"validation AUC per generator: {run.name}")
+    ax_acc.set(ylabel="%")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_auc, "validation AUC"), (ax_lr, "learning rate"),
                       (ax_speed, "training samples/s")):
-        ax.set(xlabel="optimizer step", title=title)
+        ax.set(title=title)
+    for ax in axes:
+        ax.set(xlabel="optimizer step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    if len(runs) == 1:
+        fig.suptitle(runs[0].name)
     fig.tight_layout()
     return fig
+
+
+def _curve_generators(runs: Sequence[EvalRun]) -> list[str]:
+    """Generators named in any run's val_generators rows, sorted, without the mean."""
+    return sorted({g for run in runs for r in run.curves for g in (r.get("val_generators") or {}) if g != MEAN})
 
 
 def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, Any]:

@@ -48,11 +48,16 @@ def fake_eval(path: Path, shift: float, seed: int = 0, n: int = 60) -> Path:
 
 
 def write_metrics(run_dir: Path, epochs: int = 3) -> Path:
+    """metrics.jsonl and steps.jsonl as training writes them: 8 steps an epoch, loss every 2nd step."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"epoch": e, "step": 8 * e, "train_loss": 0.7 / e, "val_loss": 0.8 / e, "val_auc": 0.6 + 0.1 * e,
-             "lr": 1e-3 / e, "samples_per_s": 50.0 + e} for e in range(1, epochs + 1)]
+             "train_acc": 0.5 + 0.1 * e, "val_acc": 0.45 + 0.1 * e, "lr": 1e-3 / e, "samples_per_s": 50.0 + e,
+             "val_generators": {**{g: {"auc": 0.5 + 0.1 * e + 0.01 * k} for k, g in enumerate(GENERATORS)},
+                                "mean": {"auc": 0.51 + 0.1 * e}}}
+            for e in range(1, epochs + 1)]  # fmt: skip
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    steps = [{"step": s, "train/lr": 1e-3 * (1 - s / 30), "train/loss": 0.7} for s in range(1, 25)]
+    steps = [{"step": s, "train/lr": 1e-3 * (1 - s / 30), **({"train/loss": 0.8 - s / 40} if s % 2 == 0 else {})}
+             for s in range(1, 8 * epochs + 1)]
     (run_dir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     return run_dir
 
@@ -284,5 +289,37 @@ def test_pr_curves_are_on_the_page_with_the_protocol_ap(tmp_path):
         # recall runs 0..1 and precision ends at the share of AI images when everything is called AI
         recall, precision = ax.get_lines()[0].get_data()
         assert recall.max() == 1.0 and recall.min() == 0.0 and precision[recall == 1.0].min() == pytest.approx(0.5)
+    finally:
+        report.pyplot().close(fig)
+
+
+def _lines(ax) -> dict[str, object]:
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_training_curves_show_step_loss_accuracy_and_auc_per_generator(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    report.attach_run(run, write_metrics(tmp_path / "run"))
+    fig = report.training_figure([run])
+    try:
+        panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+        assert set(panels) >= {"loss", "accuracy", "validation AUC", f"validation AUC per generator: {run.name}"}
+        loss = _lines(panels["loss"])
+        # the loss of every logged step (steps.jsonl), not only one point per epoch
+        steps, values = loss["train loss (logged steps)"].get_data()
+        assert list(steps) == list(range(2, 25, 2)) and values[0] == pytest.approx(0.75)
+        assert list(loss["train loss (epoch mean)"].get_data()[0]) == [8, 16, 24]
+        # train and val told apart by colour, not only by the dash pattern
+        for panel, train, val in (("loss", "train loss (epoch mean)", "val loss"),
+                                  ("accuracy", "train accuracy", "val accuracy")):
+            lines = _lines(panels[panel])
+            assert to_rgba(lines[train].get_color()) != to_rgba(lines[val].get_color()), panel
+        acc = _lines(panels["accuracy"])
+        assert list(acc["val accuracy"].get_data()[1]) == pytest.approx([55, 65, 75])  # percent
+        per_gen = _lines(panels[f"validation AUC per generator: {run.name}"])
+        assert list(per_gen) == [*GENERATORS, "mean"]
+        assert list(per_gen["biggan"].get_data()[1]) == pytest.approx([0.61, 0.71, 0.81])
     finally:
         report.pyplot().close(fig)
