@@ -40,6 +40,7 @@ from ds_trainer.eval_results import (
     attach_run,
     load_eval,
     predictions_block,
+    tell_apart,
     union_generators,
 )
 from ds_trainer.metrics import PROTOCOL_METRICS
@@ -78,6 +79,7 @@ def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float 
         raise ConfigError("report: give at least one --eval RESULTS.json")
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"report: --threshold {threshold} must be between 0 and 1")
+    tell_apart(runs)
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"report: two runs share a name ({', '.join(names)}); name them with --name")

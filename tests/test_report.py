@@ -323,3 +323,32 @@ def test_training_curves_show_step_loss_accuracy_and_auc_per_generator(tmp_path)
         assert list(per_gen["biggan"].get_data()[1]) == pytest.approx([0.61, 0.71, 0.81])
     finally:
         report.pyplot().close(fig)
+
+
+def _eval_of_run(path: Path, config: dict, tag: str) -> Path:
+    fake_eval(path, shift=0.3)
+    result = json.loads(path.read_text())
+    result.update(config=config, checkpoint=f"/somewhere/runs/x/checkpoints/{tag}")
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_runs_are_named_after_their_training_run_not_the_checkpoint(tmp_path):
+    demo = {"name": "demo", "logging": {"run_dir": "runs/demo"}}
+    assert report.load_eval(_eval_of_run(tmp_path / "a.json", demo, "epoch_6")).name == "demo"
+    # Config.name left at its default says nothing: the run_dir's name does
+    unnamed = {"name": "run", "logging": {"run_dir": "results/lora_r8"}}
+    assert report.load_eval(_eval_of_run(tmp_path / "b.json", unnamed, "epoch_2")).name == "lora_r8"
+    assert report.load_eval(_eval_of_run(tmp_path / "b.json", unnamed, "epoch_2"), "mine").name == "mine"
+
+    # two checkpoints of one run: told apart by their tag, in the legends too
+    early = report.load_eval(_eval_of_run(tmp_path / "c.json", demo, "epoch_3"))
+    late = report.load_eval(_eval_of_run(tmp_path / "d.json", demo, "epoch_6"))
+    report.write_report([early, late], tmp_path / "rep")
+    assert (early.name, late.name) == ("demo@epoch_3", "demo@epoch_6")
+    fig = report.roc_figure([early, late])
+    try:
+        labels = [line.get_label().split(" ")[0] for line in fig.axes[0].get_lines() if line.get_label()[0] != "_"]
+        assert labels == ["demo@epoch_3", "demo@epoch_6"]
+    finally:
+        report.pyplot().close(fig)
