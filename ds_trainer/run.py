@@ -133,7 +133,7 @@ def run_evaluation(
     }  # fmt: skip
     if env.is_main:
         pred = trainer.last_predictions or {}
-        result["predictions"] = predictions_block(pred["score"], pred["label"], pred["generator"])
+        result["predictions"] = predictions_block(pred["score"], pred["label"], pred["generator"], pred.get("key"))
         path = Path(out) if out is not None else Path(cfg.logging.run_dir) / f"eval_{source.tag_dir.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(_eval_json(_json_safe(result)))

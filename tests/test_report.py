@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from ds_trainer import cli, report
+from ds_trainer.errors import DataError
 from ds_trainer.metrics import per_generator_metrics
 
 GENERATORS = ("adm", "biggan", "midjourney")
@@ -352,3 +353,19 @@ def test_runs_are_named_after_their_training_run_not_the_checkpoint(tmp_path):
         assert labels == ["demo@epoch_3", "demo@epoch_6"]
     finally:
         report.pyplot().close(fig)
+
+
+def test_prediction_keys_round_trip_and_older_results_load_without_them(tmp_path):
+    block = report.predictions_block(np.array([0.9, 0.1]), np.array([1, 0]), ["adm", "adm"], ["adm-val-1", "adm-val-2"])
+    assert block["key"] == ["adm-val-1", "adm-val-2"]
+    result = {"generators": {}, "predictions": block}
+    (tmp_path / "new.json").write_text(json.dumps(result))
+    assert report.load_eval(tmp_path / "new.json").keys.tolist() == ["adm-val-1", "adm-val-2"]
+    # without keys (older results, or a loader that names none): no key list at all, and None back
+    old = report.predictions_block(np.array([0.9, 0.1]), np.array([1, 0]), ["adm", "adm"])
+    assert "key" not in old
+    (tmp_path / "old.json").write_text(json.dumps({"generators": {}, "predictions": old}))
+    assert report.load_eval(tmp_path / "old.json").keys is None
+    (tmp_path / "bad.json").write_text(json.dumps({"predictions": {**block, "key": ["adm-val-1"]}}))
+    with pytest.raises(DataError, match="1 keys for 2 scores"):
+        report.load_eval(tmp_path / "bad.json")
