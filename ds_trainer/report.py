@@ -11,8 +11,9 @@ LoRA) and, optionally, the runs' `metrics.jsonl`/`steps.jsonl` into:
 - `confusion.png`: the confusion matrix at the threshold;
 - `training.png`: losses (per logged step too), accuracy, val AUC overall and per generator, LR
   and samples/s against steps (when runs are given);
-- `report.html`: all of it with the metrics table, the resolved config and the checkpoint, images
-  embedded (no network access needed).
+- `report.html`: all of it with the metrics table, the resolved config and the checkpoint, when and
+  from which commit and library versions each result was made, images embedded (no network access
+  needed).
 
 Reading the results is `ds_trainer.eval_results`, drawing the figures `ds_trainer.report_figures`;
 this module writes the PNGs, the page and the TensorBoard copy. Their public names are importable
@@ -60,7 +61,7 @@ from ds_trainer.report_figures import (
 __all__ = [
     "MEAN", "METRIC_LABELS", "EvalRun", "Report", "accuracy_figure", "attach_run", "build_figures",
     "confusion_counts", "confusion_figure", "load_eval", "log_to_tensorboard", "metrics_table_html",
-    "pr_figure", "predictions_block", "render_html", "roc_figure", "score_figure", "training_figure", "write_report",
+    "pr_figure", "provenance_html", "predictions_block", "render_html", "roc_figure", "score_figure", "training_figure", "write_report",
 ]
 
 
@@ -154,6 +155,7 @@ def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: floa
             f"<td>{e(str(r.get('split', '')))}</td><td>{len(run.scores)}</td><td>{e(str(r.get('bad_samples', 0)))}</td></tr>"
         )
     parts.append("</table>")
+    parts.append(provenance_html(runs))
     parts.append(f"<h2>Metrics per generator</h2><p class='muted'>threshold {threshold:g} on P(AI-generated); "
                  "the mean is the unweighted mean over generators (the GenImage protocol).</p>")
     parts.append(metrics_table_html(runs))
@@ -169,6 +171,35 @@ def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: floa
                      f"</p><pre>{e(text)}</pre>")
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def provenance_html(runs: Sequence[EvalRun]) -> str:
+    """When each result was made, from which commit and with which library versions (eval JSONs
+    written before `provenance` was recorded say so)."""
+    from ds_trainer.provenance import VERSIONED
+
+    e = html.escape
+    libs = ("ds_trainer", *VERSIONED)
+    rows = ["<table id='provenance'><tr><th>run</th><th>evaluated</th><th>git commit</th>"
+            + "".join(f"<th>{e(lib)}</th>" for lib in libs) + "</tr>"]
+    for run in runs:
+        prov = run.result.get("provenance")
+        if not isinstance(prov, dict):
+            rows.append(f"<tr><td class='run'>{e(run.name)}</td><td class='run muted' colspan='{2 + len(libs)}'>"
+                        "not recorded (an eval result from before ds-trainer eval recorded it)</td></tr>")
+            continue
+        commit = prov.get("git_commit")
+        if commit:
+            dirty = " <span class='muted'>+ uncommitted changes</span>" if prov.get("git_dirty") else ""
+            where = f"<code title='{e(commit)}'>{e(commit[:12])}</code>{dirty}"
+        else:
+            where = "<span class='muted'>not run from a git checkout</span>"
+        versions = prov.get("versions") or {}
+        rows.append(f"<tr><td class='run'>{e(run.name)}</td><td class='run'>{e(str(prov.get('date') or ''))}</td>"
+                    f"<td class='run'>{where}</td>"
+                    + "".join(f"<td>{e(str(versions.get(lib) or 'n/a'))}</td>" for lib in libs) + "</tr>")
+    rows.append("</table>")
+    return "".join(rows)
 
 
 def metrics_table_html(runs: Sequence[EvalRun]) -> str:

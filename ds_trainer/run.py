@@ -106,7 +106,8 @@ def run_evaluation(
     The model is rebuilt from the checkpoint's own config and its consolidated fp32 weights (any
     ZeRO stage, any world size the checkpoint was saved with); the data comes from `cfg`
     (`data.val_split`, `data.eval_generators`). Rank 0 prints the table and writes it as JSON, with
-    every image's score (`predictions`) and the checkpoint's config for `ds-trainer report`; with
+    every image's score (`predictions`), the checkpoint's config, and the date, commit and library
+    versions (`provenance`) for `ds-trainer report`; with
     `report_dir` it writes that report too (and, with `logging.tensorboard`, PR curves and figures).
     """
     from ds_trainer.export import rebuild_model, resolve_source
@@ -132,6 +133,9 @@ def run_evaluation(
         "config": source.config,
     }  # fmt: skip
     if env.is_main:
+        from ds_trainer.provenance import provenance
+
+        result["provenance"] = provenance()
         pred = trainer.last_predictions or {}
         result["predictions"] = predictions_block(pred["score"], pred["label"], pred["generator"], pred.get("key"))
         path = Path(out) if out is not None else Path(cfg.logging.run_dir) / f"eval_{source.tag_dir.name}.json"

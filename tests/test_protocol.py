@@ -189,6 +189,9 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
         for k in PROTOCOL_METRICS:
             assert again[g][k] == pytest.approx(result["generators"][g][k], abs=1e-4, nan_ok=True), (g, k)
     assert result["config"]["model"]["model_name"] == "tiny"
+    assert sorted(pred["key"]) == sorted(shard_labels(tiny_shards, "val"))
+    prov = result["provenance"]
+    assert set(prov) == {"date", "git_commit", "git_dirty", "versions"} and prov["versions"]["torch"]
     # The report, with the training curves of the run the checkpoint came from.
     for name in ("roc", "pr", "scores", "accuracy", "confusion", "training", "report"):
         assert (tmp_path / "report" / (name + (".html" if name == "report" else ".png"))).stat().st_size > 1000

@@ -369,3 +369,34 @@ def test_prediction_keys_round_trip_and_older_results_load_without_them(tmp_path
     (tmp_path / "bad.json").write_text(json.dumps({"predictions": {**block, "key": ["adm-val-1"]}}))
     with pytest.raises(DataError, match="1 keys for 2 scores"):
         report.load_eval(tmp_path / "bad.json")
+
+
+def test_provenance_records_commit_and_versions_and_the_page_shows_them(tmp_path):
+    from importlib import metadata
+
+    from ds_trainer import __version__, provenance
+
+    prov = provenance.provenance()
+    head = subprocess.run(["git", "-C", str(provenance.package_root()), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    assert prov["git_commit"] == (head or None) and isinstance(prov["git_dirty"], bool) == bool(head)
+    assert prov["versions"] == {"ds_trainer": __version__, "torch": metadata.version("torch"),
+                                "deepspeed": metadata.version("deepspeed"),
+                                "transformers": metadata.version("transformers")}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", prov["date"])
+    # an installed package (no .git beside it) has no commit, even inside some other repository
+    (tmp_path / "site-packages").mkdir()
+    assert provenance.git_state(tmp_path / "site-packages") == (None, None)
+
+    ev = fake_eval(tmp_path / "new.json", shift=0.3)
+    result = json.loads(ev.read_text())
+    result["provenance"] = {**prov, "git_commit": "0123456789abcdef0123", "git_dirty": True}
+    ev.write_text(json.dumps(result))
+    old = fake_eval(tmp_path / "old.json", shift=0.3, seed=3)
+    page = report.write_report([report.load_eval(ev, "new"), report.load_eval(old, "old")], tmp_path / "rep").html
+    table = re.search(r"<table id='provenance'>(.*?)</table>", page.read_text()).group(1)
+    new_row, old_row = re.findall(r"<tr><td class='run'>(?:new|old)</td>.*?</tr>", table)
+    assert prov["date"] in new_row and ">0123456789ab</code>" in new_row and "uncommitted changes" in new_row
+    for version in prov["versions"].values():
+        assert f"<td>{version}</td>" in new_row
+    assert "not recorded" in old_row
