@@ -127,6 +127,8 @@ def run_evaluation(
     metrics = trainer.evaluate()
     result = {
         "checkpoint": str(source.tag_dir), "epoch": source.meta.epoch, "global_step": source.meta.global_step,
+        # where the scored images are: the report pulls its thumbnails of mistakes from there by key
+        "shards": str(Path(cfg.data.shards).resolve()),
         "split": cfg.data.val_split, "samples": metrics["val_samples"], "bad_samples": metrics["val_bad_samples"],
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},

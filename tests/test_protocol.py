@@ -190,6 +190,7 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
             assert again[g][k] == pytest.approx(result["generators"][g][k], abs=1e-4, nan_ok=True), (g, k)
     assert result["config"]["model"]["model_name"] == "tiny"
     assert sorted(pred["key"]) == sorted(shard_labels(tiny_shards, "val"))
+    assert result["shards"] == str(tiny_shards.resolve())
     prov = result["provenance"]
     assert set(prov) == {"date", "git_commit", "git_dirty", "versions"} and prov["versions"]["torch"]
     # The report, with the training curves of the run the checkpoint came from.

@@ -6,6 +6,8 @@ Fast and pure (no DeepSpeed): eval results are built here from scores drawn per 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -400,3 +402,97 @@ def test_provenance_records_commit_and_versions_and_the_page_shows_them(tmp_path
     for version in prov["versions"].values():
         assert f"<td>{version}</td>" in new_row
     assert "not recorded" in old_row
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> Path:
+    from ds_trainer.data import make_demo_shards
+
+    out = tmp_path_factory.mktemp("shards") / "demo"
+    make_demo_shards(out, train_per_class=2, val_per_class=6, max_count=5, progress=False)
+    return out
+
+
+def eval_on_shards(path: Path, shards: Path, wrong: dict[tuple[str, int], float]) -> tuple[Path, list[str]]:
+    """An eval result over the val images of `shards`, each scored right (0.2 real, 0.8 AI) except
+    the (generator, n-th image of it) in `wrong`, which get that score; returns their keys."""
+    import tarfile
+
+    keys, labels, gens, scores, wrong_keys = [], [], [], [], []
+    for entry in json.loads((shards / "manifest.json").read_text())["shards"]:
+        if entry["split"] != "val":
+            continue
+        with tarfile.open(shards / entry["path"]) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".cls"):
+                    n = sum(g == entry["generator"] for g in gens)
+                    keys.append(m.name[: -len(".cls")])
+                    labels.append(int(tar.extractfile(m).read()))
+                    gens.append(entry["generator"])
+                    scores.append(wrong.get((entry["generator"], n), 0.8 if labels[-1] else 0.2))
+                    if (entry["generator"], n) in wrong:
+                        wrong_keys.append(keys[-1])
+    scores_a, labels_a = np.asarray(scores), np.asarray(labels)
+    result = {
+        "checkpoint": "/x/runs/demo/checkpoints/epoch_6", "split": "val", "shards": str(shards),
+        "generators": per_generator_metrics(scores_a, labels_a, gens),
+        "predictions": report.predictions_block(scores_a, labels_a, gens, keys),
+    }  # fmt: skip
+    path.write_text(json.dumps(result))
+    return path, wrong_keys
+
+
+def test_most_confident_mistakes_are_listed_by_key_with_thumbnails_from_the_shards(tmp_path, val_shards):
+    # per generator, two real images scored as AI and one AI image as real
+    ev, _ = eval_on_shards(tmp_path / "probe.json", val_shards, {})
+    run = report.load_eval(ev)
+    wrong_score = {}
+    for g in run.generator_names:
+        idx = np.flatnonzero(run.generators == g)
+        real = [i for i in idx if run.labels[i] == 0][:2]
+        ai = [i for i in idx if run.labels[i] == 1][:1]
+        n_of = {i: k for k, i in enumerate(idx)}
+        wrong_score.update({(g, n_of[real[0]]): 0.95, (g, n_of[real[1]]): 0.7, (g, n_of[ai[0]]): 0.1})
+    ev, wrong_keys = eval_on_shards(tmp_path / "eval.json", val_shards, wrong_score)
+    run = report.load_eval(ev)
+    found = report.confident_mistakes(run)
+    for g, rows in found.by_generator.items():
+        # the most confident first: 0.95 (0.45 from the threshold), then 0.1 (0.4), then 0.7
+        assert [(m.label, m.score) for m in rows] == [(0, 0.95), (1, 0.1), (0, 0.7)], g
+        assert found.totals[g] == 3
+    assert sorted(m.key for rows in found.by_generator.values() for m in rows) == sorted(wrong_keys)
+
+    page = report.write_report([run], tmp_path / "rep").html.read_text()
+    table = re.search(r"<table class='mistakes' id='mistakes-0'>(.*?)</table>", page).group(1)
+    shown = re.findall(r"<code>([^<]+)</code>", table)
+    assert shown == [m.key for rows in found.by_generator.values() for m in rows]
+    thumbs = re.findall(r"src='data:image/jpeg;base64,([^']+)'", table)
+    assert len(thumbs) == len(wrong_keys)
+    for data in thumbs:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            assert im.format == "JPEG" and max(im.size) <= 112
+    # the image's source path (from the tar's .json member) beside its key
+    assert len(re.findall(r"<br><span class='muted'>[^<]*val/[^<]+\.(?:png|jpe?g)</span>", table)) == len(wrong_keys)
+
+    # shards not at hand (a report made on another machine): the table, no thumbnails, a note why
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(val_shards, moved)
+    ev_moved, _ = eval_on_shards(tmp_path / "moved.json", moved, wrong_score)
+    shutil.rmtree(moved)
+    page = report.write_report([report.load_eval(ev_moved)], tmp_path / "rep2").html.read_text()
+    assert "data:image/jpeg" not in page and "cannot be read here" in page
+    assert re.findall(r"<code>([^<]+)</code>", page.split("id='mistakes-0'")[1].split("</table>")[0]) == shown
+
+    if chromium() is not None:  # the thumbnails decode in a browser as well
+        dom = run_chromium(["--dump-dom", (tmp_path / "rep" / "report.html").as_uri()], tmp_path / "profile")
+        attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom.stdout).group(1)))
+        n = 5 + len(wrong_keys)  # figures (no training curves here) and thumbnails
+        assert attrs.get("data-images") == str(n) and attrs.get("data-images-loaded") == str(n), attrs
+
+
+def test_results_without_keys_still_list_their_mistakes(tmp_path):
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    page = report.write_report([run], tmp_path / "rep").html.read_text()
+    assert "no image keys" in page and "not recorded" in page
+    rows = re.findall(r"<tr>(?:<td rowspan[^>]*>.*?</td>)?<td class='run'><span class='muted'>not recorded", page)
+    assert len(rows) == sum(len(r) for r in report.confident_mistakes(run).by_generator.values()) > 0
