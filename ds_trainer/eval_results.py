@@ -28,6 +28,8 @@ class EvalRun:
     scores: np.ndarray  # P(AI-generated) per image
     labels: np.ndarray  # 1 = AI-generated, 0 = real
     generators: np.ndarray  # generator name per image
+    keys: np.ndarray | None = None  # each image's sample key in the shard set; None in eval JSONs from before keys
+    named: bool = False  # named by the user (--name), not after its run
     run_dir: Path | None = None
     curves: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows
     steps: list[dict[str, Any]] = field(default_factory=list)  # steps.jsonl rows
@@ -46,16 +48,22 @@ def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def predictions_block(scores: np.ndarray, labels: np.ndarray, generators: Sequence[str] | None) -> dict[str, Any]:
-    """The compact `predictions` entry of an eval JSON: generator names once, an index per image."""
+def predictions_block(
+    scores: np.ndarray, labels: np.ndarray, generators: Sequence[str] | None, keys: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The compact `predictions` entry of an eval JSON: generator names once, an index per image,
+    and each image's sample key (`key`, only when the loader named them) to find it in the shards."""
     names = sorted(set(generators)) if generators else []
     index = {g: i for i, g in enumerate(names)}
-    return {
+    block: dict[str, Any] = {
         "generators": names,
         "generator": [index[g] for g in generators] if generators else [],
         "label": [int(v) for v in labels],
         "score": [round(float(v), 6) for v in scores],
     }
+    if keys is not None and len(keys):
+        block["key"] = [str(k) for k in keys]
+    return block
 
 
 def load_eval(path: str | Path, name: str | None = None) -> EvalRun:
@@ -83,15 +91,50 @@ def load_eval(path: str | Path, name: str | None = None) -> EvalRun:
     if names and (gen_index.min() < 0 or gen_index.max() >= len(names)):
         raise DataError(f"--eval {path}: a generator index is outside its {len(names)} names")
     generators = np.asarray(names, dtype=object)[gen_index] if names else np.full(len(scores), "all", dtype=object)
-    return EvalRun(name or _default_name(path, result), path, result, scores, labels, generators)
+    keys = pred.get("key")  # absent in results written before keys were recorded
+    if keys is not None and len(keys) != len(scores):
+        raise DataError(f"--eval {path}: predictions have {len(keys)} keys for {len(scores)} scores")
+    keys = np.asarray(keys, dtype=object) if keys else None
+    return EvalRun(name or _default_name(path, result), path, result, scores, labels, generators, keys,
+                   named=bool(name))
+
+
+# Config.name's default: says nothing about the run
+_UNNAMED = "run"
 
 
 def _default_name(path: Path, result: dict[str, Any]) -> str:
+    """The run the checkpoint came from (its config's name, else its run_dir's), so legends say
+    `demo`, not `demo/epoch_6`; the checkpoint itself is in the runs table."""
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    name = config.get("name")
+    if isinstance(name, str) and name and name != _UNNAMED:
+        return name
+    run_dir = (config.get("logging") or {}).get("run_dir") if isinstance(config.get("logging"), dict) else None
+    if isinstance(run_dir, str) and Path(run_dir).name:
+        return Path(run_dir).name
     ckpt = result.get("checkpoint")
     if ckpt:
         ckpt = Path(ckpt)
         return f"{ckpt.parent.parent.name or ckpt.parent.name}/{ckpt.name}"
     return path.stem
+
+
+def checkpoint_tag(run: EvalRun) -> str | None:
+    ckpt = run.result.get("checkpoint")
+    return Path(ckpt).name if ckpt else None
+
+
+def tell_apart(runs: Sequence[EvalRun]) -> None:
+    """Runs named after the same training run (two checkpoints of it) get their checkpoint's tag
+    appended (`demo@epoch_3`, `demo@epoch_6`); names the user gave are kept as they are."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.name] = counts.get(run.name, 0) + 1
+    for run in runs:
+        tag = checkpoint_tag(run)
+        if not run.named and counts[run.name] > 1 and tag:
+            run.name = f"{run.name}@{tag}"
 
 
 def attach_run(run: EvalRun, run_dir: str | Path) -> None:

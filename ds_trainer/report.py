@@ -5,12 +5,16 @@ turns one or more of those files (several runs are overlaid: full fine-tune vs l
 LoRA) and, optionally, the runs' `metrics.jsonl`/`steps.jsonl` into:
 
 - `roc.png`: ROC curves per generator plus the mean, AUC in the legend;
+- `pr.png`: precision-recall curves per generator, AP in the legend;
 - `scores.png`: histograms of P(AI) for real and fake images per generator, the threshold marked;
 - `accuracy.png`: accuracy, real accuracy and fake accuracy per generator, with the mean;
 - `confusion.png`: the confusion matrix at the threshold;
-- `training.png`: losses, val AUC, LR and samples/s against steps (when runs are given);
-- `report.html`: all of it with the metrics table, the resolved config and the checkpoint, images
-  embedded (no network access needed).
+- `training.png`: losses (per logged step too), accuracy, val AUC overall and per generator, LR
+  and samples/s against steps (when runs are given);
+- `report.html`: all of it with the metrics table, the most confident mistakes per generator (key,
+  truth, score; thumbnails and source paths when the shard set's tars can be read), the resolved
+  config and the checkpoint, when and from which commit and library versions each result was made,
+  images embedded (no network access needed).
 
 Reading the results is `ds_trainer.eval_results`, drawing the figures `ds_trainer.report_figures`;
 this module writes the PNGs, the page and the TensorBoard copy. Their public names are importable
@@ -38,15 +42,18 @@ from ds_trainer.eval_results import (
     attach_run,
     load_eval,
     predictions_block,
+    tell_apart,
     union_generators,
 )
 from ds_trainer.metrics import PROTOCOL_METRICS
+from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes, find_samples
 from ds_trainer.report_figures import (
     _mean_roc,  # tests/test_report.py checks the mean curve's AUC through this module
     accuracy_figure,
     build_figures,
     confusion_counts,
     confusion_figure,
+    pr_figure,
     pyplot,
     roc_figure,
     score_figure,
@@ -54,9 +61,9 @@ from ds_trainer.report_figures import (
 )
 
 __all__ = [
-    "MEAN", "METRIC_LABELS", "EvalRun", "Report", "accuracy_figure", "attach_run", "build_figures",
+    "MEAN", "METRIC_LABELS", "EvalRun", "Report", "accuracy_figure", "attach_run", "build_figures", "confident_mistakes",
     "confusion_counts", "confusion_figure", "load_eval", "log_to_tensorboard", "metrics_table_html",
-    "predictions_block", "render_html", "roc_figure", "score_figure", "training_figure", "write_report",
+    "mistakes_html", "pr_figure", "provenance_html", "predictions_block", "render_html", "roc_figure", "score_figure", "training_figure", "write_report",
 ]
 
 
@@ -75,6 +82,7 @@ def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float 
         raise ConfigError("report: give at least one --eval RESULTS.json")
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"report: --threshold {threshold} must be between 0 and 1")
+    tell_apart(runs)
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"report: two runs share a name ({', '.join(names)}); name them with --name")
@@ -94,13 +102,20 @@ def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float 
         log_to_tensorboard(runs, tensorboard, threshold=threshold, figures=figures)
     for fig in figures.values():
         plt.close(fig)
+    mistakes = [confident_mistakes(run, threshold) for run in runs]
+    samples = [
+        find_samples(run.result.get("shards"), run.result.get("split"),
+                     {g: {m.key for m in ms if m.key} for g, ms in found.by_generator.items()})
+        for run, found in zip(runs, mistakes)
+    ]  # fmt: skip
     page = out / "report.html"
-    page.write_text(render_html(runs, pngs, threshold))
+    page.write_text(render_html(runs, pngs, threshold, mistakes=list(zip(mistakes, samples))))
     return Report(out, page, paths)
 
 
 FIGURE_TITLES = {
     "roc": "ROC curves per generator",
+    "pr": "Precision-recall curves per generator",
     "scores": "Scores of real and AI-generated images",
     "accuracy": "Accuracy per generator",
     "confusion": "Confusion matrix",
@@ -114,7 +129,8 @@ h1{font-size:1.6rem}h2{font-size:1.2rem;border-bottom:1px solid #ddd;padding-bot
 table{border-collapse:collapse;font-size:.9rem}th,td{padding:.25rem .6rem;border-bottom:1px solid #eee;text-align:right}
 th:first-child,td:first-child,th.run,td.run{text-align:left}tr.mean td{font-weight:600;border-top:2px solid #999}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:.8rem;
-overflow:auto;font-size:.8rem}.muted{color:#777}
+overflow:auto;font-size:.8rem}.muted{color:#777}table.mistakes td{vertical-align:middle}
+table.mistakes td:first-child{vertical-align:top}img.thumb{max-width:112px;max-height:112px;display:block}
 """
 
 # Records, in the DOM, which embedded images decoded (the browser test reads it back).
@@ -128,8 +144,12 @@ window.addEventListener('load', function () {
 """
 
 
-def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: float = 0.5) -> str:
+def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: float = 0.5,
+                mistakes: Sequence[tuple[Mistakes, Samples]] | None = None) -> str:
+    """The page; `mistakes` per run (with their thumbnails), else found here without thumbnails."""
     e = html.escape
+    if mistakes is None:
+        mistakes = [(confident_mistakes(run, threshold), Samples()) for run in runs]
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<title>ds_trainer evaluation report</title>",
@@ -148,6 +168,7 @@ def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: floa
             f"<td>{e(str(r.get('split', '')))}</td><td>{len(run.scores)}</td><td>{e(str(r.get('bad_samples', 0)))}</td></tr>"
         )
     parts.append("</table>")
+    parts.append(provenance_html(runs))
     parts.append(f"<h2>Metrics per generator</h2><p class='muted'>threshold {threshold:g} on P(AI-generated); "
                  "the mean is the unweighted mean over generators (the GenImage protocol).</p>")
     parts.append(metrics_table_html(runs))
@@ -155,6 +176,7 @@ def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: floa
         data = base64.b64encode(png).decode("ascii")
         parts.append(f"<h2>{e(FIGURE_TITLES.get(name, name))}</h2><figure><img id='fig-{e(name)}' "
                      f"alt='{e(FIGURE_TITLES.get(name, name))}' src='data:image/png;base64,{data}'></figure>")
+    parts.append(mistakes_html(runs, mistakes, threshold))
     parts.append("<h2>Configuration</h2>")
     for run in runs:
         config = run.result.get("config")
@@ -163,6 +185,76 @@ def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: floa
                      f"</p><pre>{e(text)}</pre>")
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def mistakes_html(runs: Sequence[EvalRun], mistakes: Sequence[tuple[Mistakes, Samples]], threshold: float) -> str:
+    """A table per run: per generator, its most confident mistakes with key, truth, score and,
+    where the shards were readable, thumbnail and source path."""
+    e = html.escape
+    parts = [
+        "<h2>Most confident mistakes</h2><p class='muted'>Per generator, the real images called AI with the "
+        f"highest P(AI) and the AI-generated images called real with the lowest (up to {PER_KIND} of each, at "
+        f"threshold {threshold:g}); a key names the image in the shard set's tars, whose <code>.json</code> "
+        "member holds its source path.</p>"
+    ]
+    for i, (run, (found, samples)) in enumerate(zip(runs, mistakes)):
+        if len(runs) > 1:
+            parts.append(f"<h3>{e(run.name)}</h3>")
+        if run.keys is None:
+            parts.append("<p class='muted'>This eval result has no image keys (written before they were recorded); "
+                         "re-run <code>ds-trainer eval</code> to name the images.</p>")
+        elif samples.problem:
+            parts.append(f"<p class='muted'>Thumbnails: {e(samples.problem)}.</p>")
+        parts.append(f"<table class='mistakes' id='mistakes-{i}'><tr><th>generator</th><th class='run'>key</th>"
+                     "<th>truth</th><th>P(AI)</th><th class='run'>image</th></tr>")
+        for g, rows in found.by_generator.items():
+            if not rows:
+                parts.append(f"<tr><td>{e(g)}</td><td class='run muted' colspan='4'>no mistakes</td></tr>")
+                continue
+            for n, m in enumerate(rows):
+                head = f"<td rowspan='{len(rows)}'>{e(g)}<br><span class='muted'>{len(rows)} of " \
+                       f"{found.totals[g]} shown</span></td>" if n == 0 else ""
+                key = f"<code>{e(m.key)}</code>" if m.key else "<span class='muted'>not recorded</span>"
+                source = samples.paths.get(m.key or "")
+                if source:
+                    key += f"<br><span class='muted'>{e(source)}</span>"
+                thumb = samples.thumbs.get(m.key or "")
+                image = (f"<img class='thumb' alt='{e(m.key or '')}' "
+                         f"src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>" if thumb else "")
+                parts.append(f"<tr>{head}<td class='run'>{key}</td><td>{'AI' if m.label else 'real'}</td>"
+                             f"<td>{m.score:.3f}</td><td class='run'>{image}</td></tr>")
+        parts.append("</table>")
+    return "".join(parts)
+
+
+def provenance_html(runs: Sequence[EvalRun]) -> str:
+    """When each result was made, from which commit and with which library versions (eval JSONs
+    written before `provenance` was recorded say so)."""
+    from ds_trainer.provenance import VERSIONED
+
+    e = html.escape
+    libs = ("ds_trainer", *VERSIONED)
+    rows = ["<h3>Provenance</h3><table id='provenance'><tr><th>run</th><th class='run'>evaluated (UTC)</th>"
+            "<th class='run'>git commit</th>"
+            + "".join(f"<th>{e(lib)}</th>" for lib in libs) + "</tr>"]
+    for run in runs:
+        prov = run.result.get("provenance")
+        if not isinstance(prov, dict):
+            rows.append(f"<tr><td class='run'>{e(run.name)}</td><td class='run muted' colspan='{2 + len(libs)}'>"
+                        "not recorded (an eval result from before ds-trainer eval recorded it)</td></tr>")
+            continue
+        commit = prov.get("git_commit")
+        if commit:
+            dirty = " <span class='muted'>+ uncommitted changes</span>" if prov.get("git_dirty") else ""
+            where = f"<code title='{e(commit)}'>{e(commit[:12])}</code>{dirty}"
+        else:
+            where = "<span class='muted'>not run from a git checkout</span>"
+        versions = prov.get("versions") or {}
+        rows.append(f"<tr><td class='run'>{e(run.name)}</td><td class='run'>{e(str(prov.get('date') or ''))}</td>"
+                    f"<td class='run'>{where}</td>"
+                    + "".join(f"<td>{e(str(versions.get(lib) or 'n/a'))}</td>" for lib in libs) + "</tr>")
+    rows.append("</table>")
+    return "".join(rows)
 
 
 def metrics_table_html(runs: Sequence[EvalRun]) -> str:

@@ -1,4 +1,4 @@
-"""The report's matplotlib figures: ROC, score histograms, accuracy bars, confusion matrix, training curves."""
+"""The report's matplotlib figures: ROC, precision-recall, score histograms, accuracy bars, confusion matrix, training curves."""
 
 from __future__ import annotations
 
@@ -98,6 +98,48 @@ def _roc_axes(ax, title: str) -> None:
 
 
 
+def _pr(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    if len(np.unique(labels)) < 2:
+        return None  # one class: AP is undefined (the table says n/a)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return recall, precision, float(average_precision_score(labels, scores))
+
+
+def pr_figure(runs: Sequence[EvalRun]):
+    """Precision (of "AI" calls) against recall (AI images caught), AP in the legend; laid out as
+    `roc_figure`. No mean curve: the protocol's mean AP is a mean of numbers, not of curves."""
+    if len(runs) == 1:
+        (run,) = runs
+        fig, (ax,) = _panels(1, 6.0, 5.2)
+        for g in run.generator_names:
+            mask = run.generators == g
+            pr = _pr(run.scores[mask], run.labels[mask])
+            if pr is not None:
+                ax.plot(pr[0], pr[1], lw=1.2, drawstyle="steps-post", label=f"{g} (AP {pr[2]:.3f})")
+        mean_ap = run.table().get(MEAN, {}).get("ap", math.nan)
+        _pr_axes(ax, run.name if math.isnan(mean_ap) else f"{run.name}: mean AP {mean_ap:.3f}")
+    else:
+        fig, axes = _panels(len(union_generators(runs)))
+        for ax, g in zip(axes, union_generators(runs)):
+            for run in runs:
+                mask = run.generators == g
+                pr = _pr(run.scores[mask], run.labels[mask]) if mask.any() else None
+                if pr is not None:
+                    ax.plot(pr[0], pr[1], lw=1.4, drawstyle="steps-post", label=f"{run.name} (AP {pr[2]:.3f})")
+            _pr_axes(ax, g)
+    fig.tight_layout()
+    return fig
+
+
+def _pr_axes(ax, title: str) -> None:
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (AI caught)", ylabel="precision (AI calls that are AI)",
+           title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=7)
+
+
 def score_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
     """Histograms of P(AI) for real vs fake images: a row per run, a panel per generator."""
     plt = pyplot()
@@ -129,14 +171,15 @@ def accuracy_figure(runs: Sequence[EvalRun]):
     for ax, key in zip(axes, ("acc", "real_acc", "fake_acc")):
         for i, run in enumerate(runs):
             table = run.table()
-            values = [table.get(g, {}).get(key, math.nan) for g in gens]
+            # percent, as the labels on the bars and the metrics table give them
+            values = [100 * table.get(g, {}).get(key, math.nan) for g in gens]
             bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, np.nan_to_num(values), width, label=run.name)
             for bar, v in zip(bars, values):
                 if not math.isnan(v):
-                    ax.annotate(f"{100 * v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                    ax.annotate(f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
                                 fontsize=6)
         ax.axvline(len(gens) - 1.5, color="0.6", lw=0.8)
-        ax.set(ylim=(0, 1.12), ylabel=METRIC_LABELS[key], xticks=x)
+        ax.set(ylim=(0, 112), ylabel=f"{METRIC_LABELS[key]} (%)", xticks=x)
         ax.set_xticklabels(gens, rotation=20, ha="right", fontsize=8)
         if len(runs) > 1:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -151,57 +194,129 @@ def confusion_counts(run: EvalRun, threshold: float = 0.5) -> np.ndarray:
     return confusion_matrix(run.labels, (run.scores >= threshold).astype(int), labels=[0, 1])
 
 
+def _luminance(rgb: Sequence[float]) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (channels 0-1)."""
+    c = np.asarray(rgb[:3], dtype=np.float64)
+    c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2])
+
+
+def readable_text_color(face: Sequence[float]) -> str:
+    """Black or white, whichever contrasts more with `face`: one of the two always reaches 4.5:1."""
+    lum = _luminance(face)
+    return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
+
+
 def confusion_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
+    """Counts and row shares; a cell is shaded by its share of the true class, so a small class
+    reads as clearly as a big one, and its text colour is picked against that shade."""
     fig, axes = _panels(len(runs), 3.8, 3.6)
     for ax, run in zip(axes, runs):
         cm = confusion_counts(run, threshold)
-        ax.imshow(cm, cmap="Blues")
+        shares = cm / np.maximum(1, cm.sum(axis=1, keepdims=True))
+        # vmin/vmax fixed: without them the smallest cell is the colormap's white whatever its count
+        image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
         for (i, j), v in np.ndenumerate(cm):
-            share = v / max(1, cm[i].sum())
-            ax.text(j, i, f"{v}\n{100 * share:.1f}%", ha="center", va="center",
-                    color="white" if v > cm.max() / 2 else "black")
+            ax.text(j, i, f"{v}\n{100 * shares[i, j]:.1f}%", ha="center", va="center",
+                    color=readable_text_color(image.to_rgba(shares[i, j])))
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["real", "AI"], yticklabels=["real", "AI"],
                xlabel=f"predicted (P(AI) ≥ {threshold:g})", ylabel="true", title=run.name)
     fig.tight_layout()
     return fig
 
 
+def _series_colors(i: int, n_runs: int) -> tuple[Any, Any]:
+    """(train colour, val colour) of run `i`: two hues for one run; for several, a dark/light
+    pair of one hue per run, so both the run and the split can be told apart."""
+    if n_runs == 1:
+        return "C0", "C1"
+    pairs = pyplot().get_cmap("tab20")
+    return pairs((2 * i) % 20), pairs((2 * i + 1) % 20)
+
+
+def _epoch_points(run: EvalRun, key: str, scale: float = 1.0) -> list[tuple[float, float]]:
+    return [(r["step"], scale * r[key]) for r in run.curves if r.get("step") is not None and r.get(key) is not None]
+
+
+def _has_generator_curves(run: EvalRun) -> bool:
+    return any(r.get("val_generators") for r in run.curves)
+
+
 def training_figure(runs: Sequence[EvalRun]):
-    """Losses, val AUC, LR and samples/s against optimizer steps, one colour per run."""
-    fig, axes = _panels(4, 4.6, 3.4, max_cols=2)
-    ax_loss, ax_auc, ax_lr, ax_speed = axes
-    for i, run in enumerate(r for r in runs if r.curves):
-        color = f"C{i}"
-        rows = run.curves
-        steps = [r.get("step") for r in rows]
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
-            pts = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
-            if pts:
-                ax_loss.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"{run.name} {key}")
-        pts = [(s, r["val_auc"]) for s, r in zip(steps, rows) if r.get("val_auc") is not None]
+    """Against optimizer steps: train loss per logged step and per epoch with the val loss, train and
+    val accuracy, val AUC, a panel per run of val AUC per generator, LR and samples/s."""
+    runs = [r for r in runs if r.curves]
+    per_generator = [r for r in runs if _has_generator_curves(r)]
+    fig, axes = _panels(5 + len(per_generator), 4.6, 3.4, max_cols=2)
+    ax_loss, ax_acc, ax_auc, *ax_gens, ax_lr, ax_speed = axes
+    for i, run in enumerate(runs):
+        train_c, val_c = _series_colors(i, len(runs))
+        who = f"{run.name} " if len(runs) > 1 else ""
+        logged = [(r["step"], r["train/loss"]) for r in run.steps if r.get("train/loss") is not None]
+        if logged:
+            ax_loss.plot(*zip(*logged), color=train_c, lw=0.8, alpha=0.6, label=f"{who}train loss (logged steps)")
+        pts = _epoch_points(run, "train_loss")
         if pts:
-            ax_auc.plot(*zip(*pts), color=color, marker="o", ms=3, label=run.name)
+            # markers only when the logged steps already draw the line
+            ax_loss.plot(*zip(*pts), ls="none" if logged else "-", color=train_c, marker="o", ms=4,
+                         label=f"{who}train loss (epoch mean)")
+        pts = _epoch_points(run, "val_loss")
+        if pts:
+            ax_loss.plot(*zip(*pts), "--", color=val_c, marker="o", ms=4, label=f"{who}val loss")
+        for key, split, color, style in (("train_acc", "train", train_c, "-"), ("val_acc", "val", val_c, "--")):
+            pts = _epoch_points(run, key, scale=100.0)
+            if pts:
+                ax_acc.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"{who}{split} accuracy")
+        pts = _epoch_points(run, "val_auc")
+        if pts:
+            ax_auc.plot(*zip(*pts), color=train_c, marker="o", ms=3, label=f"{who}val AUC (all images)")
+        pts = _epoch_points(run, "val_mean_auc")
+        if pts:
+            ax_auc.plot(*zip(*pts), ":", color=train_c, marker="s", ms=3, label=f"{who}val AUC (mean over generators)")
         lr = [(r["step"], r["train/lr"]) for r in run.steps if r.get("train/lr") is not None]
         if not lr:
-            lr = [(s, r["lr"]) for s, r in zip(steps, rows) if r.get("lr") is not None]
+            lr = _epoch_points(run, "lr")
         if lr:
-            ax_lr.plot(*zip(*lr), color=color, label=run.name)
-        pts = [(s, r["samples_per_s"]) for s, r in zip(steps, rows) if r.get("samples_per_s") is not None]
+            ax_lr.plot(*zip(*lr), color=train_c, label=run.name)
+        pts = _epoch_points(run, "samples_per_s")
         if pts:
-            ax_speed.plot(*zip(*pts), color=color, marker="o", ms=3, label=run.name)
-    for ax, title in ((ax_loss, "loss"), (ax_auc, "validation AUC"), (ax_lr, "learning rate"),
+            ax_speed.plot(*zip(*pts), color=train_c, marker="o", ms=3, label=run.name)
+    gen_colors = {g: f"C{k % 10}" for k, g in enumerate(_curve_generators(per_generator))}
+    for ax, run in zip(ax_gens, per_generator):
+        for g, color in gen_colors.items():
+            pts = [(r["step"], r["val_generators"][g]["auc"]) for r in run.curves
+                   if (r.get("val_generators") or {}).get(g, {}).get("auc") is not None]
+            if pts:
+                ax.plot(*zip(*pts), color=color, marker="o", ms=3, lw=1.2, label=g)
+        pts = [(r["step"], r["val_generators"][MEAN]["auc"]) for r in run.curves
+               if (r.get("val_generators") or {}).get(MEAN, {}).get("auc") is not None]
+        if pts:
+            ax.plot(*zip(*pts), "k--", marker="s", ms=3, lw=2, label=MEAN)
+        ax.set(title=f"validation AUC per generator: {run.name}")
+    ax_acc.set(ylabel="%")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_auc, "validation AUC"), (ax_lr, "learning rate"),
                       (ax_speed, "training samples/s")):
-        ax.set(xlabel="optimizer step", title=title)
+        ax.set(title=title)
+    for ax in axes:
+        ax.set(xlabel="optimizer step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    if len(runs) == 1:
+        fig.suptitle(runs[0].name)
     fig.tight_layout()
     return fig
+
+
+def _curve_generators(runs: Sequence[EvalRun]) -> list[str]:
+    """Generators named in any run's val_generators rows, sorted, without the mean."""
+    return sorted({g for run in runs for r in run.curves for g in (r.get("val_generators") or {}) if g != MEAN})
 
 
 def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, Any]:
     """name → matplotlib figure, in the order the page shows them."""
     figures = {
         "roc": roc_figure(runs),
+        "pr": pr_figure(runs),
         "scores": score_figure(runs, threshold),
         "accuracy": accuracy_figure(runs),
         "confusion": confusion_figure(runs, threshold),

@@ -106,7 +106,8 @@ def run_evaluation(
     The model is rebuilt from the checkpoint's own config and its consolidated fp32 weights (any
     ZeRO stage, any world size the checkpoint was saved with); the data comes from `cfg`
     (`data.val_split`, `data.eval_generators`). Rank 0 prints the table and writes it as JSON, with
-    every image's score (`predictions`) and the checkpoint's config for `ds-trainer report`; with
+    every image's score (`predictions`), the checkpoint's config, and the date, commit and library
+    versions (`provenance`) for `ds-trainer report`; with
     `report_dir` it writes that report too (and, with `logging.tensorboard`, PR curves and figures).
     """
     from ds_trainer.export import rebuild_model, resolve_source
@@ -126,14 +127,19 @@ def run_evaluation(
     metrics = trainer.evaluate()
     result = {
         "checkpoint": str(source.tag_dir), "epoch": source.meta.epoch, "global_step": source.meta.global_step,
+        # where the scored images are: the report pulls its thumbnails of mistakes from there by key
+        "shards": str(Path(cfg.data.shards).resolve()),
         "split": cfg.data.val_split, "samples": metrics["val_samples"], "bad_samples": metrics["val_bad_samples"],
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
         "config": source.config,
     }  # fmt: skip
     if env.is_main:
+        from ds_trainer.provenance import provenance
+
+        result["provenance"] = provenance()
         pred = trainer.last_predictions or {}
-        result["predictions"] = predictions_block(pred["score"], pred["label"], pred["generator"])
+        result["predictions"] = predictions_block(pred["score"], pred["label"], pred["generator"], pred.get("key"))
         path = Path(out) if out is not None else Path(cfg.logging.run_dir) / f"eval_{source.tag_dir.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(_eval_json(_json_safe(result)))

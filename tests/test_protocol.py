@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cmd, write_config
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -49,6 +50,81 @@ def test_trainer_evaluation_reports_every_generator(tmp_path, tiny_shards):
     assert set(row["val_generators"]) == {*loader.generators, "mean"}
     assert row["val_mean_auc"] == pytest.approx(np.mean([row["val_generators"][g]["auc"] for g in loader.generators]))
     assert row["val_bad_samples"] == 0 and row["val_samples"] == 48
+
+
+def shard_labels(root, split) -> dict[str, tuple[int, str]]:
+    """key -> (label, generator) of every sample of `split`, read from the tars themselves."""
+    out = {}
+    for entry in json.loads((root / "manifest.json").read_text())["shards"]:
+        if entry["split"] == split:
+            with tarfile.open(root / entry["path"]) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".cls"):
+                        out[m.name[: -len(".cls")]] = (int(tar.extractfile(m).read()), entry["generator"])
+    return out
+
+
+def test_predictions_name_each_image_by_its_key(tmp_path, tiny_shards):
+    loader = make_shard_loader(tiny_shards, "val", batch_size=16, train=False, num_workers=1)
+    trainer = Trainer(CLIPModel("tiny"), None, loader, device="cpu", run_dir=tmp_path, checkpoint_dir=str(tmp_path))
+    trainer.evaluate()
+    pred = trainer.last_predictions
+    truth = shard_labels(tiny_shards, "val")
+    assert sorted(pred["key"]) == sorted(truth)  # every image once
+    # the i-th key is the i-th score's image: its label and generator are that image's
+    assert [truth[k] for k in pred["key"]] == list(zip(pred["label"].tolist(), pred["generator"]))
+
+
+class _PixelScore(torch.nn.Module):
+    """A stand-in engine whose logit is a function of the image alone, so a score names its image."""
+
+    device = torch.device("cpu")
+
+    def forward(self, x):
+        return x.float().mean(dim=(1, 2, 3)) * 7.0
+
+
+def _rank_predictions(rank, world, port, shards, out):
+    import torch.distributed as dist
+
+    from ds_trainer.evaluation import evaluate
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        loader = make_shard_loader(shards, "val", batch_size=5, train=False, rank=rank, world_size=world,
+                                   num_workers=0, image_size=32, pin_memory=False)
+        result = evaluate(_PixelScore(), loader, epoch=0, zero_stage=1, dtype=torch.float32,
+                          loss_fn=lambda o, t: o.sum() * 0, image_size=32, max_bad_fraction=0.0)
+        if rank == 0:
+            p = result.predictions
+            out.write_text(json.dumps({"key": p["key"], "label": p["label"].tolist(), "score": p["score"].tolist(),
+                                       "generator": p["generator"]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_keys_gathered_from_every_rank_stay_with_their_scores(tmp_path, tiny_shards):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    results = {}
+    for world in (1, 2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = tmp_path / f"world{world}.json"
+        mp.spawn(_rank_predictions, args=(world, port, tiny_shards, out), nprocs=world, join=True)
+        results[world] = json.loads(out.read_text())
+    truth = shard_labels(tiny_shards, "val")
+    for world, pred in results.items():
+        assert sorted(pred["key"]) == sorted(truth), world
+        assert [truth[k] for k in pred["key"]] == list(zip(pred["label"], pred["generator"])), world
+    # each image's score is the same whichever rank scored it
+    one = dict(zip(results[1]["key"], results[1]["score"]))
+    two = dict(zip(results[2]["key"], results[2]["score"]))
+    assert two == pytest.approx(one)
+    assert len(set(one.values())) > len(one) // 2  # the scores do tell images apart
 
 
 def _corrupt(shards, tmp_path, split, n):
@@ -113,8 +189,12 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
         for k in PROTOCOL_METRICS:
             assert again[g][k] == pytest.approx(result["generators"][g][k], abs=1e-4, nan_ok=True), (g, k)
     assert result["config"]["model"]["model_name"] == "tiny"
+    assert sorted(pred["key"]) == sorted(shard_labels(tiny_shards, "val"))
+    assert result["shards"] == str(tiny_shards.resolve())
+    prov = result["provenance"]
+    assert set(prov) == {"date", "git_commit", "git_dirty", "versions"} and prov["versions"]["torch"]
     # The report, with the training curves of the run the checkpoint came from.
-    for name in ("roc", "scores", "accuracy", "confusion", "training", "report"):
+    for name in ("roc", "pr", "scores", "accuracy", "confusion", "training", "report"):
         assert (tmp_path / "report" / (name + (".html" if name == "report" else ".png"))).stat().st_size > 1000
     assert "report: " in proc.stdout + proc.stderr
 

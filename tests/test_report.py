@@ -6,6 +6,8 @@ Fast and pure (no DeepSpeed): eval results are built here from scores drawn per 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -17,6 +19,7 @@ import pytest
 from PIL import Image
 
 from ds_trainer import cli, report
+from ds_trainer.errors import DataError
 from ds_trainer.metrics import per_generator_metrics
 
 GENERATORS = ("adm", "biggan", "midjourney")
@@ -48,11 +51,16 @@ def fake_eval(path: Path, shift: float, seed: int = 0, n: int = 60) -> Path:
 
 
 def write_metrics(run_dir: Path, epochs: int = 3) -> Path:
+    """metrics.jsonl and steps.jsonl as training writes them: 8 steps an epoch, loss every 2nd step."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"epoch": e, "step": 8 * e, "train_loss": 0.7 / e, "val_loss": 0.8 / e, "val_auc": 0.6 + 0.1 * e,
-             "lr": 1e-3 / e, "samples_per_s": 50.0 + e} for e in range(1, epochs + 1)]
+             "train_acc": 0.5 + 0.1 * e, "val_acc": 0.45 + 0.1 * e, "lr": 1e-3 / e, "samples_per_s": 50.0 + e,
+             "val_generators": {**{g: {"auc": 0.5 + 0.1 * e + 0.01 * k} for k, g in enumerate(GENERATORS)},
+                                "mean": {"auc": 0.51 + 0.1 * e}}}
+            for e in range(1, epochs + 1)]  # fmt: skip
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    steps = [{"step": s, "train/lr": 1e-3 * (1 - s / 30), "train/loss": 0.7} for s in range(1, 25)]
+    steps = [{"step": s, "train/lr": 1e-3 * (1 - s / 30), **({"train/loss": 0.8 - s / 40} if s % 2 == 0 else {})}
+             for s in range(1, 8 * epochs + 1)]
     (run_dir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     return run_dir
 
@@ -70,12 +78,12 @@ def test_one_run_report_has_every_figure_and_the_table(tmp_path, capsys):
     assert cli.main(["report", "--eval", str(ev), "--run", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
     page = tmp_path / "rep" / "report.html"
     assert capsys.readouterr().out.strip() == str(page)
-    for name in ("roc", "scores", "accuracy", "confusion", "training"):
+    for name in ("roc", "pr", "scores", "accuracy", "confusion", "training"):
         w, h = png_size(tmp_path / "rep" / f"{name}.png")
         assert w > 300 and h > 200, name
     text = page.read_text()
     # Self-contained: every figure embedded, nothing fetched.
-    assert text.count("data:image/png;base64,") == 5
+    assert text.count("data:image/png;base64,") == 6
     assert not re.search(r"(src|href)=['\"]https?:", text)
     # The table: a row per generator and the mean, with the values eval computed.
     table = json.loads(ev.read_text())["generators"]
@@ -193,7 +201,7 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     body = re.search(r"<body([^>]*)>", dom.stdout)
     assert body, dom.stdout[:2000]
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
-    assert attrs.get("data-images") == "5" and attrs.get("data-images-loaded") == "5", attrs
+    assert attrs.get("data-images") == "6" and attrs.get("data-images-loaded") == "6", attrs
     # The rendered table: a row per generator and run, plus the runs table.
     assert len(re.findall(r"<tr>\s*<td>(adm|biggan|midjourney)</td>", dom.stdout)) == 6
     assert len(re.findall(r'<tr class="mean">', dom.stdout)) == 2
@@ -206,3 +214,285 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     assert pixels.shape == (2400, 1280)
     # Not a blank page: text, table lines and plots make the screenshot far from uniform.
     assert pixels.std() > 20 and (pixels < 128).mean() > 0.01
+
+
+def run_from_confusion(cm: list[list[int]], name: str = "cm") -> report.EvalRun:
+    """An eval result whose confusion matrix at threshold 0.5 is `cm` (rows: true real, true AI)."""
+    labels, scores = [], []
+    for true, row in enumerate(cm):
+        for predicted, count in enumerate(row):
+            labels += [true] * count
+            scores += [0.8 if predicted else 0.2] * count
+    n = len(labels)
+    return report.EvalRun(name, Path(f"{name}.json"), {}, np.asarray(scores), np.asarray(labels),
+                          np.full(n, "all", dtype=object))
+
+
+def wcag_contrast(a, b) -> float:
+    """The WCAG 2 contrast ratio of two sRGB colours (1 = identical, 21 = black on white)."""
+
+    def luminance(rgb):
+        c = np.asarray(rgb[:3], dtype=float)
+        c = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+@pytest.mark.parametrize("cm", [[[50, 30], [41, 39]], [[95, 5], [3, 97]], [[900, 100], [10, 90]], [[0, 40], [40, 0]]])
+def test_every_confusion_cell_annotation_is_readable_on_its_cell(cm):
+    from matplotlib.colors import to_rgb
+
+    fig = report.confusion_figure([run_from_confusion(cm)])
+    try:
+        ax = fig.axes[0]
+        (image,) = ax.images
+        cells = image.get_array()
+        texts = [t for t in ax.texts if t.get_text()]
+        assert len(texts) == 4
+        for text in texts:
+            j, i = (round(v) for v in text.get_position())
+            assert text.get_text().split("\n")[0] == str(cm[i][j])
+            face = image.to_rgba(cells[i, j])
+            ratio = wcag_contrast(to_rgb(text.get_color()), face)
+            assert ratio >= 3, (cm, (i, j), text.get_color(), face, ratio)
+    finally:
+        report.pyplot().close(fig)
+
+
+def test_accuracy_bars_are_in_percent_like_their_labels(tmp_path):
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    fig = report.accuracy_figure([run])
+    try:
+        table = run.table()
+        for ax, key in zip(fig.axes, ("acc", "real_acc", "fake_acc")):
+            heights = [bar.get_height() for bar in ax.patches]
+            assert heights == pytest.approx([100 * table[g][key] for g in (*GENERATORS, "mean")])
+            labels = [t.get_text() for t in ax.texts]
+            assert labels == [f"{h:.0f}" for h in heights]
+            assert 100 <= ax.get_ylim()[1] <= 115 and "%" in ax.get_ylabel()
+    finally:
+        report.pyplot().close(fig)
+
+
+def test_pr_curves_are_on_the_page_with_the_protocol_ap(tmp_path):
+    ev = fake_eval(tmp_path / "eval.json", shift=0.25)
+    out = tmp_path / "rep"
+    report.write_report([report.load_eval(ev)], out)
+    assert "id='fig-pr'" in (out / "report.html").read_text()
+    run = report.load_eval(ev)
+    fig = report.pr_figure([run])
+    try:
+        (ax,) = fig.axes
+        legend = [line.get_label() for line in ax.get_lines()]
+        table = run.table()
+        assert legend == [f"{g} (AP {table[g]['ap']:.3f})" for g in GENERATORS]
+        assert ax.get_title() == f"{run.name}: mean AP {table['mean']['ap']:.3f}"
+        # recall runs 0..1 and precision ends at the share of AI images when everything is called AI
+        recall, precision = ax.get_lines()[0].get_data()
+        assert recall.max() == 1.0 and recall.min() == 0.0 and precision[recall == 1.0].min() == pytest.approx(0.5)
+    finally:
+        report.pyplot().close(fig)
+
+
+def _lines(ax) -> dict[str, object]:
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_training_curves_show_step_loss_accuracy_and_auc_per_generator(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    report.attach_run(run, write_metrics(tmp_path / "run"))
+    fig = report.training_figure([run])
+    try:
+        panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+        assert set(panels) >= {"loss", "accuracy", "validation AUC", f"validation AUC per generator: {run.name}"}
+        loss = _lines(panels["loss"])
+        # the loss of every logged step (steps.jsonl), not only one point per epoch
+        steps, values = loss["train loss (logged steps)"].get_data()
+        assert list(steps) == list(range(2, 25, 2)) and values[0] == pytest.approx(0.75)
+        assert list(loss["train loss (epoch mean)"].get_data()[0]) == [8, 16, 24]
+        # train and val told apart by colour, not only by the dash pattern
+        for panel, train, val in (("loss", "train loss (epoch mean)", "val loss"),
+                                  ("accuracy", "train accuracy", "val accuracy")):
+            lines = _lines(panels[panel])
+            assert to_rgba(lines[train].get_color()) != to_rgba(lines[val].get_color()), panel
+        acc = _lines(panels["accuracy"])
+        assert list(acc["val accuracy"].get_data()[1]) == pytest.approx([55, 65, 75])  # percent
+        per_gen = _lines(panels[f"validation AUC per generator: {run.name}"])
+        assert list(per_gen) == [*GENERATORS, "mean"]
+        assert list(per_gen["biggan"].get_data()[1]) == pytest.approx([0.61, 0.71, 0.81])
+    finally:
+        report.pyplot().close(fig)
+
+
+def _eval_of_run(path: Path, config: dict, tag: str) -> Path:
+    fake_eval(path, shift=0.3)
+    result = json.loads(path.read_text())
+    result.update(config=config, checkpoint=f"/somewhere/runs/x/checkpoints/{tag}")
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_runs_are_named_after_their_training_run_not_the_checkpoint(tmp_path):
+    demo = {"name": "demo", "logging": {"run_dir": "runs/demo"}}
+    assert report.load_eval(_eval_of_run(tmp_path / "a.json", demo, "epoch_6")).name == "demo"
+    # Config.name left at its default says nothing: the run_dir's name does
+    unnamed = {"name": "run", "logging": {"run_dir": "results/lora_r8"}}
+    assert report.load_eval(_eval_of_run(tmp_path / "b.json", unnamed, "epoch_2")).name == "lora_r8"
+    assert report.load_eval(_eval_of_run(tmp_path / "b.json", unnamed, "epoch_2"), "mine").name == "mine"
+
+    # two checkpoints of one run: told apart by their tag, in the legends too
+    early = report.load_eval(_eval_of_run(tmp_path / "c.json", demo, "epoch_3"))
+    late = report.load_eval(_eval_of_run(tmp_path / "d.json", demo, "epoch_6"))
+    report.write_report([early, late], tmp_path / "rep")
+    assert (early.name, late.name) == ("demo@epoch_3", "demo@epoch_6")
+    fig = report.roc_figure([early, late])
+    try:
+        labels = [line.get_label().split(" ")[0] for line in fig.axes[0].get_lines() if line.get_label()[0] != "_"]
+        assert labels == ["demo@epoch_3", "demo@epoch_6"]
+    finally:
+        report.pyplot().close(fig)
+
+
+def test_prediction_keys_round_trip_and_older_results_load_without_them(tmp_path):
+    block = report.predictions_block(np.array([0.9, 0.1]), np.array([1, 0]), ["adm", "adm"], ["adm-val-1", "adm-val-2"])
+    assert block["key"] == ["adm-val-1", "adm-val-2"]
+    result = {"generators": {}, "predictions": block}
+    (tmp_path / "new.json").write_text(json.dumps(result))
+    assert report.load_eval(tmp_path / "new.json").keys.tolist() == ["adm-val-1", "adm-val-2"]
+    # without keys (older results, or a loader that names none): no key list at all, and None back
+    old = report.predictions_block(np.array([0.9, 0.1]), np.array([1, 0]), ["adm", "adm"])
+    assert "key" not in old
+    (tmp_path / "old.json").write_text(json.dumps({"generators": {}, "predictions": old}))
+    assert report.load_eval(tmp_path / "old.json").keys is None
+    (tmp_path / "bad.json").write_text(json.dumps({"predictions": {**block, "key": ["adm-val-1"]}}))
+    with pytest.raises(DataError, match="1 keys for 2 scores"):
+        report.load_eval(tmp_path / "bad.json")
+
+
+def test_provenance_records_commit_and_versions_and_the_page_shows_them(tmp_path):
+    from importlib import metadata
+
+    from ds_trainer import __version__, provenance
+
+    prov = provenance.provenance()
+    head = subprocess.run(["git", "-C", str(provenance.package_root()), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    assert prov["git_commit"] == (head or None) and isinstance(prov["git_dirty"], bool) == bool(head)
+    assert prov["versions"] == {"ds_trainer": __version__, "torch": metadata.version("torch"),
+                                "deepspeed": metadata.version("deepspeed"),
+                                "transformers": metadata.version("transformers")}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", prov["date"])
+    # an installed package (no .git beside it) has no commit, even inside some other repository
+    (tmp_path / "site-packages").mkdir()
+    assert provenance.git_state(tmp_path / "site-packages") == (None, None)
+
+    ev = fake_eval(tmp_path / "new.json", shift=0.3)
+    result = json.loads(ev.read_text())
+    result["provenance"] = {**prov, "git_commit": "0123456789abcdef0123", "git_dirty": True}
+    ev.write_text(json.dumps(result))
+    old = fake_eval(tmp_path / "old.json", shift=0.3, seed=3)
+    page = report.write_report([report.load_eval(ev, "new"), report.load_eval(old, "old")], tmp_path / "rep").html
+    table = re.search(r"<table id='provenance'>(.*?)</table>", page.read_text()).group(1)
+    new_row, old_row = re.findall(r"<tr><td class='run'>(?:new|old)</td>.*?</tr>", table)
+    assert prov["date"] in new_row and ">0123456789ab</code>" in new_row and "uncommitted changes" in new_row
+    for version in prov["versions"].values():
+        assert f"<td>{version}</td>" in new_row
+    assert "not recorded" in old_row
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> Path:
+    from ds_trainer.data import make_demo_shards
+
+    out = tmp_path_factory.mktemp("shards") / "demo"
+    make_demo_shards(out, train_per_class=2, val_per_class=6, max_count=5, progress=False)
+    return out
+
+
+def eval_on_shards(path: Path, shards: Path, wrong: dict[tuple[str, int], float]) -> tuple[Path, list[str]]:
+    """An eval result over the val images of `shards`, each scored right (0.2 real, 0.8 AI) except
+    the (generator, n-th image of it) in `wrong`, which get that score; returns their keys."""
+    import tarfile
+
+    keys, labels, gens, scores, wrong_keys = [], [], [], [], []
+    for entry in json.loads((shards / "manifest.json").read_text())["shards"]:
+        if entry["split"] != "val":
+            continue
+        with tarfile.open(shards / entry["path"]) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".cls"):
+                    n = sum(g == entry["generator"] for g in gens)
+                    keys.append(m.name[: -len(".cls")])
+                    labels.append(int(tar.extractfile(m).read()))
+                    gens.append(entry["generator"])
+                    scores.append(wrong.get((entry["generator"], n), 0.8 if labels[-1] else 0.2))
+                    if (entry["generator"], n) in wrong:
+                        wrong_keys.append(keys[-1])
+    scores_a, labels_a = np.asarray(scores), np.asarray(labels)
+    result = {
+        "checkpoint": "/x/runs/demo/checkpoints/epoch_6", "split": "val", "shards": str(shards),
+        "generators": per_generator_metrics(scores_a, labels_a, gens),
+        "predictions": report.predictions_block(scores_a, labels_a, gens, keys),
+    }  # fmt: skip
+    path.write_text(json.dumps(result))
+    return path, wrong_keys
+
+
+def test_most_confident_mistakes_are_listed_by_key_with_thumbnails_from_the_shards(tmp_path, val_shards):
+    # per generator, two real images scored as AI and one AI image as real
+    ev, _ = eval_on_shards(tmp_path / "probe.json", val_shards, {})
+    run = report.load_eval(ev)
+    wrong_score = {}
+    for g in run.generator_names:
+        idx = np.flatnonzero(run.generators == g)
+        real = [i for i in idx if run.labels[i] == 0][:2]
+        ai = [i for i in idx if run.labels[i] == 1][:1]
+        n_of = {i: k for k, i in enumerate(idx)}
+        wrong_score.update({(g, n_of[real[0]]): 0.95, (g, n_of[real[1]]): 0.7, (g, n_of[ai[0]]): 0.1})
+    ev, wrong_keys = eval_on_shards(tmp_path / "eval.json", val_shards, wrong_score)
+    run = report.load_eval(ev)
+    found = report.confident_mistakes(run)
+    for g, rows in found.by_generator.items():
+        # the most confident first: 0.95 (0.45 from the threshold), then 0.1 (0.4), then 0.7
+        assert [(m.label, m.score) for m in rows] == [(0, 0.95), (1, 0.1), (0, 0.7)], g
+        assert found.totals[g] == 3
+    assert sorted(m.key for rows in found.by_generator.values() for m in rows) == sorted(wrong_keys)
+
+    page = report.write_report([run], tmp_path / "rep").html.read_text()
+    table = re.search(r"<table class='mistakes' id='mistakes-0'>(.*?)</table>", page).group(1)
+    shown = re.findall(r"<code>([^<]+)</code>", table)
+    assert shown == [m.key for rows in found.by_generator.values() for m in rows]
+    thumbs = re.findall(r"src='data:image/jpeg;base64,([^']+)'", table)
+    assert len(thumbs) == len(wrong_keys)
+    for data in thumbs:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            assert im.format == "JPEG" and max(im.size) <= 112
+    # the image's source path (from the tar's .json member) beside its key
+    assert len(re.findall(r"<br><span class='muted'>[^<]*val/[^<]+\.(?:png|jpe?g)</span>", table)) == len(wrong_keys)
+
+    # shards not at hand (a report made on another machine): the table, no thumbnails, a note why
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(val_shards, moved)
+    ev_moved, _ = eval_on_shards(tmp_path / "moved.json", moved, wrong_score)
+    shutil.rmtree(moved)
+    page = report.write_report([report.load_eval(ev_moved)], tmp_path / "rep2").html.read_text()
+    assert "data:image/jpeg" not in page and "cannot be read here" in page
+    assert re.findall(r"<code>([^<]+)</code>", page.split("id='mistakes-0'")[1].split("</table>")[0]) == shown
+
+    if chromium() is not None:  # the thumbnails decode in a browser as well
+        dom = run_chromium(["--dump-dom", (tmp_path / "rep" / "report.html").as_uri()], tmp_path / "profile")
+        attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom.stdout).group(1)))
+        n = 5 + len(wrong_keys)  # figures (no training curves here) and thumbnails
+        assert attrs.get("data-images") == str(n) and attrs.get("data-images-loaded") == str(n), attrs
+
+
+def test_results_without_keys_still_list_their_mistakes(tmp_path):
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    page = report.write_report([run], tmp_path / "rep").html.read_text()
+    assert "no image keys" in page and "not recorded" in page
+    rows = re.findall(r"<tr>(?:<td rowspan[^>]*>.*?</td>)?<td class='run'><span class='muted'>not recorded", page)
+    assert len(rows) == sum(len(r) for r in report.confident_mistakes(run).by_generator.values()) > 0
