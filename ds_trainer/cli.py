@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ds_trainer.errors import DsTrainerError, PeerLostError, first_line
+from ds_trainer.errors import DsTrainerError, PeerLostError, Preempted, first_line
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     try:
         return _COMMANDS[args.command](args)
+    except Preempted as exc:
+        # Information, not an error: rank 0 already said what it saved and how to resume; 75 asks for a requeue.
+        return exc.exit_code
     except DsTrainerError as exc:
         if args.debug:
             raise

@@ -294,9 +294,12 @@ class Trainer:
         step = int(self.engine.global_steps)
         tag_dir = self.save_checkpoint(checkpoint.step_tag(step))
         p.start_epoch()
-        if self.env.is_main:
-            checkpoint.mark_preempted(self.t.checkpoint_dir, tag_dir.name, step)
-        raise Preempted(
+        message = (
             f"{self.preemption.signal_name} received: saved {tag_dir} at step {step} "
             f"({result.batches_done} batches into epoch {epoch}); resume with --load-dir {self.t.checkpoint_dir}"
         )
+        if self.env.is_main:
+            checkpoint.mark_preempted(self.t.checkpoint_dir, tag_dir.name, step)
+            # The expected end of a preempted job, not an error: said once, by rank 0 (the CLI prints nothing for it).
+            console().info("%s (exit code %d)", message, Preempted.exit_code)
+        raise Preempted(message)

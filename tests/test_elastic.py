@@ -99,7 +99,8 @@ def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_s
     os.kill(ranks[1], signal.SIGUSR1)  # one rank is enough: the ranks agree at the next step
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
-    assert "SIGUSR1 received: saved" in out
+    # Information, said once (rank 0), not an error on every rank.
+    assert out.count("SIGUSR1 received: saved") == 1 and "ds-trainer train: error" not in out, out[-3000:]
     ckpt = tmp_path / "ckpt"
     tag = (ckpt / "latest").read_text()
     assert tag.startswith("step_")

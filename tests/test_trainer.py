@@ -187,6 +187,30 @@ def test_a_preempted_epoch_resumes_with_the_whole_epochs_metrics(tmp_path, stop_
         assert math.isnan(rows[0]["samples_per_s"])
 
 
+def test_a_preemption_is_one_information_line_and_exit_75(tmp_path, tiny_shards, monkeypatch, capsys):
+    import signal
+
+    from conftest import write_config
+
+    from ds_trainer import cli
+    from ds_trainer.preemption import PreemptionGuard
+
+    def signalled(guard):  # as if Slurm's SIGUSR1 had arrived before the first step's poll
+        guard.signum = signal.SIGUSR1
+        return True
+
+    monkeypatch.setattr(PreemptionGuard, "should_stop", signalled)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
+                       logging={"tensorboard": False})  # fmt: skip
+    assert cli.main(["train", "--config", str(cfg)]) == 75
+    captured = capsys.readouterr()
+    assert "error" not in captured.err
+    lines = [line for line in captured.out.splitlines() if "SIGUSR1" in line]
+    assert len(lines) == 1, captured.out
+    assert lines[0].startswith("SIGUSR1 received: saved ") and f"resume with --load-dir {tmp_path / 'ckpt'}" in lines[0]
+    assert (tmp_path / "ckpt" / "PREEMPTED").is_file()
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_a_checkpoint_from_before_merged_groups_still_resumes(tmp_path, stage):
     # ds_trainer before the group merge always kept backbone and head apart (four groups) and did not
