@@ -203,7 +203,8 @@ class Trainer:
         self._require_training("resume_from_checkpoint()")
         assert self.env is not None
         resume.load_engine(self.engine, meta, universal=self._plan.universal)
-        resume.warn_if_config_differs(meta, self.cfg.to_dict())
+        resume.warn_if_config_differs(meta, self.cfg.to_dict(), is_main=self.env.is_main,
+                                      ignore=resume.ignored_differences(self._plan))  # fmt: skip
         self.state.load_state_dict(meta.state)
         if self.plateau is not None:
             self.plateau.restore(self.state.plateau, self.engine.lr_scheduler)
