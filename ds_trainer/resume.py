@@ -245,6 +245,18 @@ def ignored_differences(resume_plan: ResumePlan) -> tuple[str, ...]:
     return ALWAYS_IGNORED + (ELASTIC_IGNORED if resume_plan.grad_accumulation_steps is not None else ())
 
 
+def cosine_change(then_epochs: int, now_epochs: int, total_steps: int, next_step: int, lr_before: float,
+                  lr_after: float, min_lr: float) -> str:  # fmt: skip
+    """What a resume with another training.num_epochs does to the cosine schedule, in one line."""
+    was = round(total_steps / now_epochs * then_epochs)
+    return (
+        f"training.num_epochs {then_epochs} -> {now_epochs}: the cosine LR schedule now spans {now_epochs} epochs "
+        f"({total_steps} optimizer steps; the checkpoint's spanned {was}), as if the run had been configured so "
+        f"from the start: step {next_step} runs at LR {lr_after:.3g} (the checkpoint's schedule: {lr_before:.3g}), "
+        f"then the LR decays to min_lr {min_lr:g} at step {total_steps}"
+    )
+
+
 def warn_if_config_differs(meta: CheckpointMeta, now: dict[str, Any], *, is_main: bool,
                            ignore: tuple[str, ...] = ALWAYS_IGNORED) -> None:  # fmt: skip
     """One warning on rank 0 naming each key (then -> now) that differs, unless only ignored keys do."""

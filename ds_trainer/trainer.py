@@ -206,13 +206,35 @@ class Trainer:
         resume.warn_if_config_differs(meta, self.cfg.to_dict(), is_main=self.env.is_main,
                                       ignore=resume.ignored_differences(self._plan))  # fmt: skip
         self.state.load_state_dict(meta.state)
+        self._continue_cosine(meta)
         if self.plateau is not None:
             self.plateau.restore(self.state.plateau, self.engine.lr_scheduler)
         self.sinks.rewind(self.epoch, int(self.engine.global_steps))
         if self.env.is_main:
             (load_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)  # this is the resume it asked for
-        log.info("resumed from %s at epoch %d, global step %d", meta.tag_dir, self.epoch, self.engine.global_steps)
+        log.info("resumed from %s at epoch %d, global step %d; training to epoch %d", meta.tag_dir, self.epoch,
+                 self.engine.global_steps, self.t.num_epochs)  # fmt: skip
         return meta.state
+
+    def _continue_cosine(self, meta: resume.CheckpointMeta) -> None:
+        """The cosine spans this run's num_epochs; a total other than the checkpoint's is said in one line.
+
+        DeepSpeed restores only the scheduler's iteration, and the optimizer state holds the LR the
+        checkpoint's schedule gave the next step: re-applied here, so that step already follows this
+        run's schedule (else it would run at the old LR, e.g. min_lr, and only the step after jump).
+        """
+        sched = self.engine.lr_scheduler
+        if self.t.scheduler != "cosine" or getattr(sched, "last_batch_iteration", -1) < 0:
+            return
+        before = float(self.engine.get_lr()[0])
+        sched.step(sched.last_batch_iteration)
+        then = ((meta.config or {}).get("training") or {}).get("num_epochs")
+        if then is None or int(then) == self.t.num_epochs or self.epoch >= self.t.num_epochs or not self.env.is_main:
+            return
+        log.warning("%s", resume.cosine_change(
+            int(then), self.t.num_epochs, int(self.ds_config["scheduler"]["params"]["total_num_steps"]),
+            int(self.engine.global_steps) + 1, before, float(self.engine.get_lr()[0]), self.t.min_lr,
+        ))  # fmt: skip
 
     def _require_training(self, what: str) -> None:
         engines.require_training(self.trainable, self.train_loader is not None, what)
@@ -222,6 +244,12 @@ class Trainer:
         self.setup()
         self._require_training("train()")
         assert self.env is not None and self._loop is not None
+        if self.epoch >= self.t.num_epochs and not self.state.progress.batches_done:
+            n = self.t.num_epochs
+            of = f"of {n}" if self.epoch == n else f"(training.num_epochs is {n})"
+            console().info("nothing to train: the checkpoint finished epoch %d %s; raise training.num_epochs "
+                           "(--set training.num_epochs=N) to train longer", self.epoch, of)  # fmt: skip
+            return self.history
         with contextlib.ExitStack() as lifetime:  # released in reverse order, however the epochs end
             lock = lifetime.enter_context(held_by_rank0(self.t.checkpoint_dir, self.env.is_main, self.env.world_size))
             lifetime.enter_context(self.preemption.installed())
