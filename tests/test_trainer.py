@@ -80,7 +80,9 @@ def test_resume_from_seed_style_pth_path_continues(tmp_path):
     assert state["epoch"] == 2 and second.epoch == 2
     assert second.engine.global_steps == 12
     assert second.engine.lr_scheduler.last_batch_iteration == first.engine.lr_scheduler.last_batch_iteration
-    assert second.engine.get_lr()[0] == pytest.approx(lr_at_save)
+    assert lr_at_save == 0.0  # the 2-epoch cosine ended at min_lr 0
+    # 3 epochs now: the cosine spans 18 steps, and step 13 already runs at its LR (not at the old schedule's 0).
+    assert second.engine.get_lr()[0] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 12 / 16)) / 2)
     restored = second.model.state_dict()
     assert all(torch.equal(restored[k], saved[k]) for k in saved)
     rows = second.train()
