@@ -35,7 +35,7 @@ from ds_trainer.nonfinite import NonFiniteGuard
 from ds_trainer.preemption import PreemptionGuard
 from ds_trainer.run_lock import held_by_rank0
 from ds_trainer.seed_api import config_from_keywords
-from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_enabled
+from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_mode
 from ds_trainer.state import BestTracker, TrainState, epoch_checkpoint_due
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Trainer:
         self.env: DistEnv | None = None
         self.device: torch.device | None = None
         self.settings: engines.RunSettings | None = None
+        self.progress_mode = "off"  # within an epoch, on this rank: bar, lines or off (sinks.progress_mode)
         self.state = TrainState(BestTracker(self.t.monitor, self.t.monitor_higher_is_better))
         self.preemption = PreemptionGuard()
         self.user_hooks = list(hooks)
@@ -120,7 +121,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
         self.sinks = MetricsSinks(self.run_dir, env.is_main, self.cfg.logging, run_name=self.cfg.name,
-                                  run_config=self.cfg.to_dict())  # fmt: skip
+                                  run_config=self.cfg.to_dict(), num_epochs=self.t.num_epochs)  # fmt: skip
+        self.progress_mode = progress_mode(env.is_main, self.cfg.logging.progress_bar)
         if self.engine.optimizer is None:
             why = "no trainable parameters" if not self.trainable else "no train_loader"
             log.info("%s: evaluation only (world size %d)", why, env.world_size)
@@ -128,7 +130,7 @@ class Trainer:
         self._loop = TrainLoop(
             self.engine, self.train_loader, settings=s, loss_fn=self.calculate_loss, dtype=self.input_dtype,
             nonfinite=self.nonfinite, hooks=Hooks(), max_bad_fraction=self.cfg.data.max_bad_fraction,
-            show_progress=progress_enabled(env.is_main, self.cfg.logging.progress_bar), num_epochs=self.t.num_epochs,
+            show_progress=self.progress_mode == "bar", num_epochs=self.t.num_epochs,
             mfu=self.mfu,
         )  # fmt: skip
         log.info("%s", engines.describe(s, self.input_dtype, self.model, self.group_names))
@@ -257,6 +259,7 @@ class Trainer:
             self._loop.hooks = for_training(
                 self.engine, self.model, self.sinks, self.settings, self.cfg.logging.log_every_n_steps,
                 self.group_names, self.nonfinite, self.mfu, lock, self.env.rank, self.preemption, self.user_hooks,
+                progress_lines=self.progress_mode == "lines", num_epochs=self.t.num_epochs,
             )  # fmt: skip
             for epoch in range(self.epoch + 1, self.t.num_epochs + 1):
                 result = self._loop.run_epoch(epoch, self._epoch_start())

@@ -56,6 +56,19 @@ def test_seed_style_training_writes_metrics_and_checkpoints(tmp_path):
     assert "learning_rate: 0.001" in (ckpt / "config.yaml").read_text()
 
 
+def test_without_a_terminal_the_epoch_shows_progress_lines_and_each_epoch_line_says_where(tmp_path, capsys,
+                                                                                           monkeypatch):  # fmt: skip
+    from ds_trainer.hooks import ProgressLines
+
+    monkeypatch.setattr(ProgressLines, "MAX_INTERVAL_S", 0.0)  # a line at every step (pytest's stderr is no tty)
+    make_trainer(tmp_path, epochs=2).train()
+    out = capsys.readouterr().out
+    assert "Epoch 1/2, step 1/12 (1/6 this epoch), loss " in out and "Epoch 2/2, step 12/12 (6/6 this epoch)" in out
+    epoch_lines = [line for line in out.splitlines() if "Train Loss:" in line]
+    assert [line.split(" elapsed | ")[0].rsplit(", ", 1)[0] for line in epoch_lines] == [
+        "Epoch 1/2, step 6", "Epoch 2/2, step 12"]  # fmt: skip
+
+
 def test_custom_trainer_loss_is_used(tmp_path):
     calls = []
 
