@@ -344,7 +344,8 @@ def read_export_info(path: str | Path) -> dict[str, Any]:
 def _not_an_export(path: Path) -> str:
     """Why `path` cannot be predicted with, and an export command that works as printed."""
     if not path.exists():
-        return f"exported model {path} does not exist; create it with ds-trainer export --load-dir <checkpoint> --out {path}"  # fmt: skip
+        return (f"exported model {path} does not exist; create it with ds-trainer export --load-dir <checkpoint> "
+                f"--out {path}")  # fmt: skip
     try:
         ckpt_dir, tag = checkpoint.resolve(path)
     except CheckpointError:
@@ -355,9 +356,9 @@ def _not_an_export(path: Path) -> str:
     n = 2
     while out.exists():
         out, n = ckpt_dir.parent / "exported" / f"{tag}_{n}", n + 1
-    q = shlex.quote
+    load, model = shlex.quote(str(path)), shlex.quote(str(out))
     return (f"{path} is a DeepSpeed checkpoint, not an exported model; export it first: ds-trainer export "
-            f"--load-dir {q(str(path))} --out {q(str(out))}, then ds-trainer predict --model {q(str(out))} ...")  # fmt: skip
+            f"--load-dir {load} --out {model}, then ds-trainer predict --model {model} ...")  # fmt: skip
 
 
 def load_exported(path: str | Path) -> nn.Module:

@@ -77,7 +77,9 @@ class FileSink(Sink):
         if "train_loss" in row:  # a zero-shot run only evaluates
             parts.append(f"Train Loss: {row['train_loss']:.3f}, Train Acc: {row['train_acc']:.3f}")
         if row.get("val_loss") is not None:
-            parts.append(f"Val Loss: {row['val_loss']:.3f}, Val Acc: {row['val_acc']:.3f}, Val AUC: {row['val_auc']:.3f}")
+            parts.append(
+                f"Val Loss: {row['val_loss']:.3f}, Val Acc: {row['val_acc']:.3f}, Val AUC: {row['val_auc']:.3f}"
+            )
         if parts:
             console().info("%s | %s", self._where(row), " | ".join(parts))
         if self.path is not None:
