@@ -29,6 +29,17 @@ def bad_samples(batch: Any) -> int:
     return int(batch.get("bad_samples", 0)) if isinstance(batch, Mapping) else 0
 
 
+def size(batch: Any) -> int | None:
+    """Samples in the batch (0: every file of a map-style batch was bad); None for what `unpack` refuses."""
+    if isinstance(batch, Mapping):
+        targets = batch.get("labels")
+    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        targets = batch[1]
+    else:
+        return None
+    return int(targets.shape[0]) if hasattr(targets, "shape") else len(targets) if targets is not None else None
+
+
 def keys(batch: Any) -> Sequence[Any]:
     return batch.get("key", ()) if isinstance(batch, Mapping) else ()
 
@@ -38,6 +49,6 @@ def check_bad_fraction(bad: int, good: int, what: str, limit: float) -> None:
     if total and bad / total > limit:
         raise DataError(
             f"{bad} of {total} {what} samples ({bad / total:.1%}) could not be decoded, above "
-            f"data.max_bad_fraction {limit:g}; re-create the shards (ds-trainer shard verifies every image) "
-            "or raise the limit"
+            f"data.max_bad_fraction {limit:g}; the warnings above name them: replace those files or re-create "
+            "the shards (ds-trainer shard verifies every image), or raise the limit"
         )

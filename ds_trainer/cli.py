@@ -8,13 +8,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ds_trainer.errors import DsTrainerError, PeerLostError, first_line
+from ds_trainer.errors import DsTrainerError, PeerLostError, Preempted, first_line
 
 log = logging.getLogger(__name__)
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML run config (see ds_configs/)")
+def _add_config_args(
+    p: argparse.ArgumentParser, required: bool = True, what: str = "YAML run config (see ds_configs/)"
+) -> None:
+    p.add_argument("--config", required=required, help=what)
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.learning_rate=3e-5 (repeatable)",
@@ -35,9 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="the benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and the mean"
     )
-    _add_config_args(p)
+    _add_config_args(
+        p, required=False,
+        what="YAML run config for what to score: data.shards, data.val_split, data.eval_generators, and run_dir "
+             "for the default --out (default: the config saved in the checkpoint). The model always comes from "
+             "the checkpoint",
+    )  # fmt: skip
     p.add_argument("--load-dir", required=True, help="checkpoint directory or tag directory")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one, e.g. best)")
+    p.add_argument("--tag", default=None,
+                   help="tag inside --load-dir, e.g. best or epoch_3 (default: the tag the directory's `latest` file "
+                        "names, i.e. the last save; if that one is incomplete, the newest complete tag)")  # fmt: skip
     p.add_argument("--out", default=None, help="JSON output (default: <run_dir>/eval_<tag>.json)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the report (PNGs + report.html) here")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -109,10 +118,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ds_trainer.config import load_config
+    from ds_trainer.config import build_config, load_config
     from ds_trainer.run import run_evaluation
 
-    cfg = load_config(args.config, args.overrides)
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        from ds_trainer.export import resolve_source
+
+        # The run's own data and run_dir: `eval --load-dir X` scores what that run validated on.
+        source = resolve_source(args.load_dir, args.tag)
+        cfg = build_config(source.config, args.overrides, source=f"the config saved in {source.tag_dir}")
     run_evaluation(cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug, report_dir=args.report)
     return 0
 
@@ -232,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     try:
         return _COMMANDS[args.command](args)
+    except Preempted as exc:
+        # Information, not an error: rank 0 already said what it saved and how to resume; 75 asks for a requeue.
+        return exc.exit_code
     except DsTrainerError as exc:
         if args.debug:
             raise

@@ -228,7 +228,9 @@ class LoggingSection(Section):
     run_dir: str = Field("runs/default", description="where config, metrics.jsonl and train.log go")
     log_every_n_steps: int = Field(10, ge=1)
     tensorboard: bool = Field(True, description="scalars under <run_dir>/tensorboard")
-    progress_bar: Literal["auto", "on", "off"] = Field("auto", description="auto: only when stdout is a terminal")
+    progress_bar: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: a bar when stderr is a terminal, else plain progress lines"
+    )
     mfu: bool = Field(True, description="log model FLOPs utilisation (mfu) per epoch and every log_every_n_steps")
     peak_tflops: float | None = Field(
         None, gt=0, description="per-device peak for mfu; default: the GPU's bf16/fp32 table value, or a measured matmul rate on CPU"

@@ -55,6 +55,9 @@ def evaluate(
     dummy: torch.Tensor | None = None
     for i in range(n_steps):
         batch = next(it, None) if i < n_local else None
+        if batch is not None and batches.size(batch) == 0:  # every file of a map-style batch was bad
+            bad += batches.bad_samples(batch)
+            batch = None
         if batch is None:
             if dummy is None:
                 dummy = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -331,16 +332,33 @@ def read_export_info(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     info_file = path / EXPORT_FILE
     if not info_file.is_file():
-        what = "does not exist" if not path.exists() else f"has no {EXPORT_FILE}"
-        raise CheckpointError(
-            f"exported model {path} {what}; create one with ds-trainer export --load-dir ... --out {path}"
-        )
+        raise CheckpointError(_not_an_export(path))
     info = json.loads(info_file.read_text())
     if info.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{info_file}: format version {info['format_version']} is newer than this ds_trainer reads"
         )
     return info
+
+
+def _not_an_export(path: Path) -> str:
+    """Why `path` cannot be predicted with, and an export command that works as printed."""
+    if not path.exists():
+        return (f"exported model {path} does not exist; create it with ds-trainer export --load-dir <checkpoint> "
+                f"--out {path}")  # fmt: skip
+    try:
+        ckpt_dir, tag = checkpoint.resolve(path)
+    except CheckpointError:
+        return (f"{path} has no {EXPORT_FILE}, so it is not an exported model; create one with "
+                f"ds-trainer export --load-dir <checkpoint> --out <new directory>")  # fmt: skip
+    # A checkpoint (or one of its tags): export refuses a non-empty --out, so never suggest `path` itself.
+    out = ckpt_dir.parent / "exported" / tag
+    n = 2
+    while out.exists():
+        out, n = ckpt_dir.parent / "exported" / f"{tag}_{n}", n + 1
+    load, model = shlex.quote(str(path)), shlex.quote(str(out))
+    return (f"{path} is a DeepSpeed checkpoint, not an exported model; export it first: ds-trainer export "
+            f"--load-dir {load} --out {model}, then ds-trainer predict --model {model} ...")  # fmt: skip
 
 
 def load_exported(path: str | Path) -> nn.Module:

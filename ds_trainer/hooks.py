@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -21,6 +21,7 @@ import torch
 from ds_trainer import faults
 from ds_trainer.engine import RunSettings, grad_norm_before_step
 from ds_trainer.flops import FlopTally, MfuMeter
+from ds_trainer.sinks.logs import console, duration
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,54 @@ class StepLogger(Hook):
         return rates
 
 
+class ProgressLines(Hook):
+    """The progress bar's stand-in without a terminal (Slurm logs, nohup): a plain line, rank 0 only.
+
+    A line comes at a log step (every `log_every_n_steps` optimizer steps) once `MIN_INTERVAL_S`
+    have passed since the last line, and at any optimizer step once `MAX_INTERVAL_S` have: a fast
+    run does not flood its log, a slow one still shows it is alive. Only a step that prints reads
+    the loss from the device, and nothing here is a collective (other ranks do not run it).
+    """
+
+    MIN_INTERVAL_S = 10.0
+    MAX_INTERVAL_S = 60.0
+
+    def __init__(self, settings: RunSettings, num_epochs: int, every: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.console = console()
+        self.per_epoch = max(1, settings.steps_per_epoch // max(1, settings.grad_accumulation_steps))
+        self.num_epochs, self.every, self.clock = num_epochs, every, clock
+        self.samples_per_step = settings.samples_per_step
+        self._began = self._last = clock()
+        self._epoch_began, self._first_step = self._began, None  # this process's first step of the epoch, less one
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self._epoch_began, self._first_step = self.clock(), None
+
+    def on_step(self, end: StepEnd) -> None:
+        now = self.clock()
+        if self._first_step is None:
+            self._first_step = end.step - 1
+        quiet = now - self._last
+        if quiet < self.MAX_INTERVAL_S and (end.step % self.every or quiet < self.MIN_INTERVAL_S):
+            return
+        self._last = now
+        epoch_end = end.epoch * self.per_epoch
+        in_epoch = self.per_epoch - max(0, epoch_end - end.step)
+        steps, spent = end.step - self._first_step, now - self._epoch_began
+        line = (
+            f"Epoch {end.epoch}/{self.num_epochs}, step {end.step}/{self.per_epoch * self.num_epochs} "
+            f"({in_epoch}/{self.per_epoch} this epoch), loss {float(end.loss.item()):.3f}, lr {end.lrs[0]:.2e}"
+        )
+        if steps > 0 and spent > 0:
+            eta = max(0, epoch_end - end.step) * spent / steps
+            line += f", {steps * self.samples_per_step / spent:.1f} samples/s, epoch ends in {duration(eta)}"
+        self.console.info("%s, %s elapsed", line, duration(now - self._began))
+
+    def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
+        self._last = self.clock()  # the epoch's own line was just printed
+
+
 class FlopCounter(Hook):
     """Counts the FLOPs of the first micro-batch's forward and backward, for MFU."""
 
@@ -220,9 +269,15 @@ class PreemptionPoll(Hook):
 
 def for_training(engine: Any, model: torch.nn.Module, sinks: Any, settings: RunSettings, log_every: int,
                  group_names: Sequence[str], nonfinite: Any, mfu: MfuMeter | None, lock: Any, rank: int,
-                 preemption: Any, extra: Sequence[Hook] = ()) -> Hooks:  # fmt: skip
-    """What runs around a training run's steps: each hook only where it has work to do; the poll last."""
+                 preemption: Any, extra: Sequence[Hook] = (), *, progress_lines: bool = False,
+                 num_epochs: int = 1) -> Hooks:  # fmt: skip
+    """What runs around a training run's steps: each hook only where it has work to do; the poll last.
+
+    `progress_lines`: rank 0 without a terminal (sinks.progress_mode), where no bar is drawn.
+    """
     hooks: list[Hook] = [StepLogger(engine, model, sinks, settings, log_every, group_names, nonfinite, mfu)]
+    if progress_lines:
+        hooks.append(ProgressLines(settings, num_epochs, log_every))
     if mfu is not None and mfu.flops_per_sample is None:
         hooks.append(FlopCounter(mfu))
     if lock is not None:

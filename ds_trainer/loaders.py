@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 
 
 class EvalSampler(Sampler[int]):
@@ -21,8 +22,33 @@ class EvalSampler(Sampler[int]):
         return len(self.indices)
 
 
+def with_dataset_collate(loader: Iterable) -> Iterable:
+    """A DataLoader left with torch's default collate over a dataset that has its own `collate`, with that one.
+
+    GenImageDataset returns a BadSample for a file it cannot use, which torch's collate cannot
+    batch; its own collate leaves it out and counts it (`bad_samples`), as the streaming loader does.
+    """
+    if not isinstance(loader, DataLoader) or loader.collate_fn is not default_collate:
+        return loader
+    collate = getattr(loader.dataset, "collate", None)
+    if not callable(collate):
+        return loader
+    batching: dict[str, Any] = (
+        {"batch_size": loader.batch_size, "sampler": loader.sampler, "drop_last": loader.drop_last}
+        if loader.batch_size is not None else {"batch_sampler": loader.batch_sampler}
+    )  # fmt: skip
+    return DataLoader(
+        loader.dataset, **batching, num_workers=loader.num_workers, collate_fn=collate, pin_memory=loader.pin_memory,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+        multiprocessing_context=loader.multiprocessing_context,
+    )  # fmt: skip
+
+
 def distribute(loader: Iterable, rank: int, world_size: int, seed: int, train: bool) -> Iterable:
-    """Give a plain DataLoader over a map-style dataset a per-rank sampler, as Lightning does."""
+    """Give a plain DataLoader over a map-style dataset a per-rank sampler, as Lightning does (and see
+    with_dataset_collate)."""
+    loader = with_dataset_collate(loader)
     if world_size == 1 or not isinstance(loader, DataLoader):
         return loader
     if isinstance(loader.sampler, (DistributedSampler, EvalSampler)) or loader.batch_sampler is None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ds_trainer import batches, loaders
 from ds_trainer.engine import RunSettings
-from ds_trainer.errors import ConfigError
+from ds_trainer.errors import ConfigError, DataError
 from ds_trainer.flops import MfuMeter
 from ds_trainer.hooks import Hooks, StepEnd
 from ds_trainer.metrics import ai_scores, all_reduce_sum
@@ -96,6 +96,13 @@ class TrainLoop:
                     # The loader is seeded per epoch: the batches after these are the ones the interrupted run saw next.
                     continue
                 bad += batches.bad_samples(batch)
+                if batches.size(batch) == 0:
+                    # Skipping it on this rank alone would leave the others waiting in the step's collectives.
+                    raise DataError(
+                        f"epoch {epoch}: a training batch held no usable image ({batches.bad_samples(batch)} bad; the "
+                        "warnings above name the files): replace or remove them, or shard the folder with "
+                        "ds-trainer shard (it verifies every image)"
+                    )
                 trained, stepped = self._micro_batch(batch, epoch, sums, bar)
                 if not trained:
                     nonfinite += 1

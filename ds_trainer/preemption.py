@@ -26,7 +26,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class PreemptionGuard:
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal this rank received
+        self.seen: int | None = None  # the signal the job stops for, after should_stop (any rank's)
         self._previous: dict[int, Any] = {}
         self._group: Any = None
 
@@ -67,11 +68,15 @@ class PreemptionGuard:
     def should_stop(self) -> bool:
         """Collective: True on every rank when any rank has received a signal."""
         if not dist.is_initialized() or dist.get_world_size(self._group) == 1:
-            return self.requested  # alone: no round trip
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+            self.seen = self.signum  # alone: no round trip
+            return self.requested
+        # The signal number itself travels (MAX), so rank 0 can name it when only another rank got it.
+        flag = torch.tensor([self.signum or 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        self.seen = int(flag.item()) or None
+        return self.seen is not None
 
     @property
     def signal_name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else "a peer rank's signal"
+        signum = self.signum if self.signum is not None else self.seen
+        return signal.Signals(signum).name if signum is not None else "a peer rank's signal"

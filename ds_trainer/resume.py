@@ -189,6 +189,10 @@ class ResumePlan:
     split_groups: bool = False  # backbone and head in groups of their own (a v1 checkpoint's layout)
 
 
+def ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
+
+
 def plan(meta: CheckpointMeta, world_size: int, micro_batch: int, config_accumulation: int) -> ResumePlan:
     old_world = meta.world_size
     if not old_world or old_world == world_size:
@@ -206,8 +210,8 @@ def plan(meta: CheckpointMeta, world_size: int, micro_batch: int, config_accumul
                 f"Choose training.batch_size so that batch_size x {world_size} divides {global_batch}"
             )
         log.info(
-            "resuming a %d-rank checkpoint on %d ranks: grad_accumulation_steps %d (config: %d) keeps the "
-            "global batch %d", old_world, world_size, accumulation, config_accumulation, global_batch,
+            "resuming a %d-rank checkpoint on %s: grad_accumulation_steps %d (config: %d) keeps the "
+            "global batch %d", old_world, ranks(world_size), accumulation, config_accumulation, global_batch,
         )  # fmt: skip
     universal = any(meta.tag_dir.glob("*optim_states.pt"))
     return ResumePlan(grad_accumulation_steps=accumulation, universal=universal, split_groups=meta.split_groups)
@@ -229,16 +233,57 @@ def load_engine(engine: Any, meta: CheckpointMeta, universal: bool) -> None:
         raise CheckpointError(f"DeepSpeed found no checkpoint at {meta.tag_dir}")
 
 
-def warn_if_config_differs(meta: CheckpointMeta, now: dict[str, Any]) -> None:
-    if meta.get("config_hash") in (None, checkpoint.config_hash(now)):
+# What a resume changes on purpose, never reported as a difference: more (or fewer) epochs is how a
+# run is extended (the cosine case is explained where the schedule is rebuilt), and the checkpoints'
+# folder is a path. Another world size is handled by the plan (its accumulation keeps the global
+# batch, said in its own line), so the micro-batch and accumulation it replaces are ignored too.
+ALWAYS_IGNORED = ("training.checkpoint_dir", "training.num_epochs")
+ELASTIC_IGNORED = ("training.batch_size", "training.grad_accumulation_steps")
+
+
+def ignored_differences(resume_plan: ResumePlan) -> tuple[str, ...]:
+    return ALWAYS_IGNORED + (ELASTIC_IGNORED if resume_plan.grad_accumulation_steps is not None else ())
+
+
+def cosine_change(then_epochs: int, now_epochs: int, total_steps: int, next_step: int, lr_before: float,
+                  lr_after: float, min_lr: float) -> str:  # fmt: skip
+    """What a resume with another training.num_epochs does to the cosine schedule, in one line."""
+    was = round(total_steps / now_epochs * then_epochs)
+    return (
+        f"training.num_epochs {then_epochs} -> {now_epochs}: the cosine LR schedule now spans {now_epochs} epochs "
+        f"({total_steps} optimizer steps; the checkpoint's spanned {was}), as if the run had been configured so "
+        f"from the start: step {next_step} runs at LR {lr_after:.3g} (the checkpoint's schedule: {lr_before:.3g}), "
+        f"then the LR decays to min_lr {min_lr:g} at step {total_steps}"
+    )
+
+
+def warn_if_config_differs(meta: CheckpointMeta, now: dict[str, Any], *, is_main: bool,
+                           ignore: tuple[str, ...] = ALWAYS_IGNORED) -> None:  # fmt: skip
+    """One warning on rank 0 naming each key (then -> now) that differs, unless only ignored keys do."""
+    if not is_main or meta.get("config_hash") in (None, checkpoint.config_hash(now)):
         return
-    keys = config_differences(meta.config, now)
-    log.warning("the model/training/deepspeed config differs from the checkpoint's (%s); continuing with this one",
-                ", ".join(keys) or "its keys were not recorded")  # fmt: skip
+    if meta.config is None:
+        log.warning("the model/training/deepspeed config differs from the checkpoint's (which does not record "
+                    "its keys); continuing with this one")  # fmt: skip
+        return
+    keys = config_differences(meta.config, now, ignore=ignore)
+    if not keys:
+        return
+    shown = [key if key.startswith("+") else f"{key} {_at(meta.config, key)} -> {_at(now, key)}" for key in keys]
+    log.warning("the config differs from the checkpoint's: %s; continuing with this run's values", ", ".join(shown))
 
 
-def config_differences(then: dict[str, Any] | None, now: dict[str, Any], limit: int = 8) -> list[str]:
-    """The dotted keys of model/training/deepspeed that differ between two run configs (paths excluded)."""
+def _at(tree: dict[str, Any] | None, dotted: str) -> str:
+    value: Any = tree
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def config_differences(then: dict[str, Any] | None, now: dict[str, Any], limit: int = 8,
+                       ignore: tuple[str, ...] = ("training.checkpoint_dir",)) -> list[str]:  # fmt: skip
+    """The dotted keys of model/training/deepspeed that differ between two run configs (`ignore`d ones excluded)."""
     if not then:
         return []
     out: list[str] = []
@@ -252,5 +297,5 @@ def config_differences(then: dict[str, Any] | None, now: dict[str, Any], limit: 
 
     for section in ("model", "training", "deepspeed"):
         walk(then.get(section), now.get(section), section)
-    out = [key for key in out if key != "training.checkpoint_dir"]
+    out = [key for key in out if key not in ignore]
     return out[:limit] + ([f"+{len(out) - limit} more"] if len(out) > limit else [])

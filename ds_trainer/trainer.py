@@ -35,7 +35,7 @@ from ds_trainer.nonfinite import NonFiniteGuard
 from ds_trainer.preemption import PreemptionGuard
 from ds_trainer.run_lock import held_by_rank0
 from ds_trainer.seed_api import config_from_keywords
-from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_enabled
+from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_mode
 from ds_trainer.state import BestTracker, TrainState, epoch_checkpoint_due
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Trainer:
         self.env: DistEnv | None = None
         self.device: torch.device | None = None
         self.settings: engines.RunSettings | None = None
+        self.progress_mode = "off"  # within an epoch, on this rank: bar, lines or off (sinks.progress_mode)
         self.state = TrainState(BestTracker(self.t.monitor, self.t.monitor_higher_is_better))
         self.preemption = PreemptionGuard()
         self.user_hooks = list(hooks)
@@ -120,7 +121,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
         self.sinks = MetricsSinks(self.run_dir, env.is_main, self.cfg.logging, run_name=self.cfg.name,
-                                  run_config=self.cfg.to_dict())  # fmt: skip
+                                  run_config=self.cfg.to_dict(), num_epochs=self.t.num_epochs)  # fmt: skip
+        self.progress_mode = progress_mode(env.is_main, self.cfg.logging.progress_bar)
         if self.engine.optimizer is None:
             why = "no trainable parameters" if not self.trainable else "no train_loader"
             log.info("%s: evaluation only (world size %d)", why, env.world_size)
@@ -128,7 +130,7 @@ class Trainer:
         self._loop = TrainLoop(
             self.engine, self.train_loader, settings=s, loss_fn=self.calculate_loss, dtype=self.input_dtype,
             nonfinite=self.nonfinite, hooks=Hooks(), max_bad_fraction=self.cfg.data.max_bad_fraction,
-            show_progress=progress_enabled(env.is_main, self.cfg.logging.progress_bar), num_epochs=self.t.num_epochs,
+            show_progress=self.progress_mode == "bar", num_epochs=self.t.num_epochs,
             mfu=self.mfu,
         )  # fmt: skip
         log.info("%s", engines.describe(s, self.input_dtype, self.model, self.group_names))
@@ -203,15 +205,38 @@ class Trainer:
         self._require_training("resume_from_checkpoint()")
         assert self.env is not None
         resume.load_engine(self.engine, meta, universal=self._plan.universal)
-        resume.warn_if_config_differs(meta, self.cfg.to_dict())
+        resume.warn_if_config_differs(meta, self.cfg.to_dict(), is_main=self.env.is_main,
+                                      ignore=resume.ignored_differences(self._plan))  # fmt: skip
         self.state.load_state_dict(meta.state)
+        self._continue_cosine(meta)
         if self.plateau is not None:
             self.plateau.restore(self.state.plateau, self.engine.lr_scheduler)
         self.sinks.rewind(self.epoch, int(self.engine.global_steps))
         if self.env.is_main:
             (load_dir / checkpoint.PREEMPTED).unlink(missing_ok=True)  # this is the resume it asked for
-        log.info("resumed from %s at epoch %d, global step %d", meta.tag_dir, self.epoch, self.engine.global_steps)
+        log.info("resumed from %s at epoch %d, global step %d; training to epoch %d", meta.tag_dir, self.epoch,
+                 self.engine.global_steps, self.t.num_epochs)  # fmt: skip
         return meta.state
+
+    def _continue_cosine(self, meta: resume.CheckpointMeta) -> None:
+        """The cosine spans this run's num_epochs; a total other than the checkpoint's is said in one line.
+
+        DeepSpeed restores only the scheduler's iteration, and the optimizer state holds the LR the
+        checkpoint's schedule gave the next step: re-applied here, so that step already follows this
+        run's schedule (else it would run at the old LR, e.g. min_lr, and only the step after jump).
+        """
+        sched = self.engine.lr_scheduler
+        if self.t.scheduler != "cosine" or getattr(sched, "last_batch_iteration", -1) < 0:
+            return
+        before = float(self.engine.get_lr()[0])
+        sched.step(sched.last_batch_iteration)
+        then = ((meta.config or {}).get("training") or {}).get("num_epochs")
+        if then is None or int(then) == self.t.num_epochs or self.epoch >= self.t.num_epochs or not self.env.is_main:
+            return
+        log.warning("%s", resume.cosine_change(
+            int(then), self.t.num_epochs, int(self.ds_config["scheduler"]["params"]["total_num_steps"]),
+            int(self.engine.global_steps) + 1, before, float(self.engine.get_lr()[0]), self.t.min_lr,
+        ))  # fmt: skip
 
     def _require_training(self, what: str) -> None:
         engines.require_training(self.trainable, self.train_loader is not None, what)
@@ -221,6 +246,12 @@ class Trainer:
         self.setup()
         self._require_training("train()")
         assert self.env is not None and self._loop is not None
+        if self.epoch >= self.t.num_epochs and not self.state.progress.batches_done:
+            n = self.t.num_epochs
+            of = f"of {n}" if self.epoch == n else f"(training.num_epochs is {n})"
+            console().info("nothing to train: the checkpoint finished epoch %d %s; raise training.num_epochs "
+                           "(--set training.num_epochs=N) to train longer", self.epoch, of)  # fmt: skip
+            return self.history
         with contextlib.ExitStack() as lifetime:  # released in reverse order, however the epochs end
             lock = lifetime.enter_context(held_by_rank0(self.t.checkpoint_dir, self.env.is_main, self.env.world_size))
             lifetime.enter_context(self.preemption.installed())
@@ -228,6 +259,7 @@ class Trainer:
             self._loop.hooks = for_training(
                 self.engine, self.model, self.sinks, self.settings, self.cfg.logging.log_every_n_steps,
                 self.group_names, self.nonfinite, self.mfu, lock, self.env.rank, self.preemption, self.user_hooks,
+                progress_lines=self.progress_mode == "lines", num_epochs=self.t.num_epochs,
             )  # fmt: skip
             for epoch in range(self.epoch + 1, self.t.num_epochs + 1):
                 result = self._loop.run_epoch(epoch, self._epoch_start())
@@ -294,9 +326,12 @@ class Trainer:
         step = int(self.engine.global_steps)
         tag_dir = self.save_checkpoint(checkpoint.step_tag(step))
         p.start_epoch()
-        if self.env.is_main:
-            checkpoint.mark_preempted(self.t.checkpoint_dir, tag_dir.name, step)
-        raise Preempted(
+        message = (
             f"{self.preemption.signal_name} received: saved {tag_dir} at step {step} "
             f"({result.batches_done} batches into epoch {epoch}); resume with --load-dir {self.t.checkpoint_dir}"
         )
+        if self.env.is_main:
+            checkpoint.mark_preempted(self.t.checkpoint_dir, tag_dir.name, step)
+            # The expected end of a preempted job, not an error: said once, by rank 0 (the CLI prints nothing for it).
+            console().info("%s (exit code %d)", message, Preempted.exit_code)
+        raise Preempted(message)

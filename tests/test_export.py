@@ -269,6 +269,28 @@ def test_export_cli_and_errors(fine_tuned, tmp_path, capsys):
     assert cli.main(["predict", "--model", str(tmp_path / "notes"), str(tmp_path / "x.png")]) == 4
 
 
+@pytest.mark.parametrize("given", ["tag", "checkpoint_dir"])
+def test_predict_on_a_checkpoint_suggests_an_export_that_works(fine_tuned, tmp_path, capsys, given):
+    import shlex
+    import shutil
+
+    _, ckpt, _ = fine_tuned
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    (tmp_path / "exported" / "epoch_1").mkdir(parents=True)  # taken: the hint must not name it
+    (tmp_path / "exported" / "epoch_1" / "other.txt").write_text("x")
+    image = write_images(tmp_path)[0]
+    model = tmp_path / "ckpt" / "epoch_1" if given == "tag" else tmp_path / "ckpt"
+    assert cli.main(["predict", "--model", str(model), str(image)]) == 4
+    err = capsys.readouterr().err
+    assert "is a DeepSpeed checkpoint, not an exported model" in err
+    export = shlex.split(err.split("export it first: ")[1].split(", then ")[0])
+    predict = shlex.split(err.split(", then ")[1].rstrip(" .\n"))
+    assert export[:2] == ["ds-trainer", "export"] and predict[:2] == ["ds-trainer", "predict"]
+    assert cli.main(export[1:]) == 0  # the suggested command, as printed
+    assert cli.main([*predict[1:], str(image)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{image}\t")
+
+
 def test_old_checkpoint_without_config_is_refused_with_a_hint(fine_tuned, tmp_path):
     import shutil
 

@@ -205,3 +205,28 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
     acc.Reload()
     assert {"pr/all", "pr/demo_bicubic", "pr/demo_nearest"} <= set(acc.Tags()["tensors"])
     assert "report/roc" in acc.Tags()["images"]
+
+
+def test_eval_help_says_which_tag_and_config_it_uses(capsys):
+    from ds_trainer import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the newest complete one, e.g. best" not in text  # best is never the default
+    assert "the tag the directory's `latest` file names" in text
+    assert "(default: the config saved in the checkpoint)" in text and "The model always comes from" in text
+
+
+def test_eval_without_config_scores_what_the_run_validated_on(tmp_path, tiny_shards, monkeypatch):
+    from ds_trainer import cli
+
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
+                       logging={"tensorboard": False})
+    assert cli.main(["train", "--config", str(cfg)]) == 0
+    cfg.unlink()  # the checkpoint alone is enough
+    assert cli.main(["eval", "--load-dir", str(tmp_path / "ckpt"), "--set", "data.num_workers=0"]) == 0
+    result = json.loads((tmp_path / "run" / "eval_epoch_1.json").read_text())  # the saved run_dir
+    assert result["split"] == "val" and result["samples"] == 48 and result["epoch"] == 1
+    assert set(result["generators"]) == {"demo_bicubic", "demo_nearest", "mean"}

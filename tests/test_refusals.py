@@ -109,6 +109,11 @@ def indivisible_world(tmp: Path, shards: Path) -> list[str]:
     return train(training={"batch_size": 16}, extra=("--load-dir", str(ckpt)))(tmp, shards)
 
 
+def predict_on_a_checkpoint(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    return ["predict", "--model", str(ckpt / "epoch_1"), str(tmp / "img.png")]
+
+
 def eval_without_val(tmp: Path, shards: Path) -> list[str]:
     cfg = config_with(tmp, shards, data={"val_split": None})
     return ["eval", "--config", str(cfg), "--load-dir", str(tmp / "ckpt")]
@@ -193,6 +198,9 @@ CASES = [
     Case("indivisible-world", "a world size that cannot keep the global batch", 2,
          r"global batch of 24 .* not a whole number", indivisible_world),
     Case("eval-without-val", "ds-trainer eval with data.val_split null", 2, r"data\.val_split", eval_without_val),
+    Case("predict-on-checkpoint", "ds-trainer predict --model names a checkpoint, not an export", 4,
+         r"export it first: ds-trainer export --load-dir \S+/saved/epoch_1 --out \S+/exported/epoch_1",
+         predict_on_a_checkpoint),
     Case("report-eval-missing", "ds-trainer report --eval names no file", 2, r"no such file",
          lambda tmp, shards: ["report", "--eval", str(tmp / "none.json"), "--out", str(tmp / "rep")]),
 ]

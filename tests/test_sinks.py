@@ -26,6 +26,7 @@ from ds_trainer.sinks import (
     TensorBoardSink,
     configure_logging,
     progress_enabled,
+    progress_mode,
     redact_secrets,
 )
 
@@ -170,8 +171,21 @@ def test_metrics_jsonl_nan_is_null_and_console_lines(tmp_path, capsys, restore_l
     ]
     assert rows == [{**ROW, "val_auc": None}]
     out = capsys.readouterr().out
-    assert "Train Loss: 0.284, Train Acc: 0.869" in out
-    assert "Val Loss: 0.300, Val Acc: 0.850, Val AUC: nan" in out
+    assert "Train Loss: 0.284, Train Acc: 0.869 | Val Loss: 0.300, Val Acc: 0.850, Val AUC: nan" in out
+
+
+def test_the_epoch_line_says_which_epoch_of_how_many_the_step_and_the_time(tmp_path, capsys, restore_logging,
+                                                                           monkeypatch):  # fmt: skip
+    configure_logging(0, None, debug=False)
+    clock = iter([1000.0, 1000.0 + 3725.0, 2000.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    sinks = MetricsSinks(None, True, _cfg(tensorboard=False), num_epochs=10)
+    sinks.write({**ROW, "epoch": 3, "step": 240})
+    sinks.close()
+    assert capsys.readouterr().out == (
+        "Epoch 3/10, step 240, 1:02:05 elapsed | Train Loss: 0.284, Train Acc: 0.869 | "
+        "Val Loss: 0.300, Val Acc: 0.850, Val AUC: nan\n"
+    )
 
 
 def test_old_constructor_still_works(tmp_path):
@@ -541,8 +555,47 @@ class _Stream(io.StringIO):
     ],
 )
 def test_progress_enabled(monkeypatch, is_main, setting, tty, expected):
-    monkeypatch.setattr(sys, "stdout", _Stream(tty))
+    monkeypatch.setattr(sys, "stderr", _Stream(tty))  # where tqdm draws
+    monkeypatch.setattr(sys, "stdout", _Stream(not tty))  # not what decides
     assert progress_enabled(is_main, setting) is expected
+
+
+@pytest.mark.parametrize(
+    ("is_main", "setting", "tty", "expected"),
+    [(True, "auto", True, "bar"), (True, "auto", False, "lines"), (True, "on", False, "bar"),
+     (True, "off", False, "off"), (False, "auto", False, "off")],
+)  # fmt: skip
+def test_without_a_terminal_rank_0_prints_lines_instead_of_the_bar(monkeypatch, is_main, setting, tty, expected):
+    monkeypatch.setattr(sys, "stderr", _Stream(tty))
+    assert progress_mode(is_main, setting) == expected
+
+
+def test_progress_lines_come_every_log_step_after_10_s_and_at_least_every_minute(capsys, restore_logging):
+    import torch
+
+    from ds_trainer.engine import RunSettings
+    from ds_trainer.hooks import ProgressLines, StepEnd
+
+    configure_logging(0, None, debug=False)
+    now = [0.0]
+    settings = RunSettings(world_size=2, batch_size=8, grad_accumulation_steps=1, zero_stage=0, monitor="val_auc",
+                           steps_per_epoch=100)  # fmt: skip
+    lines = ProgressLines(settings, num_epochs=3, every=10, clock=lambda: now[0])
+    lines.on_epoch_start(2)
+    printed = []
+    # 2 s per step: log steps 110, 120, ... come every 20 s; one step of 70 s (a slow batch) prints at once.
+    for step in range(101, 131):
+        now[0] += 70.0 if step == 125 else 2.0
+        lines.on_step(StepEnd(2, step, [1e-4], torch.tensor(0.5), None))
+        out = capsys.readouterr().out
+        if out:
+            printed.append((step, out))
+    assert [step for step, _ in printed] == [110, 120, 125, 130]
+    assert printed[0][1] == (
+        "Epoch 2/3, step 110/300 (10/100 this epoch), loss 0.500, lr 1.00e-04, 8.0 samples/s, "
+        "epoch ends in 0:03:00, 0:00:20 elapsed\n"
+    )
+
 
 
 # ------------------------------------------------------------------ logging
@@ -574,9 +627,9 @@ def test_rank0_console_keeps_seed_lines(tmp_path, capsys, restore_logging):
     MetricsSinks(None, True).write(
         {k: v for k, v in ROW.items() if not k.startswith("val")}
     )
-    assert capsys.readouterr().out == "Train Loss: 0.284, Train Acc: 0.869\n"
+    assert capsys.readouterr().out.endswith(" elapsed | Train Loss: 0.284, Train Acc: 0.869\n")
     assert (
-        "[rank 0] INFO ds_trainer.console: Train Loss"
+        "[rank 0] INFO ds_trainer.console: Epoch 1, step 20, "
         in (tmp_path / "train.log").read_text()
     )
 

@@ -3,6 +3,7 @@ checkpoint schedule, resumable state, the metadata's versions, the resume plan, 
 
 import contextlib
 import json
+import logging
 import math
 
 import pytest
@@ -156,6 +157,52 @@ def test_another_world_size_keeps_the_global_batch(tmp_path):
     (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     assert resume.plan(resume.read(tag), 4, 8, 2).universal
     assert resume.plan(resume.read(tag), 4, 8, 2).grad_accumulation_steps == 1
+
+
+@pytest.fixture
+def heard(caplog, monkeypatch):
+    """caplog, also after an in-process run set the package logger not to propagate (sinks/logs.py)."""
+    monkeypatch.setattr(logging.getLogger("ds_trainer"), "propagate", True)
+    return caplog
+
+
+def test_an_elastic_resume_says_rank_in_the_singular(tmp_path, heard):
+    caplog = heard
+    meta = resume.read(write_marker(tmp_path / "e", V1))
+    with caplog.at_level("INFO", logger="ds_trainer.resume"):
+        resume.plan(meta, 1, 8, 2)
+    assert "resuming a 2-rank checkpoint on 1 rank: grad_accumulation_steps 4 (config: 2)" in caplog.text
+
+
+def _saved_with(tmp_path, then, now):
+    from ds_trainer.checkpoint import config_hash
+
+    meta = resume.read(write_marker(tmp_path / "e", {**V1, "config": then, "config_hash": config_hash(then)}))
+    return meta, now
+
+
+def test_the_config_warning_names_each_key_once_on_rank_0_and_not_what_a_resume_handles(tmp_path, heard):
+    caplog = heard
+    then = build_config({"training": {"num_epochs": 2, "batch_size": 8}}).to_dict()
+    # Another world size: the plan replaces micro-batch and accumulation to keep the global batch; more epochs.
+    elastic = build_config({"training": {"num_epochs": 3, "batch_size": 16, "grad_accumulation_steps": 2}}).to_dict()
+    changed = build_config({"training": {"num_epochs": 2, "batch_size": 8, "learning_rate": 2e-4}}).to_dict()
+    plan = resume.ResumePlan(grad_accumulation_steps=1)
+    with caplog.at_level("WARNING", logger="ds_trainer.resume"):
+        resume.warn_if_config_differs(*_saved_with(tmp_path, then, elastic), is_main=True,
+                                      ignore=resume.ignored_differences(plan))  # fmt: skip
+        assert caplog.text == ""
+        resume.warn_if_config_differs(*_saved_with(tmp_path, then, changed), is_main=False)
+        assert caplog.text == ""  # rank 1 says nothing: rank 0 says it once
+        resume.warn_if_config_differs(*_saved_with(tmp_path, then, changed), is_main=True)
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage() == (
+        "the config differs from the checkpoint's: training.learning_rate 0.0001 -> 0.0002; continuing with this "
+        "run's values"
+    )
+    # On the same world size the micro-batch is a real difference (the global batch changes with it).
+    assert resume.config_differences(then, elastic, ignore=resume.ignored_differences(resume.ResumePlan())) == [
+        "training.batch_size", "training.grad_accumulation_steps"]  # fmt: skip
 
 
 @pytest.mark.parametrize("world, micro", [(3, 8), (1, 64)])

@@ -56,6 +56,19 @@ def test_seed_style_training_writes_metrics_and_checkpoints(tmp_path):
     assert "learning_rate: 0.001" in (ckpt / "config.yaml").read_text()
 
 
+def test_without_a_terminal_the_epoch_shows_progress_lines_and_each_epoch_line_says_where(tmp_path, capsys,
+                                                                                           monkeypatch):  # fmt: skip
+    from ds_trainer.hooks import ProgressLines
+
+    monkeypatch.setattr(ProgressLines, "MAX_INTERVAL_S", 0.0)  # a line at every step (pytest's stderr is no tty)
+    make_trainer(tmp_path, epochs=2).train()
+    out = capsys.readouterr().out
+    assert "Epoch 1/2, step 1/12 (1/6 this epoch), loss " in out and "Epoch 2/2, step 12/12 (6/6 this epoch)" in out
+    epoch_lines = [line for line in out.splitlines() if "Train Loss:" in line]
+    assert [line.split(" elapsed | ")[0].rsplit(", ", 1)[0] for line in epoch_lines] == [
+        "Epoch 1/2, step 6", "Epoch 2/2, step 12"]  # fmt: skip
+
+
 def test_custom_trainer_loss_is_used(tmp_path):
     calls = []
 
@@ -80,7 +93,9 @@ def test_resume_from_seed_style_pth_path_continues(tmp_path):
     assert state["epoch"] == 2 and second.epoch == 2
     assert second.engine.global_steps == 12
     assert second.engine.lr_scheduler.last_batch_iteration == first.engine.lr_scheduler.last_batch_iteration
-    assert second.engine.get_lr()[0] == pytest.approx(lr_at_save)
+    assert lr_at_save == 0.0  # the 2-epoch cosine ended at min_lr 0
+    # 3 epochs now: the cosine spans 18 steps, and step 13 already runs at its LR (not at the old schedule's 0).
+    assert second.engine.get_lr()[0] == pytest.approx(1e-3 * (1 + math.cos(math.pi * 12 / 16)) / 2)
     restored = second.model.state_dict()
     assert all(torch.equal(restored[k], saved[k]) for k in saved)
     rows = second.train()
@@ -236,6 +251,30 @@ def test_a_version_1_preemption_checkpoint_resumes_like_the_current_layout(tmp_p
     assert [r["epoch"] for r in rows] == [2] and rows[0]["step"] == 12
     assert rows[0]["train_loss"] == pytest.approx(reference[1]["train_loss"], rel=1e-5)
     assert rows[0]["train_acc"] == reference[1]["train_acc"]
+
+
+def test_a_preemption_is_one_information_line_and_exit_75(tmp_path, tiny_shards, monkeypatch, capsys):
+    import signal
+
+    from conftest import write_config
+
+    from ds_trainer import cli
+    from ds_trainer.preemption import PreemptionGuard
+
+    def signalled(guard):  # as if Slurm's SIGUSR1 had arrived before the first step's poll
+        guard.signum = signal.SIGUSR1
+        return True
+
+    monkeypatch.setattr(PreemptionGuard, "should_stop", signalled)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
+                       logging={"tensorboard": False})  # fmt: skip
+    assert cli.main(["train", "--config", str(cfg)]) == 75
+    captured = capsys.readouterr()
+    assert "error" not in captured.err
+    lines = [line for line in captured.out.splitlines() if "SIGUSR1" in line]
+    assert len(lines) == 1, captured.out
+    assert lines[0].startswith("SIGUSR1 received: saved ") and f"resume with --load-dir {tmp_path / 'ckpt'}" in lines[0]
+    assert (tmp_path / "ckpt" / "PREEMPTED").is_file()
 
 
 @pytest.mark.parametrize("stage", [0, 1])

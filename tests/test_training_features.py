@@ -69,6 +69,31 @@ def cosine_lr(step, total, warmup, lr, min_lr):
     return lr * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
 
 
+def test_extending_a_finished_cosine_run_follows_the_longer_schedule_and_says_so(tmp_path, capsys):
+    kw = dict(scheduler="cosine", warmup_epochs=1, min_lr=1e-5)
+    make(tmp_path, "short", num_epochs=2, **kw).train()  # steps 1-8: ends on min_lr
+    longer = make(tmp_path, "long", num_epochs=4, **kw)
+    longer.resume_from_checkpoint(tmp_path / "short" / "ckpt")
+    out = capsys.readouterr().out
+    longer.train()
+    after = lr_curve(tmp_path, "long")
+    assert sorted(after) == list(range(9, 17))
+    # As if configured for 4 epochs from the start, from the very first resumed step (not min_lr, then a jump).
+    for step, got in after.items():
+        assert got == pytest.approx(cosine_lr(step, total=16, warmup=4, lr=1e-3, min_lr=1e-5), rel=1e-6), step
+    warning = [line for line in out.splitlines() if "cosine LR schedule" in line]
+    assert warning == [
+        f"training.num_epochs 2 -> 4: the cosine LR schedule now spans 4 epochs (16 optimizer steps; the checkpoint's "
+        f"spanned 8), as if the run had been configured so from the start: step 9 runs at LR {after[9]:.3g} (the "
+        f"checkpoint's schedule: 1e-05), then the LR decays to min_lr 1e-05 at step 16"
+    ]
+
+    again = make(tmp_path, "again", num_epochs=4, **kw)
+    again.resume_from_checkpoint(tmp_path / "long" / "ckpt")
+    assert again.train() == []
+    assert "nothing to train: the checkpoint finished epoch 4 of 4; raise training.num_epochs" in capsys.readouterr().out
+
+
 def test_step_curve_matches_formula_and_continues_after_resume(tmp_path):
     kw = dict(scheduler="step", step_size=1, gamma=0.5, warmup_epochs=1, num_epochs=4, save_frequency=1)
     full = make(tmp_path, "full", **kw)

@@ -12,7 +12,8 @@ import logging
 import random
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 from PIL import Image
@@ -61,17 +62,23 @@ def _label(sample: dict[str, Any]) -> int:
 
 
 def _open_image(sample: dict[str, Any]) -> Image.Image:
-    """The sample's image with only its header read, refused if its size is out of bounds.
-
-    Checked before decoding, so a decompression bomb costs a header read. PIL refuses above twice
-    its own limit (DecompressionBombError) and only warns above it; the warning is made an error.
-    """
+    """The sample's image with only its header read, refused if its size is out of bounds (open_checked)."""
     image_key = next((k for k in sample if k in IMAGE_KEYS), None)
     if image_key is None:
         raise ValueError(f"no image member (one of .{', .'.join(sorted(IMAGE_KEYS))})")
+    return open_checked(io.BytesIO(sample[image_key]))
+
+
+def open_checked(source: str | Path | IO[bytes]) -> Image.Image:
+    """An image (a path or a file object) with only its header read, refused if its size is out of bounds.
+
+    Checked before decoding, so a decompression bomb costs a header read. PIL refuses above twice
+    its own limit (DecompressionBombError) and only warns above it; the warning is made an error.
+    The streaming loader and GenImageDataset both open images here, so both refuse the same ones.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(sample[image_key]))
+        img = Image.open(source)
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
         problem = f"over MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS}); not decoded"

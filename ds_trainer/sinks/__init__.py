@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ds_trainer.sinks.base import CompositeSink, Sink, close_after_error, epoch_tag
 from ds_trainer.sinks.files import FileSink
-from ds_trainer.sinks.logs import configure_logging, console, progress_enabled
+from ds_trainer.sinks.logs import configure_logging, console, duration, progress_enabled, progress_mode
 from ds_trainer.sinks.tensorboard import TensorBoardSink, add_pr_curves
 from ds_trainer.sinks.wandb import WandbSink, redact_secrets, resolve_wandb_mode
 
@@ -34,8 +34,10 @@ __all__ = [
     "add_pr_curves",
     "configure_logging",
     "console",
+    "duration",
     "epoch_tag",
     "progress_enabled",
+    "progress_mode",
     "redact_secrets",
     "resolve_wandb_mode",
 ]
@@ -47,19 +49,21 @@ def MetricsSinks(  # noqa: N802 - named like the class it used to be: the Traine
     logging_cfg: LoggingSection | None = None,
     run_name: str = "run",
     run_config: dict[str, Any] | None = None,
+    num_epochs: int | None = None,
 ) -> Sink:
     """The sinks of this rank: the no-op `Sink` unless `is_main`, else a `CompositeSink` of
     the files (console, metrics.jsonl, steps.jsonl) plus TensorBoard and W&B as configured.
 
     `logging_cfg=None` keeps the original two-argument behaviour: the files only. TensorBoard
-    needs a `run_dir`. Close the result (or use it as a context manager) so steps.jsonl,
-    TensorBoard's last events and the W&B run are flushed; if a backend fails to start, those
-    already started are closed before the error propagates.
+    needs a `run_dir`; `num_epochs` goes into the console's epoch lines. Close the result (or use
+    it as a context manager) so steps.jsonl, TensorBoard's last events and the W&B run are
+    flushed; if a backend fails to start, those already started are closed before the error
+    propagates.
     """
     if not is_main:
         return Sink()
     run_dir = Path(run_dir) if run_dir is not None else None
-    backends: list[Sink] = [FileSink(run_dir)]
+    backends: list[Sink] = [FileSink(run_dir, num_epochs)]
     if logging_cfg is None:
         return CompositeSink(backends)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ds_trainer.sinks.base import Sink, log
-from ds_trainer.sinks.logs import console
+from ds_trainer.sinks.logs import console, duration
 
 
 def _clean(value: Any) -> Any:
@@ -35,11 +35,15 @@ class FileSink(Sink):
 
     `run_dir=None` prints and writes no file. Unlike the other backends this one keeps recording
     after close() (a Trainer may evaluate after training): each line then opens the file itself.
+    The epoch line names the epoch (of `num_epochs`, when given), its optimizer step and the time
+    since this sink was made (the run's start).
     """
 
-    def __init__(self, run_dir: Path | None) -> None:
+    def __init__(self, run_dir: Path | None, num_epochs: int | None = None) -> None:
         self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self.steps_path = run_dir / "steps.jsonl" if run_dir is not None else None
+        self.num_epochs = num_epochs
+        self._started = time.monotonic()
         self._steps_file: IO[str] | None = None
         self._closed = False
 
@@ -68,21 +72,29 @@ class FileSink(Sink):
             f.write(line)
 
     def write(self, row: dict[str, Any]) -> None:
-        """The seed's console lines and one metrics.jsonl row (NaN as null)."""
-        out = console()
+        """The epoch's console line (the seed's numbers, where and when) and one metrics.jsonl row (NaN as null)."""
+        parts = []
         if "train_loss" in row:  # a zero-shot run only evaluates
-            out.info("Train Loss: %.3f, Train Acc: %.3f", row["train_loss"], row["train_acc"])
+            parts.append(f"Train Loss: {row['train_loss']:.3f}, Train Acc: {row['train_acc']:.3f}")
         if row.get("val_loss") is not None:
-            out.info(
-                "Val Loss: %.3f, Val Acc: %.3f, Val AUC: %.3f",
-                row["val_loss"],
-                row["val_acc"],
-                row["val_auc"],
+            parts.append(
+                f"Val Loss: {row['val_loss']:.3f}, Val Acc: {row['val_acc']:.3f}, Val AUC: {row['val_auc']:.3f}"
             )
+        if parts:
+            console().info("%s | %s", self._where(row), " | ".join(parts))
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def _where(self, row: dict[str, Any]) -> str:
+        """`Epoch 3/10, step 240, 0:02:10 elapsed`: a Slurm log read later needs no other line to place it."""
+        head = "Evaluation" if "train_loss" not in row else f"Epoch {row.get('epoch', '?')}"
+        if self.num_epochs is not None and "train_loss" in row:
+            head += f"/{self.num_epochs}"
+        if "step" in row:
+            head += f", step {row['step']}"
+        return f"{head}, {duration(time.monotonic() - self._started)} elapsed"
 
     def rewind(self, epoch: int, step: int) -> None:
         """metrics.jsonl keeps epochs <= `epoch`, steps.jsonl steps <= `step`, and a line cut

@@ -67,20 +67,33 @@ def console() -> logging.Logger:
     return logging.getLogger(_CONSOLE)
 
 
-def progress_enabled(is_main: bool, setting: str) -> bool:
-    """Whether to draw tqdm bars: rank 0 only; `auto` only on a terminal.
+def progress_mode(is_main: bool, setting: str) -> str:
+    """How rank 0 shows progress within an epoch: `bar` (tqdm), `lines` (plain lines) or `off`.
 
-    Under a scheduler or CI stdout is a file, where a bar's carriage returns become thousands
-    of junk lines, so `auto` stays quiet there; `on`/`off` override the guess.
+    tqdm draws on stderr. Under a scheduler, nohup or CI that is a file, where a bar's carriage
+    returns become thousands of junk lines, so `auto` prints a plain progress line now and then
+    instead (hooks.ProgressLines); `on` draws the bar anyway, `off` shows neither. Other ranks: off.
     """
-    if not is_main or setting == "off":
-        return False
-    if setting == "on":
-        return True
-    if setting != "auto":
+    if setting not in ("auto", "on", "off"):
         raise ValueError(f"progress_bar must be auto, on or off, not {setting!r}")
-    isatty = getattr(sys.stdout, "isatty", None)
+    if not is_main or setting == "off":
+        return "off"
+    if setting == "on":
+        return "bar"
+    isatty = getattr(sys.stderr, "isatty", None)
     try:
-        return bool(isatty and isatty())
+        return "bar" if isatty and isatty() else "lines"
     except ValueError:  # a closed stream
-        return False
+        return "lines"
+
+
+def progress_enabled(is_main: bool, setting: str) -> bool:
+    """Whether to draw tqdm bars (see progress_mode)."""
+    return progress_mode(is_main, setting) == "bar"
+
+
+def duration(seconds: float) -> str:
+    """`0:02:10`, `12:05:09`: the elapsed-time format of the console lines."""
+    minutes, secs = divmod(max(0, int(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
