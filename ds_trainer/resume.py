@@ -245,6 +245,34 @@ def ignored_differences(resume_plan: ResumePlan) -> tuple[str, ...]:
     return ALWAYS_IGNORED + (ELASTIC_IGNORED if resume_plan.grad_accumulation_steps is not None else ())
 
 
+def nothing_to_train(epoch: int, num_epochs: int) -> str:
+    of = f"of {num_epochs}" if epoch == num_epochs else f"(training.num_epochs is {num_epochs})"
+    return (f"nothing to train: the checkpoint finished epoch {epoch} {of}; raise training.num_epochs "
+            "(--set training.num_epochs=N) to train longer")  # fmt: skip
+
+
+def continue_cosine(engine: Any, meta: CheckpointMeta, t: Any, ds_config: dict[str, Any], epoch: int,
+                    is_main: bool) -> None:  # fmt: skip
+    """After a resume, the cosine spans this run's num_epochs; a total other than the checkpoint's is said in one line.
+
+    DeepSpeed restores only the scheduler's iteration, and the optimizer state holds the LR the
+    checkpoint's schedule gave the next step: re-applied here, so that step already follows this
+    run's schedule (else it would run at the old LR, e.g. min_lr, and only the step after jump).
+    """
+    sched = engine.lr_scheduler
+    if t.scheduler != "cosine" or getattr(sched, "last_batch_iteration", -1) < 0:
+        return
+    before = float(engine.get_lr()[0])
+    sched.step(sched.last_batch_iteration)
+    then = ((meta.config or {}).get("training") or {}).get("num_epochs")
+    if then is None or int(then) == t.num_epochs or epoch >= t.num_epochs or not is_main:
+        return
+    log.warning("%s", cosine_change(
+        int(then), t.num_epochs, int(ds_config["scheduler"]["params"]["total_num_steps"]),
+        int(engine.global_steps) + 1, before, float(engine.get_lr()[0]), t.min_lr,
+    ))  # fmt: skip
+
+
 def cosine_change(then_epochs: int, now_epochs: int, total_steps: int, next_step: int, lr_before: float,
                   lr_after: float, min_lr: float) -> str:  # fmt: skip
     """What a resume with another training.num_epochs does to the cosine schedule, in one line."""

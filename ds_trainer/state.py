@@ -78,6 +78,12 @@ class Progress:
             return self.data[rank]
         return None
 
+    def take_start(self, rank: int, world_size: int) -> tuple[int, Any, EpochTotals | None]:
+        """(batches to skip, this rank's loader position, totals so far) for the next epoch; then cleared."""
+        start = (self.batches_done, self.data_for(rank, world_size), self.partial)
+        self.start_epoch()
+        return start
+
     def start_epoch(self) -> None:
         """The interrupted epoch is being trained again: its preemption record is used up."""
         self.batches_done, self.partial, self.data = 0, None, None
@@ -111,6 +117,12 @@ class BestTracker:
         self.best_metric: float | None = None
         self.best_row: dict[str, Any] | None = None
         self.epochs_without_improvement = 0
+
+    @classmethod
+    def for_training(cls, t: Any, monitor: str) -> BestTracker:
+        """From a TrainingSection, following `monitor` (which may differ from t.monitor: see engine.resolve_monitor)."""
+        higher = t.model_copy(update={"monitor": monitor}).monitor_higher_is_better
+        return cls(monitor, higher, t.min_delta, t.patience, t.early_stopping)
 
     def is_improvement(self, value: float) -> bool:
         if math.isnan(value):

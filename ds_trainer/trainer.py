@@ -10,7 +10,6 @@ checkpoint's metadata and plans a resume, checkpoint.py stores the files.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -35,7 +34,7 @@ from ds_trainer.nonfinite import NonFiniteGuard
 from ds_trainer.preemption import PreemptionGuard
 from ds_trainer.run_lock import held_by_rank0
 from ds_trainer.seed_api import config_from_keywords
-from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_mode
+from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_mode, write_run_config
 from ds_trainer.state import BestTracker, TrainState, epoch_checkpoint_due
 
 log = logging.getLogger(__name__)
@@ -105,8 +104,7 @@ class Trainer:
             built = engines.build_eval_engine(self.model, self.cfg, s)
         self.settings, self.engine, self.ds_config = s, built.engine, built.ds_config
         self.group_names, self.plateau = built.group_names, built.plateau
-        t = self.t.model_copy(update={"monitor": s.monitor})
-        self.state.best = BestTracker(s.monitor, t.monitor_higher_is_better, t.min_delta, t.patience, t.early_stopping)
+        self.state.best = BestTracker.for_training(self.t, s.monitor)
         self.device = torch_device(env)
         self.nonfinite = NonFiniteGuard(self.t.on_nonfinite, self.t.max_nonfinite_steps, self.device, env.world_size)
         if self.device.type == "cpu":
@@ -117,9 +115,7 @@ class Trainer:
         if self.cfg.logging.mfu and self.engine.optimizer is not None:
             self.mfu = MfuMeter.for_device(self.device, self.input_dtype, self.cfg.logging.peak_tflops, env.world_size)
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-            (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+            write_run_config(self.run_dir, self.cfg.to_yaml(), self.ds_config)
         self.sinks = MetricsSinks(self.run_dir, env.is_main, self.cfg.logging, run_name=self.cfg.name,
                                   run_config=self.cfg.to_dict(), num_epochs=self.t.num_epochs)  # fmt: skip
         self.progress_mode = progress_mode(env.is_main, self.cfg.logging.progress_bar)
@@ -130,8 +126,7 @@ class Trainer:
         self._loop = TrainLoop(
             self.engine, self.train_loader, settings=s, loss_fn=self.calculate_loss, dtype=self.input_dtype,
             nonfinite=self.nonfinite, hooks=Hooks(), max_bad_fraction=self.cfg.data.max_bad_fraction,
-            show_progress=self.progress_mode == "bar", num_epochs=self.t.num_epochs,
-            mfu=self.mfu,
+            show_progress=self.progress_mode == "bar", num_epochs=self.t.num_epochs, mfu=self.mfu,
         )  # fmt: skip
         log.info("%s", engines.describe(s, self.input_dtype, self.model, self.group_names))
 
@@ -143,9 +138,8 @@ class Trainer:
         """Loss, accuracy, ROC AUC, AP (per generator where named) over the whole set, from every rank."""
         self.setup()
         assert self.env is not None and self.settings is not None
-        if loader is not None:
-            loader = loaders.distribute(loader, self.env.rank, self.env.world_size, self.cfg.seed, train=False)
-        loader = loader if loader is not None else self.val_loader
+        env = self.env
+        loader = self.val_loader if loader is None else loaders.distribute(loader, env.rank, env.world_size, self.cfg.seed, False)
         if loader is None:
             raise ConfigError("evaluate(): no val_loader was given")
         result = evaluate(self.engine, loader, epoch=self.epoch, zero_stage=self.settings.zero_stage, dtype=self.input_dtype,
@@ -208,7 +202,7 @@ class Trainer:
         resume.warn_if_config_differs(meta, self.cfg.to_dict(), is_main=self.env.is_main,
                                       ignore=resume.ignored_differences(self._plan))  # fmt: skip
         self.state.load_state_dict(meta.state)
-        self._continue_cosine(meta)
+        resume.continue_cosine(self.engine, meta, self.t, self.ds_config, self.epoch, self.env.is_main)
         if self.plateau is not None:
             self.plateau.restore(self.state.plateau, self.engine.lr_scheduler)
         self.sinks.rewind(self.epoch, int(self.engine.global_steps))
@@ -217,26 +211,6 @@ class Trainer:
         log.info("resumed from %s at epoch %d, global step %d; training to epoch %d", meta.tag_dir, self.epoch,
                  self.engine.global_steps, self.t.num_epochs)  # fmt: skip
         return meta.state
-
-    def _continue_cosine(self, meta: resume.CheckpointMeta) -> None:
-        """The cosine spans this run's num_epochs; a total other than the checkpoint's is said in one line.
-
-        DeepSpeed restores only the scheduler's iteration, and the optimizer state holds the LR the
-        checkpoint's schedule gave the next step: re-applied here, so that step already follows this
-        run's schedule (else it would run at the old LR, e.g. min_lr, and only the step after jump).
-        """
-        sched = self.engine.lr_scheduler
-        if self.t.scheduler != "cosine" or getattr(sched, "last_batch_iteration", -1) < 0:
-            return
-        before = float(self.engine.get_lr()[0])
-        sched.step(sched.last_batch_iteration)
-        then = ((meta.config or {}).get("training") or {}).get("num_epochs")
-        if then is None or int(then) == self.t.num_epochs or self.epoch >= self.t.num_epochs or not self.env.is_main:
-            return
-        log.warning("%s", resume.cosine_change(
-            int(then), self.t.num_epochs, int(self.ds_config["scheduler"]["params"]["total_num_steps"]),
-            int(self.engine.global_steps) + 1, before, float(self.engine.get_lr()[0]), self.t.min_lr,
-        ))  # fmt: skip
 
     def _require_training(self, what: str) -> None:
         engines.require_training(self.trainable, self.train_loader is not None, what)
@@ -247,10 +221,7 @@ class Trainer:
         self._require_training("train()")
         assert self.env is not None and self._loop is not None
         if self.epoch >= self.t.num_epochs and not self.state.progress.batches_done:
-            n = self.t.num_epochs
-            of = f"of {n}" if self.epoch == n else f"(training.num_epochs is {n})"
-            console().info("nothing to train: the checkpoint finished epoch %d %s; raise training.num_epochs "
-                           "(--set training.num_epochs=N) to train longer", self.epoch, of)  # fmt: skip
+            console().info("%s", resume.nothing_to_train(self.epoch, self.t.num_epochs))
             return self.history
         with contextlib.ExitStack() as lifetime:  # released in reverse order, however the epochs end
             lock = lifetime.enter_context(held_by_rank0(self.t.checkpoint_dir, self.env.is_main, self.env.world_size))
@@ -262,7 +233,9 @@ class Trainer:
                 progress_lines=self.progress_mode == "lines", num_epochs=self.t.num_epochs,
             )  # fmt: skip
             for epoch in range(self.epoch + 1, self.t.num_epochs + 1):
-                result = self._loop.run_epoch(epoch, self._epoch_start())
+                # From the epoch's start, or, after a preemption, from where the saved run stopped.
+                start = EpochStart(*self.state.progress.take_start(self.env.rank, self.env.world_size))
+                result = self._loop.run_epoch(epoch, start)
                 if result.preempted:
                     self._save_preempted(epoch, result)
                 if self._end_epoch(epoch, result.row or {}):
@@ -270,14 +243,6 @@ class Trainer:
             if self.state.best.best_row is not None:
                 console().info("Best checkpoint: %s", self.state.best.summary(Path(self.t.checkpoint_dir) / checkpoint.BEST))
         return self.history
-
-    def _epoch_start(self) -> EpochStart:
-        """The next epoch from its start, or, after a preemption, from where the saved run stopped."""
-        assert self.env is not None
-        p = self.state.progress
-        start = EpochStart(p.batches_done, p.data_for(self.env.rank, self.env.world_size), p.partial)
-        p.start_epoch()
-        return start
 
     def _end_epoch(self, epoch: int, train_row: dict[str, Any]) -> bool:
         """Validation, the row, best/early stopping/plateau, the epoch's checkpoints; True: stop early."""
@@ -314,11 +279,8 @@ class Trainer:
         return verdict.stop
 
     def _save_preempted(self, epoch: int, result: EpochResult) -> None:
-        """Every rank agreed to stop at this step: save where we are, then exit with code 75.
-
-        This may be the epoch's last batch: the epoch is then trained but not evaluated, and the
-        resume finishes it (its row, evaluation and checkpoint) from the saved train totals.
-        """
+        """Every rank agreed to stop at this step: save where we are, then exit with code 75. At the epoch's
+        last batch, the resume finishes the epoch (its row, evaluation, checkpoint) from the saved totals."""
         assert self.env is not None
         p = self.state.progress
         p.batches_done, p.partial = result.batches_done, result.totals

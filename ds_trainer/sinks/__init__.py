@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ds_trainer.sinks.base import CompositeSink, Sink, close_after_error, epoch_tag
-from ds_trainer.sinks.files import FileSink
+from ds_trainer.sinks.files import FileSink, write_run_config
 from ds_trainer.sinks.logs import configure_logging, console, duration, progress_enabled, progress_mode
 from ds_trainer.sinks.tensorboard import TensorBoardSink, add_pr_curves
 from ds_trainer.sinks.wandb import WandbSink, redact_secrets, resolve_wandb_mode
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ds_trainer.config import LoggingSection
 
 __all__ = [
+    "write_run_config",
     "CompositeSink",
     "FileSink",
     "MetricsSinks",

@@ -120,3 +120,10 @@ class FileSink(Sink):
         if self._steps_file is not None:
             steps, self._steps_file = self._steps_file, None
             steps.close()
+
+
+def write_run_config(run_dir: Path, config_yaml: str, ds_config: dict[str, Any]) -> None:
+    """The run directory's record of what ran: the config as given, the DeepSpeed JSON as used."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
