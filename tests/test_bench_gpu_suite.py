@@ -11,6 +11,10 @@ import sys
 
 import torch
 from conftest import REPO, run_cmd
+import pytest
+
+# The benchmark scripts start and write their results (make test-bench; .ci/run runs it after make test).
+pytestmark = pytest.mark.bench
 
 
 def test_gpu_bench_runs_both_loaders_on_cpu(tmp_path):

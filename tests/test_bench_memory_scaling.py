@@ -15,7 +15,7 @@ from conftest import REPO, run_cmd
 
 from ds_trainer.distributed import SHM_DIR, SHM_PREFIX
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.bench]
 
 TINY = ["--hidden", "64", "--layers", "1", "--image-size", "32", "--cpu"]
 

@@ -10,6 +10,10 @@ import math
 import sys
 
 from conftest import REPO, run_cmd
+import pytest
+
+# The benchmark scripts start and write their results (make test-bench; .ci/run runs it after make test).
+pytestmark = pytest.mark.bench
 
 
 def test_train_throughput_writes_its_rows(tmp_path):

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cmd
 
+# The benchmark scripts start and write their results (make test-bench; .ci/run runs it after make test).
+pytestmark = pytest.mark.bench
+
 
 @pytest.mark.distributed
 def test_vs_hf_trainer_writes_both_rates(tmp_path):

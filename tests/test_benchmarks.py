@@ -9,6 +9,10 @@ import json
 import sys
 
 from conftest import REPO, run_cmd
+import pytest
+
+# The benchmark scripts start and write their results (make test-bench; .ci/run runs it after make test).
+pytestmark = pytest.mark.bench
 
 
 def test_step_overhead_writes_its_ratios(tmp_path):
