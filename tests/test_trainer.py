@@ -195,25 +195,27 @@ def test_cpu_threads_leave_a_core_to_each_loader_worker(tmp_path, monkeypatch, o
         torch.set_num_threads(before)
 
 
+def two_epoch_trainer(root):
+    """Six unshuffled steps an epoch: a preempted run and its resume see the batches an uninterrupted one does."""
+    torch.manual_seed(0)
+    ds = separable_dataset()
+    return Trainer(model=CLIPModel(model_name="tiny"), train_loader=DataLoader(ds, batch_size=8),
+                   val_loader=DataLoader(ds, batch_size=16), learning_rate=1e-3, num_epochs=2, device="cpu",
+                   checkpoint_dir=str(root / "ckpt"), run_dir=root / "run")  # fmt: skip
+
+
 @pytest.mark.parametrize("stop_at", [3, 6])  # optimizer steps into epoch 2 (of 6): mid-epoch, and its last batch
 def test_a_preempted_epoch_resumes_with_the_whole_epochs_metrics(tmp_path, stop_at):
     from ds_trainer.errors import Preempted
 
-    def trainer(root):
-        torch.manual_seed(0)
-        ds = separable_dataset()
-        return Trainer(model=CLIPModel(model_name="tiny"), train_loader=DataLoader(ds, batch_size=8),
-                       val_loader=DataLoader(ds, batch_size=16), learning_rate=1e-3, num_epochs=2, device="cpu",
-                       checkpoint_dir=str(root / "ckpt"), run_dir=root / "run")  # fmt: skip
-
-    reference = trainer(tmp_path / "ref").train()
-    first = trainer(tmp_path / "a")
+    reference = two_epoch_trainer(tmp_path / "ref").train()
+    first = two_epoch_trainer(tmp_path / "a")
     first.preemption.should_stop = lambda: int(first.engine.global_steps) == 6 + stop_at
     with pytest.raises(Preempted, match=f"{stop_at} batches into epoch 2"):
         first.train()
     state = json.loads((tmp_path / "a" / "ckpt" / f"step_{6 + stop_at}" / "ds_trainer.json").read_text())
     assert (state["epoch"], state["batches_done"]) == (1, stop_at) and state["partial_epoch"]["seen"] == 8 * stop_at
-    second = trainer(tmp_path / "a")
+    second = two_epoch_trainer(tmp_path / "a")
     second.resume_from_checkpoint(tmp_path / "a" / "ckpt")
     rows = second.train()
     # Epoch 2's row covers all its batches (those before the preemption too), like the uninterrupted run's;
@@ -231,21 +233,14 @@ def test_a_version_1_preemption_checkpoint_resumes_like_the_current_layout(tmp_p
     # list; resume.read upgrades them, and the resumed epoch's row matches the uninterrupted run's.
     from ds_trainer.errors import Preempted
 
-    def trainer(root):
-        torch.manual_seed(0)
-        ds = separable_dataset()
-        return Trainer(model=CLIPModel(model_name="tiny"), train_loader=DataLoader(ds, batch_size=8),
-                       val_loader=DataLoader(ds, batch_size=16), learning_rate=1e-3, num_epochs=2, device="cpu",
-                       checkpoint_dir=str(root / "ckpt"), run_dir=root / "run")  # fmt: skip
-
-    reference = trainer(tmp_path / "ref").train()
-    first = trainer(tmp_path / "a")
+    reference = two_epoch_trainer(tmp_path / "ref").train()
+    first = two_epoch_trainer(tmp_path / "a")
     first.preemption.should_stop = lambda: int(first.engine.global_steps) == 8
     with pytest.raises(Preempted):
         first.train()
     old = rewrite_as_v1(tmp_path / "a" / "ckpt" / "step_8")
     assert old["version"] == 1 and isinstance(old["partial_epoch"], list) and old["partial_epoch"][2] == 16
-    second = trainer(tmp_path / "a")
+    second = two_epoch_trainer(tmp_path / "a")
     second.resume_from_checkpoint(tmp_path / "a" / "ckpt")
     rows = second.train()
     assert [r["epoch"] for r in rows] == [2] and rows[0]["step"] == 12
