@@ -21,20 +21,19 @@ $(STAMP): requirements.txt setup.py
 
 venv: $(STAMP)
 
-# DeepSpeed's CPU ops, compiled once here rather than inside a test's timeout (see the script).
-OPS_STAMP := $(VENV)/.ops-built
-$(OPS_STAMP): $(STAMP)
+# DeepSpeed's CPU ops, compiled here rather than inside a launch or a test's timeout, into this
+# environment's own directory (.venv/torch_extensions unless TORCH_EXTENSIONS_DIR is set) with its
+# own ninja, as every launch looks for them (ds_trainer/ops.py). No stamp: the script checks the
+# ops themselves in a few seconds, so a deleted directory or a new TORCH_EXTENSIONS_DIR is rebuilt here.
+ops: $(STAMP)
 	$(BIN)/python scripts/build_ops.py
-	touch $@
-
-ops: $(OPS_STAMP)
 
 data_shards/demo/manifest.json: | $(STAMP)
 	$(BIN)/ds-trainer demo-data --out data_shards/demo
 
 demo-data: data_shards/demo/manifest.json
 
-# `ops` compiles DeepSpeed's CPU ops once (~1-4 min the first time, cached in ~/.cache/torch_extensions).
+# `ops` compiles DeepSpeed's CPU ops once (~2-4 min the first time, then cached in the environment).
 demo: ops demo-data
 	rm -rf runs/demo
 	./launch.sh --config ds_configs/demo.yaml

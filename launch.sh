@@ -21,7 +21,9 @@
 # An sbatch script itself (no srun) or a one-task step starts the launcher on this node, as outside Slurm.
 # Environment: DS_TRAINER_PYTHON (interpreter; default .venv/bin/python next to this file),
 # NUM_GPUS (GPUs to use; default all), DS_TRAINER_CPU_RANKS (CPU ranks; default 2), MASTER_PORT,
-# DS_LAUNCHER_ARGS, DS_TRAINER_SLURM_MODE (task, the default, or node).
+# DS_LAUNCHER_ARGS, DS_TRAINER_SLURM_MODE (task, the default, or node). DeepSpeed's ops build in this
+# environment's own directory with its own ninja, whatever PATH holds (ds_trainer/ops.py, applied
+# when each rank imports ds_trainer).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py="${DS_TRAINER_PYTHON:-}"
