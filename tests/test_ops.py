@@ -260,5 +260,9 @@ def test_a_second_launch_with_another_path_compiles_nothing(tmp_path):
     console = launch(bare_path)  # as `make` runs it: the venv not on PATH
     assert snapshot(ext_dir) == built, "the second launch recompiled ops"
     assert "building DeepSpeed" not in console
-    # Not DeepSpeed's per-rank "built successfully" on a cache hit either.
+    # DeepSpeed's per-rank chatter is in train.log, not on the console.
     assert "built successfully" not in console
+    assert "Attempting to get learning rate" not in console
+    assert "Setting accelerator to CPU" not in console
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "Attempting to get learning rate" in log
