@@ -216,8 +216,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     # Consolidation reads files on the CPU; without this DeepSpeed probes for a GPU and logs to stdout.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    out = export_checkpoint(args.load_dir, args.out, tag=args.tag, force=args.force, verify=args.verify)
-    print(f"exported to {out}")
+    # export_checkpoint logs the one line that says what was exported where.
+    export_checkpoint(args.load_dir, args.out, tag=args.tag, force=args.force, verify=args.verify)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What the commands print: stdout of a data command is only its data.
+"""What the commands print: stdout of a data command is only its data, one line per fact, no unlabelled bars.
 
 Real subprocesses and real pipes, as a user types them (`ds-trainer ds-config ... | python -m json.tool`):
 DeepSpeed logs its accelerator notice while it is imported, which an in-process call would not show.
@@ -74,3 +74,38 @@ def test_predict_json_stdout_is_only_json(trained):
     run = pipe(f"{CLI} predict --json --model {export} {' '.join(map(str, images))}")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert [r["path"] for r in json.loads(run.stdout)] == [str(p) for p in images]
+
+
+def test_export_says_once_where_it_wrote(trained, tmp_path):
+    ckpt, _, _ = trained
+    run = subprocess.run([sys.executable, "-m", "ds_trainer", "export", "--load-dir", str(ckpt), "--out",
+                          str(tmp_path / "out")], cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert len([line for line in lines if "exported" in line]) == 1, lines
+    assert str(tmp_path / "out") in lines[-1]
+
+
+CONVERT = """
+import logging, sys
+from pathlib import Path
+from ds_trainer import checkpoint
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+checkpoint.to_universal(Path(sys.argv[1]), is_main=True)
+"""
+
+
+def test_universal_conversion_is_one_labelled_line_not_bare_bars(trained):
+    # In a process of its own: ds_to_universal forks workers, which hang after this process trained (OpenMP).
+    ckpt, _, _ = trained
+    run = subprocess.run([sys.executable, "-c", CONVERT, str(ckpt / "epoch_1")], cwd=REPO, env=launch_env(),
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (ckpt / "epoch_1" / "universal" / "zero").is_dir()
+    assert "it/s" not in run.stderr and "%|" not in run.stderr, run.stderr[-2000:]
+    assert "***" not in run.stdout + run.stderr  # its step-by-step prints
+    lines = [line for line in run.stderr.splitlines() if line.strip() and "Setting accelerator" not in line]
+    assert len(lines) == 2, lines
+    assert "converting" in lines[0] and "universal" in lines[0]
+    assert lines[1].startswith("converted epoch_1 to the universal format in ")
