@@ -41,7 +41,12 @@ demo: ops demo-data
 	# The benchmark protocol on the newest checkpoint, then the report (plots + report.html; its path last).
 	$(BIN)/ds-trainer eval --config ds_configs/demo.yaml --load-dir runs/demo/checkpoints --report runs/demo/report
 
-test: ops
+# Slurm, munge, Chromium and a font for the tests that use them (as root with apt-get; else they skip).
+.PHONY: system-deps
+system-deps:
+	bash scripts/install_system_deps.sh
+
+test: ops system-deps
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 # Everything but the tests marked distributed: no deepspeed launcher, no Slurm.
