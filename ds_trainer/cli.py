@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def _data_stdout() -> Iterator[TextIO]:
-    """For a command whose product is data on stdout: yields stdout, and sends anything else printed meanwhile to stderr.
+    """For a command whose product is data: yields stdout, and sends anything else printed meanwhile to stderr.
 
     Libraries print (DeepSpeed's accelerator notice, op builds); in `ds-config > ds.json` or
     `predict --json | jq` one such line makes the output invalid.
@@ -231,7 +231,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     with _data_stdout() as out:
         results = predict_paths(load_exported(args.model), args.images, batch_size=args.batch_size)
         if args.json:
-            out.write(json.dumps([{"path": r.path, "p_ai": r.p_ai, "error": r.error} for r in results], indent=2) + "\n")
+            rows = [{"path": r.path, "p_ai": r.p_ai, "error": r.error} for r in results]
+            out.write(json.dumps(rows, indent=2) + "\n")
         else:
             out.writelines(f"{r.path}\t{r.p_ai:.6f}\n" for r in results if r.error is None)
     failed = [r for r in results if r.error is not None]

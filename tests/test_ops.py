@@ -1,4 +1,4 @@
-"""DeepSpeed's ops: one directory and one ninja per environment, a build lock that cannot go stale, a build that says so.
+"""DeepSpeed's ops: one directory and one ninja per environment, a lock that cannot go stale, a build that says so.
 
 The pure parts run on fake environments and toy ninja files; the last test launches a 1-step
 run twice through the real launcher, with and without the venv's bin on PATH, and checks that
@@ -135,7 +135,12 @@ def test_a_lock_left_by_a_killed_build_is_removed_at_once(tmp_path, ops_log):
     assert any("removed a stale op build lock" in m for m in messages(ops_log, logging.WARNING))
 
 
-HOLD_TORCH_LOCK = "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); print('ready', flush=True); time.sleep(120)"
+HOLD_TORCH_LOCK = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("ready", flush=True)
+time.sleep(99)
+"""
 
 
 def test_a_live_builders_lock_is_waited_for_and_named_then_cleared_when_it_dies(tmp_path, ops_log):
@@ -190,7 +195,8 @@ def test_the_build_lock_names_what_it_waits_for_and_dies_with_its_holder(tmp_pat
         assert not got.is_set()
         said = [m for m in messages(ops_log) if "waiting for another process's op build lock" in m]
         assert len(said) == 1, messages(ops_log)
-        assert str(build / ops.LOCK_NAME) in said[0] and f"pid {holder.pid}" in said[0] and "building fused_adam" in said[0]
+        assert str(build / ops.LOCK_NAME) in said[0] and f"pid {holder.pid}" in said[0]
+        assert "building fused_adam" in said[0]
         holder.kill()  # SIGKILL: nothing is cleaned up, yet the kernel releases the flock
         waiter.join(timeout=10)
         assert got.is_set()
@@ -249,8 +255,9 @@ def test_a_second_launch_with_another_path_compiles_nothing(tmp_path):
     bare_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
 
     def launch(path: str) -> str:
-        run = subprocess.run(["./launch.sh", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                             env=launch_env(PATH=path, DS_TRAINER_CPU_RANKS="2"))  # fmt: skip
+        env = launch_env(PATH=path, DS_TRAINER_CPU_RANKS="2")
+        run = subprocess.run(["./launch.sh", "--config", str(cfg)], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         return run.stdout + run.stderr
 

@@ -1,4 +1,4 @@
-"""scripts/install_system_deps.sh (run by `make test` and .ci/run) on a PATH of stubs: what it installs, when, and why not."""
+"""scripts/install_system_deps.sh (run by `make test` and .ci/run) on stub commands: what it installs, when, why not."""
 
 from __future__ import annotations
 
