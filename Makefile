@@ -21,20 +21,19 @@ $(STAMP): requirements.txt setup.py
 
 venv: $(STAMP)
 
-# DeepSpeed's CPU ops, compiled once here rather than inside a test's timeout (see the script).
-OPS_STAMP := $(VENV)/.ops-built
-$(OPS_STAMP): $(STAMP)
+# DeepSpeed's CPU ops, compiled here rather than inside a launch or a test's timeout, into this
+# environment's own directory (.venv/torch_extensions unless TORCH_EXTENSIONS_DIR is set) with its
+# own ninja, as every launch looks for them (ds_trainer/ops.py). No stamp: the script checks the
+# ops themselves in a few seconds, so a deleted directory or a new TORCH_EXTENSIONS_DIR is rebuilt here.
+ops: $(STAMP)
 	$(BIN)/python scripts/build_ops.py
-	touch $@
-
-ops: $(OPS_STAMP)
 
 data_shards/demo/manifest.json: | $(STAMP)
 	$(BIN)/ds-trainer demo-data --out data_shards/demo
 
 demo-data: data_shards/demo/manifest.json
 
-# `ops` compiles DeepSpeed's CPU ops once (~1-4 min the first time, cached in ~/.cache/torch_extensions).
+# `ops` compiles DeepSpeed's CPU ops once (~2-4 min the first time, then cached in the environment).
 demo: ops demo-data
 	rm -rf runs/demo
 	./launch.sh --config ds_configs/demo.yaml
@@ -42,7 +41,12 @@ demo: ops demo-data
 	# The benchmark protocol on the newest checkpoint, then the report (plots + report.html; its path last).
 	$(BIN)/ds-trainer eval --config ds_configs/demo.yaml --load-dir runs/demo/checkpoints --report runs/demo/report
 
-test: ops
+# Slurm, munge, Chromium and a font for the tests that use them (as root with apt-get; else they skip).
+.PHONY: system-deps
+system-deps:
+	bash scripts/install_system_deps.sh
+
+test: ops system-deps
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 # Everything but the tests marked distributed: no deepspeed launcher, no Slurm.

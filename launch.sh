@@ -21,7 +21,9 @@
 # An sbatch script itself (no srun) or a one-task step starts the launcher on this node, as outside Slurm.
 # Environment: DS_TRAINER_PYTHON (interpreter; default .venv/bin/python next to this file),
 # NUM_GPUS (GPUs to use; default all), DS_TRAINER_CPU_RANKS (CPU ranks; default 2), MASTER_PORT,
-# DS_LAUNCHER_ARGS, DS_TRAINER_SLURM_MODE (task, the default, or node).
+# DS_LAUNCHER_ARGS, DS_TRAINER_SLURM_MODE (task, the default, or node), DS_ACCELERATOR (default cpu
+# where torch sees no GPU). DeepSpeed's ops build in this environment's own directory with its own
+# ninja, whatever PATH holds (ds_trainer/ops.py, applied when each rank imports ds_trainer).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py="${DS_TRAINER_PYTHON:-}"
@@ -59,6 +61,8 @@ if [ "$ngpu" -gt 0 ]; then
   ranks="${NUM_GPUS:-$ngpu}"
 else
   ranks="${DS_TRAINER_CPU_RANKS:-2}"
+  # CPU ranks: say so, or the launcher and every rank log DeepSpeed's "Setting accelerator to CPU" notice.
+  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
 if [ -n "${SLURM_STEP_ID:-${SLURM_STEPID:-}}" ] && [ "${SLURM_STEP_NUM_TASKS:-${SLURM_NTASKS:-1}}" -gt 1 ] \
    && [ "$slurm_mode" = node ]; then

@@ -1,9 +1,15 @@
 """ds_trainer: DeepSpeed-accelerated training of CLIP-based AI-generated image detectors."""
 
-from ds_trainer.config import Config, load_config
-from ds_trainer.errors import CheckpointError, ConfigError, DataError, DsTrainerError
-from ds_trainer.models import CLIPModel, PromptTuningWrapper
-from ds_trainer.trainer import Trainer
+from ds_trainer.ops import pin_build_env
+
+# Before anything can load a DeepSpeed op: this environment's own op directory and ninja, for this
+# process and every process it starts (the launcher's ranks, their builds). See ds_trainer/ops.py.
+pin_build_env()
+
+from ds_trainer.config import Config, load_config  # noqa: E402
+from ds_trainer.errors import CheckpointError, ConfigError, DataError, DsTrainerError  # noqa: E402
+from ds_trainer.models import CLIPModel, PromptTuningWrapper  # noqa: E402
+from ds_trainer.trainer import Trainer  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -279,15 +280,20 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
             keep_temp_folder=False, strict=True, inject_missing_state=False,
         )  # fmt: skip
         chatter = io.StringIO()
+        start = time.perf_counter()
         try:
-            with contextlib.redirect_stdout(chatter):  # it prints every step and every parameter
+            # It prints every step and parameter, and draws unlabelled tqdm bars on stderr: the
+            # line above says what runs, the one below that it is done; the rest goes to the log.
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 ds_to_universal(args)
         except Exception as exc:
             log.debug("ds_to_universal output:\n%s", chatter.getvalue())
             raise CheckpointError(
                 f"could not convert {tag_dir} to the universal format for a different world size: {exc}"
             ) from exc
+        log.debug("ds_to_universal output:\n%s", chatter.getvalue())
         _atomic_write(out / MARKER, (tag_dir / MARKER).read_text())
+        log.info("converted %s to the universal format in %.0f s", tag_dir.name, time.perf_counter() - start)
     if dist.is_initialized():
         dist.barrier()
     if not (out / MARKER).is_file():

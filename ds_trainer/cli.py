@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 from ds_trainer.errors import DsTrainerError, PeerLostError, Preempted, first_line
+from ds_trainer.sinks.logs import for_console, route_deepspeed_logs
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _data_stdout() -> Iterator[TextIO]:
+    """For a command whose product is data: yields stdout, and sends anything else printed meanwhile to stderr.
+
+    Libraries print (DeepSpeed's accelerator notice, op builds); in `ds-config > ds.json` or
+    `predict --json | jq` one such line makes the output invalid.
+    """
+    data = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        yield data
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from ds_trainer.config import load_config
     from ds_trainer.run import run_training
@@ -149,6 +164,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_ds_config(args: argparse.Namespace) -> int:
+    with _data_stdout() as out:
+        ds = _resolve_ds_config(args)
+        out.write(json.dumps(ds, indent=2) + "\n")
+    return 0
+
+
+def _resolve_ds_config(args: argparse.Namespace) -> dict:
     from ds_trainer.config import load_config
     from ds_trainer.ds_config import DeviceInfo, build_ds_config
 
@@ -170,9 +192,7 @@ def _cmd_ds_config(args: argparse.Namespace) -> int:
         device = DeviceInfo(type=args.device, bf16_supported=args.device == "cuda")
     if args.bf16 is not None:
         device = DeviceInfo(type=device.type, bf16_supported=args.bf16)
-    ds = build_ds_config(cfg, args.world_size, steps, device)
-    sys.stdout.write(json.dumps(ds, indent=2) + "\n")
-    return 0
+    return build_ds_config(cfg, args.world_size, steps, device)
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
@@ -212,8 +232,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     # Consolidation reads files on the CPU; without this DeepSpeed probes for a GPU and logs to stdout.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    out = export_checkpoint(args.load_dir, args.out, tag=args.tag, force=args.force, verify=args.verify)
-    print(f"exported to {out}")
+    # export_checkpoint logs the one line that says what was exported where.
+    export_checkpoint(args.load_dir, args.out, tag=args.tag, force=args.force, verify=args.verify)
     return 0
 
 
@@ -224,13 +244,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    results = predict_paths(load_exported(args.model), args.images, batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps([{"path": r.path, "p_ai": r.p_ai, "error": r.error} for r in results], indent=2))
-    else:
-        for r in results:
-            if r.error is None:
-                print(f"{r.path}\t{r.p_ai:.6f}")
+    with _data_stdout() as out:
+        results = predict_paths(load_exported(args.model), args.images, batch_size=args.batch_size)
+        if args.json:
+            rows = [{"path": r.path, "p_ai": r.p_ai, "error": r.error} for r in results]
+            out.write(json.dumps(rows, indent=2) + "\n")
+        else:
+            out.writelines(f"{r.path}\t{r.p_ai:.6f}\n" for r in results if r.error is None)
     failed = [r for r in results if r.error is not None]
     if failed:
         listing = "\n".join(f"  {r.error}" for r in failed)
@@ -246,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+        for handler in logging.getLogger().handlers:  # stderr: a console, for every command
+            handler.addFilter(for_console)
+    # Before any command imports DeepSpeed, whose accelerator warning is logged at import.
+    route_deepspeed_logs(debug=args.debug)
     try:
         return _COMMANDS[args.command](args)
     except Preempted as exc:

@@ -10,6 +10,8 @@ a deepspeed launcher started inside an srun step sets RANK for its children.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -315,7 +317,17 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        from ds_trainer.ops import install_build_guard
+
+        # The CPU backend loads (on a first launch: compiles) its all-reduce op right here.
+        install_build_guard()
+        chatter = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(chatter):  # "... built successfully", from every rank, even when cached
+                deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        finally:
+            for line in chatter.getvalue().splitlines():
+                log.debug("deepspeed: %s", line)
         _share_cpu_threads()
         _unlink_shm_buffer()
     return read_env()

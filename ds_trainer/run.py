@@ -22,13 +22,15 @@ def seed_everything(seed: int) -> None:
 
 
 def _start(cfg: Config, debug: bool) -> Any:
-    from ds_trainer.distributed import init_distributed
+    from ds_trainer.distributed import init_distributed, read_env
     from ds_trainer.sinks import configure_logging
 
     # ZeRO's internals call a torch collective that torch 2.13 deprecates, once per step and rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    # Before the process group: what DeepSpeed logs while it starts, and a first launch's op
+    # builds, reach train.log and rank 0's console already.
+    configure_logging(read_env().rank, cfg.logging.run_dir, debug)
     env = init_distributed(cfg.distributed.timeout_s)
-    configure_logging(env.rank, cfg.logging.run_dir, debug)
     seed_everything(cfg.seed)
     return env
 

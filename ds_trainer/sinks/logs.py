@@ -7,6 +7,41 @@ import sys
 from pathlib import Path
 
 _CONSOLE = "ds_trainer.console"
+# deepspeed.utils.logging's logger: its own handler writes to stdout, on every rank, in its own format.
+_DEEPSPEED = "DeepSpeed"
+_OFF_CONSOLE = "ds_trainer_off_console"  # set on a record that belongs in train.log but not on the console
+
+
+def for_console(record: logging.LogRecord) -> bool:
+    """The filter of every console handler: drops the records marked for the log only."""
+    return not getattr(record, _OFF_CONSOLE, False)
+
+
+class _ToOurHandlers(logging.Filter):
+    """On DeepSpeed's logger: hand each record to ds_trainer's handlers instead of DeepSpeed's own.
+
+    So DeepSpeed's lines land in train.log with the rank and level, and stdout keeps what the
+    command prints ("Setting accelerator to CPU" before `ds-config`'s JSON made it invalid).
+    Below ERROR they stay off the console unless `to_console` (--debug).
+    """
+
+    def __init__(self, to_console: bool) -> None:
+        super().__init__()
+        self.to_console = to_console
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.to_console and record.levelno < logging.ERROR:
+            setattr(record, _OFF_CONSOLE, True)
+        logging.getLogger("ds_trainer.deepspeed").handle(record)
+        return False  # not DeepSpeed's own stdout handler
+
+
+def route_deepspeed_logs(debug: bool) -> None:
+    """Send DeepSpeed's log records through ds_trainer's handlers (idempotent; before or after its import)."""
+    ds_logger = logging.getLogger(_DEEPSPEED)
+    for old in [f for f in ds_logger.filters if isinstance(f, _ToOurHandlers)]:
+        ds_logger.removeFilter(old)
+    ds_logger.addFilter(_ToOurHandlers(to_console=debug))
 
 
 def configure_logging(
@@ -38,6 +73,7 @@ def configure_logging(
     # Rank 0's console keeps the seed's bare lines; other ranks say who they are.
     prefix = "" if rank == 0 else f"[rank {rank}] "
     console_handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    console_handler.addFilter(for_console)
     if verbose:
         console_handler.setLevel(logging.DEBUG)
     else:
