@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv ops demo demo-data test test-fast soak bench errors-doc clean
+.PHONY: venv ops demo demo-data test test-fast lint soak bench errors-doc clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ test: ops system-deps
 # Everything but the tests marked distributed: no deepspeed launcher, no Slurm.
 test-fast: ops
 	$(BIN)/python -m pytest tests -m "not distributed" $(PYTEST_ARGS)
+
+# Formatting and lint (ruff.toml; ruff pinned in requirements.txt). `ruff format` / `ruff check --fix` repair.
+LINT_PATHS := ds_trainer tests benchmarks scripts
+lint: $(STAMP)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/ruff check $(LINT_PATHS)
 
 # CPU benchmarks (ratios measured in one run; see benchmarks/README.md): each writes
 # benchmarks/results/<name>.json, then benchmarks/RESULTS.md is rendered from them. ~10 min on 2 cores.
