@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from common import md_table, write_result
+from common import md_table, write_result  # noqa: E402 - importable once the folder is on sys.path
 
 # vision_config of the released checkpoints (config.json on the hub).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -98,7 +98,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     run_dir = work / f"run-{spec['model']}-{spec['loader']}"
     if cuda and spec["torch_adam"]:
         # No nvcc for DeepSpeed's FusedAdam JIT build: torch's fused AdamW through DeepSpeed instead.
-        (work / "torch_adam.json").write_text(json.dumps({"optimizer": {"params": {"torch_adam": True, "fused": True}}}))
+        (work / "torch_adam.json").write_text(
+            json.dumps({"optimizer": {"params": {"torch_adam": True, "fused": True}}})
+        )
     trainer = Trainer(model, loader, None, device="cpu" if not cuda else None, checkpoint_dir=str(run_dir / "ckpt"),
                       run_dir=run_dir, num_epochs=1, warmup_epochs=0, batch_size=bs, learning_rate=1e-4,
                       zero_stage=spec["zero_stage"], precision=spec["precision"], save_frequency=0)  # fmt: skip
@@ -142,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--precision", default=None, help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--torch-adam", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch's fused AdamW instead of DeepSpeed's FusedAdam (default: when nvcc is missing)")
+    p.add_argument(
+        "--torch-adam",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch's fused AdamW instead of DeepSpeed's FusedAdam (default: when nvcc is missing)",
+    )
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU (smoke test)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/gpu_suite.json)")
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({**spec, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
                     print(f"{m} {loader}: FAILED ({rows[-1]['error']})", flush=True)
                     continue
-                row = json.loads(found[-1][len("RESULT "):])
+                row = json.loads(found[-1][len("RESULT ") :])
                 row["wall_s"] = time.perf_counter() - t0
                 rows.append(row)
                 print(f"{NAMES[m]} {loader}: {row['images_per_s']:.0f} img/s, MFU {row['mfu'] or 0:.1%}, peak "

@@ -74,7 +74,7 @@ def comm_volume(comms: dict[str, dict[str, int]], n: int, steps: int, total_ms: 
         ring = logged * factor if factor is not None else None
         per_op[op] = {"calls_per_step": calls, "logged_bytes_per_step": logged, "ring_bytes_per_step": ring,
                       "ms_per_step": total_ms.get(op, 0.0) / steps,
-                      "message_sizes": {size: count for size, count in sorted(sizes.items(), key=lambda kv: -int(kv[0]))}}  # fmt: skip
+                      "message_sizes": dict(sorted(sizes.items(), key=lambda kv: -int(kv[0])))}  # fmt: skip
         logged_total += logged
         ring_total += ring or 0.0
     comm_ms = sum(total_ms.values()) / steps
@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
     p.add_argument("--world-sizes", default="1,2", help="comma-separated rank counts; the first is the reference")
-    p.add_argument("--max-ranks", type=int, default=None, help="shorthand: 1, 2, 4, ... up to this (overrides --world-sizes)")
+    p.add_argument(
+        "--max-ranks", type=int, default=None, help="shorthand: 1, 2, 4, ... up to this (overrides --world-sizes)"
+    )
     p.add_argument("--repeats", type=int, default=2, help="rounds over the world sizes (their order alternates)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per job; the first is warm-up, the others timed")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per epoch")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                        str(args.batch_size), "--steps", str(args.steps), "--epochs", str(args.epochs), "--zero-stage",
                        str(args.zero_stage), "--precision", args.precision, "--comms", *([] if on_gpu else ["--cpu"])]  # fmt: skip
         for r in range(args.repeats):
-            order = sizes[r % len(sizes):] + sizes[: r % len(sizes)] if r % 2 == 0 else list(reversed(sizes))
+            order = sizes[r % len(sizes) :] + sizes[: r % len(sizes)] if r % 2 == 0 else list(reversed(sizes))
             for n in order:
                 t0 = time.perf_counter()
                 ranks, log = launch(n, worker_args, work / f"job-{r}-{n}", timeout_s=args.timeout,

@@ -245,11 +245,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=384, help="width of the random-init CLIP vision tower")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU: torch threads (0: the Trainer's choice, cores per local rank); see the docstring")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU: torch threads (0: the Trainer's choice, cores per local rank); see the docstring",
+    )
     p.add_argument("--fp32", action="store_true", help="on a GPU: fp32 instead of bf16")
-    p.add_argument("--warm-cache", action="store_true",
-                   help="compile with inductor's usual cache (a hit after the first run); default: a fresh one")
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="compile with inductor's usual cache (a hit after the first run); default: a fresh one",
+    )
     p.add_argument("--no-engine-check", action="store_true", help="skip starting DeepSpeed engines")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/speed_switches.json)")
     args = p.parse_args(argv)

@@ -110,8 +110,10 @@ def run_engine(model_dir: Path, batches: list, ds_config: dict, skip: int) -> fl
     model = build_model(model_dir)
     # The Trainer's parameter groups (no decay on biases/norms; head vs backbone), so that only
     # the loop differs: four groups cost ZeRO and fused Adam a few % over one on this small model.
-    t = TrainingSection(learning_rate=ds_config["optimizer"]["params"]["lr"],
-                        weight_decay=ds_config["optimizer"]["params"].get("weight_decay", 0.0))
+    t = TrainingSection(
+        learning_rate=ds_config["optimizer"]["params"]["lr"],
+        weight_decay=ds_config["optimizer"]["params"].get("weight_decay", 0.0),
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, t), config=ds_config)
     device, dtype = engine.device, next(engine.module.parameters()).dtype
     ends = []
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         meters = []  # the Trainer's MFU meter per repeat: FLOPs per sample and the CPU's measured peak
         order = ["trainer", "engine", "torch"]
         for r in range(args.repeats):
-            for name in order[r % 3:] + order[: r % 3]:
+            for name in order[r % 3 :] + order[: r % 3]:
                 if name == "trainer":
                     step_time, _, meter = run_trainer(model_dir, batches, args, work)
                     times[name].append(step_time)
@@ -202,20 +204,31 @@ def main(argv: list[str] | None = None) -> int:
            for k, v in times.items()}  # fmt: skip
     precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
     stage = ds_config["zero_optimization"]["stage"]
-    names = {"trainer": "`ds_trainer.Trainer`", "engine": "bare DeepSpeed engine loop (same groups, same JSON)",
-             "torch": "plain PyTorch (AdamW, clipping)"}
-    markdown = md_table(["contender", "step time, s (median, range)", "MFU vs measured matmul peak"],
-                        [[names[k], fmt_spread(spread(v)), fmt_spread(mfu[k])] for k, v in times.items()])
-    markdown += "\n\n" + md_table(["ratio (per repeat)", "median (range)", "target"], [
-        ["Trainer / engine", fmt_spread(toe), "≤ 1.03"], ["engine / PyTorch", fmt_spread(eot), "-"]])
-    markdown += (f"\n\n{args.repeats} repeats × {args.steps} steps (first {args.skip} untimed), batch "
-                 f"{args.batch_size}, {args.image_size} px, random-init CLIP vision tower {args.hidden} wide × "
-                 f"{args.layers} layers = {n_params / 1e6:.1f} M parameters, ZeRO {stage}, {precision}, one rank. "
-                 f"MFU: {flops_per_sample / 1e9:.3g} GFLOP per sample (forward + backward, counted by the Trainer "
-                 f"with FlopCounterMode) × samples/s, over the {meters[0].peak.source} rate measured in the "
-                 f"same repeat (median {statistics.median(peaks) / 1e9:.0f} GFLOP/s).")
-    summary = (f"trainer/engine step time {fmt_spread(toe)}, engine/torch {fmt_spread(eot)}, {args.repeats} repeats "
-               f"of {args.steps} steps, {n_params / 1e6:.1f} M params")
+    names = {
+        "trainer": "`ds_trainer.Trainer`",
+        "engine": "bare DeepSpeed engine loop (same groups, same JSON)",
+        "torch": "plain PyTorch (AdamW, clipping)",
+    }
+    markdown = md_table(
+        ["contender", "step time, s (median, range)", "MFU vs measured matmul peak"],
+        [[names[k], fmt_spread(spread(v)), fmt_spread(mfu[k])] for k, v in times.items()],
+    )
+    markdown += "\n\n" + md_table(
+        ["ratio (per repeat)", "median (range)", "target"],
+        [["Trainer / engine", fmt_spread(toe), "≤ 1.03"], ["engine / PyTorch", fmt_spread(eot), "-"]],
+    )
+    markdown += (
+        f"\n\n{args.repeats} repeats × {args.steps} steps (first {args.skip} untimed), batch "
+        f"{args.batch_size}, {args.image_size} px, random-init CLIP vision tower {args.hidden} wide × "
+        f"{args.layers} layers = {n_params / 1e6:.1f} M parameters, ZeRO {stage}, {precision}, one rank. "
+        f"MFU: {flops_per_sample / 1e9:.3g} GFLOP per sample (forward + backward, counted by the Trainer "
+        f"with FlopCounterMode) × samples/s, over the {meters[0].peak.source} rate measured in the "
+        f"same repeat (median {statistics.median(peaks) / 1e9:.0f} GFLOP/s)."
+    )
+    summary = (
+        f"trainer/engine step time {fmt_spread(toe)}, engine/torch {fmt_spread(eot)}, {args.repeats} repeats "
+        f"of {args.steps} steps, {n_params / 1e6:.1f} M params"
+    )
     write_result("step_overhead", args.out, argv, summary, markdown,
                  settings={**vars(args), "parameters": n_params, "zero_stage": stage, "precision": precision},
                  step_time_s={k: spread(v) for k, v in times.items()}, trainer_over_engine=toe,

@@ -154,17 +154,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="128,256,512,1024", help="synthetic sets: square image sides, comma-separated")
     p.add_argument("--formats", default="jpeg,png", help="synthetic sets: jpeg (GenImage reals), png (fakes)")
     p.add_argument("--workers", type=int, default=1, help="data.num_workers (default 1: this machine has 2 cores)")
-    p.add_argument("--steps", "--batches", dest="steps", type=int, default=16,
-                   help="train steps (batches) per epoch; the demo set's epoch is cut to its first --steps batches")
+    p.add_argument(
+        "--steps",
+        "--batches",
+        dest="steps",
+        type=int,
+        default=16,
+        help="train steps (batches) per epoch; the demo set's epoch is cut to its first --steps batches",
+    )
     p.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True, help="also the demo shard set")
     p.add_argument("--demo-dir", default="data_shards/demo", help="the demo set (built here when absent)")
     p.add_argument("--model", default="tiny", help="model.model_name: 'tiny' or a local CLIP (hub id or directory)")
     p.add_argument("--image-size", type=int, default=224, help="data.image_size (the model's input size)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--zero-stage", type=int, default=1, choices=(0, 1))
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for the step (default 0: the Trainer's choice, the cores the loader workers "
-                        "leave, at least 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for the step (default 0: the Trainer's choice, the cores the loader workers "
+        "leave, at least 1)",
+    )
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/train_throughput.json)")
     args = p.parse_args(argv)
     if args.steps < max(args.workers, 1) + 2:
@@ -220,7 +230,8 @@ def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict[str
         f"{args.workers} loader worker(s) share {os.cpu_count()} cores, so a row's verdict is for this machine; "
         "`no (shared cores)` marks a row whose loader alone would feed the step. On a GPU the step is far faster "
         "and needs proportionally more workers."
-        if not torch.cuda.is_available() else ""
+        if not torch.cuda.is_available()
+        else ""
     )
     markdown = (
         f"{table}\n\nOne epoch of `ds_trainer.Trainer` per shard set ({device}; model `{args.model}`, "

@@ -43,6 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import contextlib
+
 from benchmarks.common import REPO, fmt_spread, md_table, spread, write_result
 from benchmarks.peer.shared import trainer_config
 from benchmarks.step_overhead import build_model, make_batches, small_clip_dir
@@ -87,8 +89,9 @@ def launch(contender: str, world_size: int, args: argparse.Namespace, work: Path
     started = time.time()
     try:
         with log.open("w") as f:
-            proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=args.launch_timeout)
+            proc = subprocess.run(
+                cmd, check=False, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.launch_timeout
+            )
     finally:
         _remove_shm_buffers(port)
     wall = time.time() - started
@@ -124,10 +127,8 @@ def launch(contender: str, world_size: int, args: argparse.Namespace, work: Path
 def _remove_shm_buffers(port: int) -> None:
     """DeepSpeed's CPU all-reduce files of this launch, if a worker died before removing its own."""
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
 def _finite(value: Any) -> Any:
@@ -154,8 +155,11 @@ def config_differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--world-sizes", default="1,2", help="comma-separated ranks per launch (--num_gpus)")
     p.add_argument("--repeats", type=int, default=2, help="launches per contender per world size")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per launch (one epoch)")

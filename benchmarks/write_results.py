@@ -57,7 +57,9 @@ def render(results_dir: Path, notes_dir: Path) -> str:
         path = results_dir / f"{name}.json"
         if path.is_file():
             result = json.loads(path.read_text())
-            out.append(f"`{result.get('command', '?')}` — {result.get('date', '?')}, {_machine(result.get('machine', {}))}\n")
+            out.append(
+                f"`{result.get('command', '?')}` — {result.get('date', '?')}, {_machine(result.get('machine', {}))}\n"
+            )
             out.append(f"**{result.get('summary', '')}**\n")
             out.append(result.get("markdown", "").strip() + "\n")
         else:

@@ -222,9 +222,15 @@ def _rank_memory(r: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
 def _same_as_stage2(rows: list[dict[str, Any]]) -> str:
     """DeepSpeed's ZeRO 1 partitions the reduced gradients too (`averaged_gradients`): say so when it shows."""
     by = {r["config"]: r for r in rows if "tensors" in r}
-    if "1" in by and "2" in by and abs(by["1"]["tensors"]["total"] - by["2"]["tensors"]["total"]) < 0.02 * by["2"]["tensors"]["total"]:
-        return ("; ZeRO 1 holds what ZeRO 2 holds before the step: DeepSpeed keeps only the rank's partition of the "
-                "reduced gradients there too (`averaged_gradients`)")
+    if (
+        "1" in by
+        and "2" in by
+        and abs(by["1"]["tensors"]["total"] - by["2"]["tensors"]["total"]) < 0.02 * by["2"]["tensors"]["total"]
+    ):
+        return (
+            "; ZeRO 1 holds what ZeRO 2 holds before the step: DeepSpeed keeps only the rank's partition of the "
+            "reduced gradients there too (`averaged_gradients`)"
+        )
     return ""
 
 
@@ -237,11 +243,13 @@ def _rss_note(rows: list[dict[str, Any]], on_gpu: bool) -> str:
     shm = max(r["shmem_delta_kib"] for r in ranks) / 1024
     file = max(r["file_delta_kib"] for r in ranks) / 1024
     trim = [(r["rss_after_steps_kib"] - r["rss_after_trim_kib"]) / 1024 for r in ranks]
-    return (f"RSS above the live tensors: the steps' transient buffers (activations, gradient flattening and "
-            f"communication copies), freed but kept by glibc (malloc_trim after the steps returns "
-            f"{min(trim):.0f}–{max(trim):.0f} MiB), and {file:.0f} MiB of file pages (libraries, the mapped "
-            f"safetensors file); DeepSpeed's 66 MiB CPU all-reduce buffer in /dev/shm adds {shm:.1f} MiB "
-            "(training all-reduces go through gloo; the buffer serves only inference_all_reduce).")
+    return (
+        f"RSS above the live tensors: the steps' transient buffers (activations, gradient flattening and "
+        f"communication copies), freed but kept by glibc (malloc_trim after the steps returns "
+        f"{min(trim):.0f}–{max(trim):.0f} MiB), and {file:.0f} MiB of file pages (libraries, the mapped "
+        f"safetensors file); DeepSpeed's 66 MiB CPU all-reduce buffer in /dev/shm adds {shm:.1f} MiB "
+        "(training all-reduces go through gloo; the buffer serves only inference_all_reduce)."
+    )
 
 
 if __name__ == "__main__":

@@ -108,7 +108,11 @@ def _human(n: float) -> str:
 def _no_space_message(checkpoint_dir: Path, tag: str) -> str:
     sizes = [sum(read_marker(d).get("files", {}).values()) for d in checkpoint_dir.iterdir()
              if d.is_dir() and (d / MARKER).is_file() and is_complete(d)]  # fmt: skip
-    need = f"about {_human(max(sizes))} (the size of the last checkpoints)" if sizes else "the model's and optimizer's state"
+    need = (
+        f"about {_human(max(sizes))} (the size of the last checkpoints)"
+        if sizes
+        else "the model's and optimizer's state"
+    )
     free = _human(shutil.disk_usage(checkpoint_dir).free)
     latest = checkpoint_dir / LATEST
     kept = f"; {latest.read_text().strip()} is intact" if latest.is_file() else ""
@@ -194,8 +198,12 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         bad = problems(p / tag)
         if not bad:
             return p, tag
-        log.warning("checkpoint %s: 'latest' names %s, which is incomplete (%s); looking for an older one",
-                    p, tag, "; ".join(bad[:3]))
+        log.warning(
+            "checkpoint %s: 'latest' names %s, which is incomplete (%s); looking for an older one",
+            p,
+            tag,
+            "; ".join(bad[:3]),
+        )
     complete = [d for d in p.iterdir() if d.is_dir() and (d / MARKER).is_file() and is_complete(d)]
     if not complete:
         found = ", ".join(sorted(d.name for d in p.iterdir())[:10]) or "nothing"

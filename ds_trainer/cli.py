@@ -27,7 +27,9 @@ def _add_config_args(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-trainer", description="DeepSpeed trainer for AI-generated image detectors")
+    parser = argparse.ArgumentParser(
+        prog="ds-trainer", description="DeepSpeed trainer for AI-generated image detectors"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -55,23 +57,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("report", help="plots and a self-contained HTML page from one or more `eval` results")
-    p.add_argument("--eval", dest="evals", action="append", required=True, metavar="RESULTS.json",
-                   help="a JSON written by ds-trainer eval (repeat to compare runs in the same figures)")
-    p.add_argument("--run", dest="runs", action="append", default=[], metavar="RUN_DIR",
-                   help="the run_dir of each --eval, in the same order, for training curves (optional)")
-    p.add_argument("--name", dest="names", action="append", default=[], metavar="NAME",
-                   help="legend name of each --eval, in the same order (default: <checkpoint dir>/<tag>)")
+    p.add_argument(
+        "--eval",
+        dest="evals",
+        action="append",
+        required=True,
+        metavar="RESULTS.json",
+        help="a JSON written by ds-trainer eval (repeat to compare runs in the same figures)",
+    )
+    p.add_argument(
+        "--run",
+        dest="runs",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="the run_dir of each --eval, in the same order, for training curves (optional)",
+    )
+    p.add_argument(
+        "--name",
+        dest="names",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="legend name of each --eval, in the same order (default: <checkpoint dir>/<tag>)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (PNGs and report.html)")
-    p.add_argument("--threshold", type=float, default=0.5, help="P(AI) threshold for histograms and the confusion matrix")
-    p.add_argument("--tensorboard", default=None, metavar="LOG_DIR",
-                   help="also write PR curves per generator and the figures to this TensorBoard log dir")
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="P(AI) threshold for histograms and the confusion matrix"
+    )
+    p.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="LOG_DIR",
+        help="also write PR curves per generator and the figures to this TensorBoard log dir",
+    )
 
     p = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config resolves to")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="micro-batches per rank per epoch (default: from the shard manifest)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="device to resolve precision for (default: this machine's)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="whether that device has fast bf16 (default: detect)")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="micro-batches per rank per epoch (default: from the shard manifest)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device to resolve precision for (default: this machine's)",
+    )
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether that device has fast bf16 (default: detect)",
+    )
 
     p = sub.add_parser("shard", help="GenImage folder → WebDataset tar shards + manifest.json")
     p.add_argument("--src", required=True, help="GenImage root: <generator>/{train,val}/{ai,nature}/*")
@@ -79,13 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     p.add_argument("--generators", nargs="+", default=None, help="only these generator folders")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-size", default=None, metavar="SIZE",
-                   help="also cap shard bytes, e.g. 1GB, 500MB, 2GiB (default: no byte limit)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="processes that decode and write shards (default: all CPUs this process may use)")
+    p.add_argument(
+        "--max-size",
+        default=None,
+        metavar="SIZE",
+        help="also cap shard bytes, e.g. 1GB, 500MB, 2GiB (default: no byte limit)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes that decode and write shards (default: all CPUs this process may use)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (batch logs)")
-    p.add_argument("--follow-symlinks", action="store_true",
-                   help="also read symbolic links that lead outside --src (default: skip them, listed in manifest.json)")
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="also read symbolic links that lead outside --src (default: skip them, listed in manifest.json)",
+    )
 
     p = sub.add_parser("demo-data", help="build the embedded demo set (no download) into data_shards/demo")
     p.add_argument("--out", default="data_shards/demo")
@@ -98,8 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="export this tag of --load-dir, e.g. best or epoch_3")
     p.add_argument("--out", required=True, help="new or empty output directory")
     p.add_argument("--force", action="store_true", help="replace --out when it holds a previous export")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip reloading the export and comparing its logits with the checkpoint's")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip reloading the export and comparing its logits with the checkpoint's",
+    )
 
     p = sub.add_parser("predict", help="P(ai-generated) for image files, from an exported model")
     p.add_argument("--model", required=True, help="a directory written by ds-trainer export")
@@ -154,7 +211,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     for flag, given in (("--run", args.runs), ("--name", args.names)):
         if given and len(given) != len(args.evals):
-            raise ConfigError(f"report: {len(given)} {flag} for {len(args.evals)} --eval; give one per --eval, in order")
+            raise ConfigError(
+                f"report: {len(given)} {flag} for {len(args.evals)} --eval; give one per --eval, in order"
+            )
     runs = [report.load_eval(path, args.names[i] if args.names else None) for i, path in enumerate(args.evals)]
     for run, run_dir in zip(runs, args.runs):
         report.attach_run(run, run_dir)
@@ -295,8 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # What gloo and NCCL raise when a peer is gone or a collective outlived distributed.timeout_s.
-_PEER_FAILURE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out",
-                 "timed out", "NCCL communicator was aborted", "ProcessGroupNCCL")
+_PEER_FAILURE = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "NCCL communicator was aborted",
+    "ProcessGroupNCCL",
+)
 
 
 def _is_peer_failure(exc: RuntimeError) -> bool:
@@ -304,7 +370,6 @@ def _is_peer_failure(exc: RuntimeError) -> bool:
 
     text = str(exc)
     return dist.is_initialized() and dist.get_world_size() > 1 and any(m in text for m in _PEER_FAILURE)
-
 
 
 if __name__ == "__main__":

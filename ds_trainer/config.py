@@ -80,8 +80,14 @@ class ModelSection(Section):
         if self.freeze_backbone and self.mode != "fine-tune":
             raise ValueError(f"freeze_backbone applies to mode fine-tune; mode {self.mode} never trains the backbone")
         if self.gradient_checkpointing and (self.mode != "fine-tune" or self.freeze_backbone):
-            why = "freeze_backbone trains the head alone" if self.mode == "fine-tune" else f"mode {self.mode} trains no tower"
-            raise ValueError(f"gradient_checkpointing saves activation memory of a trained backbone; {why}, so set it false")
+            why = (
+                "freeze_backbone trains the head alone"
+                if self.mode == "fine-tune"
+                else f"mode {self.mode} trains no tower"
+            )
+            raise ValueError(
+                f"gradient_checkpointing saves activation memory of a trained backbone; {why}, so set it false"
+            )
         if self.mode != "fine-tune" and self.num_classes != 2:
             raise ValueError(f"mode {self.mode} scores two prompts (real, ai); num_classes must be 2")
         return self
@@ -99,22 +105,34 @@ class DataSection(Section):
     eval_batch_size: int | None = Field(None, ge=1)
     # --- robustness and the benchmark protocol
     max_bad_fraction: float = Field(
-        0.01, ge=0, le=1, description="fail the run when more than this fraction of an epoch's samples cannot be decoded"
+        0.01,
+        ge=0,
+        le=1,
+        description="fail the run when more than this fraction of an epoch's samples cannot be decoded",
     )
     holdout_fraction: float = Field(
-        0.0, ge=0, lt=1, description="share of train shards held out for model selection (GenImage's val is the test set)"
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of train shards held out for model selection (GenImage's val is the test set)",
     )
     # --- bias-aware preprocessing ("Fake or JPEG?", Grommelt et al. 2024) and detector augmentations
     crop: Literal["resize", "native"] = Field(
-        "resize", description="resize: shortest side to image_size, then crop; native: crop without resizing (tile small images)"
+        "resize",
+        description="resize: shortest side to image_size, then crop; native: crop without resizing (tile small images)",
     )
     align_jpeg_quality: int | None = Field(
-        None, ge=1, le=100, description="re-encode AI images (lossless PNG in GenImage) as JPEG at this quality, like the reals"
+        None,
+        ge=1,
+        le=100,
+        description="re-encode AI images (lossless PNG in GenImage) as JPEG at this quality, like the reals",
     )
     jpeg_draft: bool = Field(
         False, description="decode large JPEGs at reduced size (faster; but only JPEGs, i.e. GenImage's reals, get it)"
     )
-    blur_prob: float = Field(0.0, ge=0, le=1, description="train: Gaussian blur probability (CNNSpot Blur+JPEG(0.5): 0.5)")
+    blur_prob: float = Field(
+        0.0, ge=0, le=1, description="train: Gaussian blur probability (CNNSpot Blur+JPEG(0.5): 0.5)"
+    )
     blur_sigma: tuple[float, float] = Field((0.0, 3.0), description="train: blur sigma range")
     jpeg_prob: float = Field(0.0, ge=0, le=1, description="train: JPEG re-encoding probability (both classes)")
     jpeg_quality: tuple[int, int] = Field((30, 100), description="train: JPEG quality range")
@@ -128,7 +146,7 @@ class DataSection(Section):
             low, high = getattr(self, name)
             if low > high or low < 0:
                 raise ValueError(f"{name} must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
-        if not (1 <= self.jpeg_quality[0] and self.jpeg_quality[1] <= 100):
+        if not (self.jpeg_quality[0] >= 1 and self.jpeg_quality[1] <= 100):
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {list(self.jpeg_quality)}")
         return self
 
@@ -160,7 +178,9 @@ class TrainingSection(Section):
     mixed_precision: bool = True
     clip_grad_norm: float | None = Field(1.0, gt=0)
     # --- beyond the seed
-    backbone_lr_scale: float = Field(1.0, gt=0, le=1000, description="backbone LR = learning_rate x this; head gets learning_rate")
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=1000, description="backbone LR = learning_rate x this; head gets learning_rate"
+    )
     step_size: int = Field(1, ge=1, description="scheduler step: epochs between LR drops")
     gamma: float = Field(0.1, gt=0, le=1, description="scheduler step: LR factor at each drop")
     plateau_factor: float = Field(0.1, gt=0, lt=1, description="scheduler plateau: LR factor on a plateau")
@@ -170,7 +190,9 @@ class TrainingSection(Section):
     )
     max_nonfinite_steps: int = Field(10, ge=1, description="on_nonfinite skip: fail after this many in a row")
     monitor: str = Field("val_auc", description="metric for early stopping, best and plateau (a metrics.jsonl key)")
-    min_delta: float = Field(0.0, ge=0, description="smallest change of the monitored metric that counts as improvement")
+    min_delta: float = Field(
+        0.0, ge=0, description="smallest change of the monitored metric that counts as improvement"
+    )
     monitor_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for *loss, max otherwise")
     keep_last: int | None = Field(None, ge=1, description="keep the K newest epoch checkpoints (never best/latest)")
 
@@ -178,8 +200,7 @@ class TrainingSection(Section):
     def _check_ranges(self) -> TrainingSection:
         if self.min_lr > self.learning_rate:
             raise ValueError(
-                f"min_lr ({self.min_lr:g}) is above learning_rate ({self.learning_rate:g}); "
-                "it must be lower or equal"
+                f"min_lr ({self.min_lr:g}) is above learning_rate ({self.learning_rate:g}); it must be lower or equal"
             )
         if self.warmup_epochs >= self.num_epochs and self.warmup_epochs > 0:
             raise ValueError(
@@ -188,7 +209,9 @@ class TrainingSection(Section):
         if self.monitor not in MONITOR_METRICS:
             close = difflib.get_close_matches(self.monitor, MONITOR_METRICS, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            raise ValueError(f"monitor {self.monitor!r} is not a metric; {hint}choose one of {', '.join(MONITOR_METRICS)}")
+            raise ValueError(
+                f"monitor {self.monitor!r} is not a metric; {hint}choose one of {', '.join(MONITOR_METRICS)}"
+            )
         return self
 
     @property
@@ -203,7 +226,9 @@ class DeepSpeedSection(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: follow training.mixed_precision and the device"
     )
-    offload_optimizer: Literal["none", "cpu"] = Field("none", description="cpu: optimizer state in host memory (ZeRO 1-3)")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="cpu: optimizer state in host memory (ZeRO 1-3)"
+    )
     config_file: str | None = Field(None, description="a raw DeepSpeed JSON to merge; must agree with the YAML")
 
     @model_validator(mode="after")
@@ -233,7 +258,9 @@ class LoggingSection(Section):
     )
     mfu: bool = Field(True, description="log model FLOPs utilisation (mfu) per epoch and every log_every_n_steps")
     peak_tflops: float | None = Field(
-        None, gt=0, description="per-device peak for mfu; default: the GPU's bf16/fp32 table value, or a measured matmul rate on CPU"
+        None,
+        gt=0,
+        description="per-device peak for mfu; default: the GPU's bf16/fp32 table value, or a measured matmul rate on CPU",
     )
     wandb: WandbSection = Field(default_factory=WandbSection)
 
@@ -321,7 +348,7 @@ def _unknown_key_message(path: Sequence[str | int]) -> str:
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
-        loc = [p for p in err["loc"]]
+        loc = list(err["loc"])
         dotted = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             lines.append(_unknown_key_message(loc))

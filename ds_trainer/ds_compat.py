@@ -42,8 +42,11 @@ def patch_universal_loading() -> bool:
         log.debug("DeepSpeed's universal loading differs from 0.19.8's; not patched")
         return False
     namespace: dict = {}
-    exec(compile(source.replace(_BUGGY, _FIXED), inspect.getsourcefile(method) or "<deepspeed>", "exec"),  # noqa: S102
-         vars(base_optimizer), namespace)
+    exec(  # noqa: S102 - DeepSpeed's own method, recompiled with the one-line fix (see the module docstring)
+        compile(source.replace(_BUGGY, _FIXED), inspect.getsourcefile(method) or "<deepspeed>", "exec"),
+        vars(base_optimizer),
+        namespace,
+    )
     cls.load_hp_checkpoint_state_from_checkpoint_dir = namespace[method.__name__]
     _applied = True
     return True

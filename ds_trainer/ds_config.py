@@ -45,7 +45,7 @@ def resolve_precision(cfg: Config, device: DeviceInfo) -> str:
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError(
             "deepspeed.precision: fp16 is not supported by DeepSpeed on CPU "
-            "(\"Type fp16 is not supported on your device\"); use bf16 or fp32"
+            '("Type fp16 is not supported on your device"); use bf16 or fp32'
         )
     return precision
 
@@ -169,7 +169,7 @@ def merge_user_config(derived: Mapping[str, Any], user: Mapping[str, Any]) -> di
 
 
 def _precision_of(ds: Mapping[str, Any]) -> str | None:
-    """"bf16"/"fp16" when a section enables it, None when none does."""
+    """ "bf16"/"fp16" when a section enables it, None when none does."""
     for key, name in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16")):
         section = ds.get(key)
         if isinstance(section, Mapping) and section.get("enabled") not in (False, "auto", None):

@@ -82,14 +82,16 @@ def resolve_monitor(t: TrainingSection, has_val: bool) -> str:
     return "train_loss"
 
 
-def training_settings(cfg: Config, world_size: int, train_loader: Any, has_val: bool, plan: ResumePlan) -> RunSettings:
+def training_settings(
+    cfg: Config, world_size: int, train_loader: Any, val_loader: Any, plan: ResumePlan
+) -> RunSettings:
     t = cfg.training
     return RunSettings(
         world_size=world_size,
         batch_size=micro_batch_size(t, train_loader),
         grad_accumulation_steps=plan.grad_accumulation_steps or t.grad_accumulation_steps,
         zero_stage=cfg.deepspeed.zero_stage,
-        monitor=resolve_monitor(t, has_val),
+        monitor=resolve_monitor(t, val_loader is not None),
         steps_per_epoch=len(train_loader),
         universal=plan.universal,
         split_groups=plan.split_groups,
@@ -217,4 +219,6 @@ def grad_norm_before_step(engine: Any, model: nn.Module, zero_stage: int) -> tor
     if zero_stage != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else None
+    return (
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else None
+    )

@@ -4,7 +4,6 @@ The CLI turns these into a short message on stderr (no traceback unless --debug)
 library users catch them like any exception.
 """
 
-
 import re
 
 

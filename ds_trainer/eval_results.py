@@ -86,8 +86,10 @@ def load_eval(path: str | Path, name: str | None = None) -> EvalRun:
     names = list(pred["generators"])
     gen_index = np.asarray(pred["generator"], dtype=np.int64)
     if not (len(scores) == len(labels) == len(gen_index)) or len(scores) == 0:
-        raise DataError(f"--eval {path}: predictions have {len(scores)} scores, {len(labels)} labels, "
-                        f"{len(gen_index)} generators; they must be equal and non-zero")
+        raise DataError(
+            f"--eval {path}: predictions have {len(scores)} scores, {len(labels)} labels, "
+            f"{len(gen_index)} generators; they must be equal and non-zero"
+        )
     if names and (gen_index.min() < 0 or gen_index.max() >= len(names)):
         raise DataError(f"--eval {path}: a generator index is outside its {len(names)} names")
     generators = np.asarray(names, dtype=object)[gen_index] if names else np.full(len(scores), "all", dtype=object)
@@ -95,8 +97,9 @@ def load_eval(path: str | Path, name: str | None = None) -> EvalRun:
     if keys is not None and len(keys) != len(scores):
         raise DataError(f"--eval {path}: predictions have {len(keys)} keys for {len(scores)} scores")
     keys = np.asarray(keys, dtype=object) if keys else None
-    return EvalRun(name or _default_name(path, result), path, result, scores, labels, generators, keys,
-                   named=bool(name))
+    return EvalRun(
+        name or _default_name(path, result), path, result, scores, labels, generators, keys, named=bool(name)
+    )
 
 
 # Config.name's default: says nothing about the run
@@ -163,4 +166,3 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def union_generators(runs: Sequence[EvalRun]) -> list[str]:
     """Every generator any of `runs` has, sorted: one panel or table row each when runs are overlaid."""
     return sorted({g for run in runs for g in run.generator_names})
-

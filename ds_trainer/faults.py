@@ -64,8 +64,9 @@ def active(kind: str) -> list[Fault]:
 
 
 def _die(what: str) -> None:
-    print(f"fault injected ({ENV}): {what}; SIGKILL pid {os.getpid()} at t={time.time():.3f}", file=sys.stderr,
-          flush=True)
+    print(
+        f"fault injected ({ENV}): {what}; SIGKILL pid {os.getpid()} at t={time.time():.3f}", file=sys.stderr, flush=True
+    )
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -41,7 +41,7 @@ class Hook:
     def on_epoch_start(self, epoch: int) -> None:
         pass
 
-    def measure(self) -> ContextManager[None]:
+    def measure(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def on_loss(self, micro_batch: int, loss: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Hooks(Hook):
                 stack.enter_context(h.measure())
             yield
 
-    def measure(self) -> ContextManager[None]:
+    def measure(self) -> contextlib.AbstractContextManager[None]:
         return self._all_measure() if self._at["measure"] else contextlib.nullcontext()
 
     def on_loss(self, micro_batch: int, loss: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class Hooks(Hook):
 
     def should_stop(self) -> bool:
         # Every hook is asked (a poll may be a collective every rank must join), not just up to the first yes.
-        return any([h.should_stop() for h in self._at["should_stop"]])
+        return any(h.should_stop() for h in self._at["should_stop"])
 
     def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
         for h in self._at["on_epoch_end"]:
@@ -138,7 +138,9 @@ class StepLogger(Hook):
         self._mark = (time.perf_counter(), int(self.engine.global_steps))
 
     def on_before_step(self, step: int) -> None:
-        self._norm = grad_norm_before_step(self.engine, self.model, self.settings.zero_stage) if step % self.every == 0 else None
+        self._norm = (
+            grad_norm_before_step(self.engine, self.model, self.settings.zero_stage) if step % self.every == 0 else None
+        )
 
     def on_step(self, end: StepEnd) -> None:
         scalars: dict[str, float] = {"train/lr": float(end.lrs[0])}
@@ -224,7 +226,7 @@ class FlopCounter(Hook):
         self.mfu = mfu
         self._tally: FlopTally | None = FlopTally() if mfu.flops_per_sample is None else None
 
-    def measure(self) -> ContextManager[None]:
+    def measure(self) -> contextlib.AbstractContextManager[None]:
         return self._tally.count() if self._tally is not None else contextlib.nullcontext()
 
     def on_backward(self, samples: int) -> None:

@@ -59,7 +59,9 @@ def distribute(loader: Iterable, rank: int, world_size: int, seed: int, train: b
     if train:
         shuffle = not isinstance(loader.sampler, torch.utils.data.SequentialSampler)
         # drop_last: every rank must run the same number of steps, or the last collective hangs.
-        sampler: Sampler[int] = DistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=True)
+        sampler: Sampler[int] = DistributedSampler(
+            dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
     else:
         sampler = EvalSampler(len(dataset), rank, world_size)
     return DataLoader(

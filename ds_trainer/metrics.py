@@ -22,7 +22,9 @@ def ai_scores(outputs: torch.Tensor) -> torch.Tensor:
     return outputs.reshape(-1).sigmoid()
 
 
-def binary_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def binary_metrics(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, threshold: float = 0.5
+) -> dict[str, float]:
     """acc, real/fake acc, ROC AUC and AP (NaN where a class is missing, e.g. a one-class batch)."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)

@@ -81,7 +81,9 @@ def environment_bin(executable: str | None = None) -> Path:
 
 
 def pin_build_env(
-    environ: MutableMapping[str, str] | None = None, executable: str | None = None, prefix: str | None = None,
+    environ: MutableMapping[str, str] | None = None,
+    executable: str | None = None,
+    prefix: str | None = None,
     base_prefix: str | None = None,
 ) -> None:
     """Make every op build in this environment use one directory and one ninja. Idempotent.
@@ -107,7 +109,7 @@ def extensions_dir() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
         return Path(root)
-    from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC2701 - torch's own rule
+    from torch.utils.cpp_extension import _get_build_directory
 
     return Path(_get_build_directory("x", False)).parent
 
@@ -183,7 +185,7 @@ def build_lock(build_dir: Path, op: str, announce: int, notice_s: float = NOTICE
             except BlockingIOError:
                 info = _read_info(path)
                 waited = time.monotonic() - start
-                if not told and (waited > notice_s and info.get("state") == "building" or waited > 10 * notice_s):
+                if not told and ((waited > notice_s and info.get("state") == "building") or waited > 10 * notice_s):
                     log.log(announce, "waiting for another process's op build lock %s (%s)", path, _describe(info))
                     told = True
                 time.sleep(POLL_S)
@@ -299,7 +301,7 @@ def _announce_level() -> int:
 
 def guarded_load(op: str, load: Any, build_dir: Path | None = None) -> Any:
     """`load()` op `op` under the build lock, saying (on rank 0) when it compiles and how long it took."""
-    from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC2701 - torch's own rule
+    from torch.utils.cpp_extension import _get_build_directory
 
     build_dir = Path(_get_build_directory(op, False)) if build_dir is None else build_dir
     announce = _announce_level()

@@ -55,7 +55,7 @@ def provenance() -> dict[str, Any]:
     """The `provenance` block of an eval JSON."""
     commit, dirty = git_state()
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (UTC alias is 3.11+)
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
         "git_dirty": dirty,
         "versions": package_versions(),

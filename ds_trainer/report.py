@@ -46,9 +46,7 @@ from ds_trainer.eval_results import (
     union_generators,
 )
 from ds_trainer.metrics import PROTOCOL_METRICS
-from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes, find_samples
 from ds_trainer.report_figures import (
-    _mean_roc,  # tests/test_report.py checks the mean curve's AUC through this module
     accuracy_figure,
     build_figures,
     confusion_counts,
@@ -59,11 +57,31 @@ from ds_trainer.report_figures import (
     score_figure,
     training_figure,
 )
+from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes, find_samples
 
 __all__ = [
-    "MEAN", "METRIC_LABELS", "EvalRun", "Report", "accuracy_figure", "attach_run", "build_figures", "confident_mistakes",
-    "confusion_counts", "confusion_figure", "load_eval", "log_to_tensorboard", "metrics_table_html",
-    "mistakes_html", "pr_figure", "provenance_html", "predictions_block", "render_html", "roc_figure", "score_figure", "training_figure", "write_report",
+    "MEAN",
+    "METRIC_LABELS",
+    "EvalRun",
+    "Report",
+    "accuracy_figure",
+    "attach_run",
+    "build_figures",
+    "confident_mistakes",
+    "confusion_counts",
+    "confusion_figure",
+    "load_eval",
+    "log_to_tensorboard",
+    "metrics_table_html",
+    "mistakes_html",
+    "pr_figure",
+    "predictions_block",
+    "provenance_html",
+    "render_html",
+    "roc_figure",
+    "score_figure",
+    "training_figure",
+    "write_report",
 ]
 
 
@@ -74,8 +92,9 @@ class Report:
     figures: dict[str, Path]
 
 
-def write_report(runs: Sequence[EvalRun], out_dir: str | Path, threshold: float = 0.5,
-                 tensorboard: str | Path | None = None) -> Report:
+def write_report(
+    runs: Sequence[EvalRun], out_dir: str | Path, threshold: float = 0.5, tensorboard: str | Path | None = None
+) -> Report:
     """Every figure as `<name>.png` in `out_dir`, and `report.html` with them embedded; with
     `tensorboard`, the same figures and the PR curves go to that log dir too."""
     if not runs:
@@ -144,8 +163,12 @@ window.addEventListener('load', function () {
 """
 
 
-def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: float = 0.5,
-                mistakes: Sequence[tuple[Mistakes, Samples]] | None = None) -> str:
+def render_html(
+    runs: Sequence[EvalRun],
+    pngs: dict[str, bytes],
+    threshold: float = 0.5,
+    mistakes: Sequence[tuple[Mistakes, Samples]] | None = None,
+) -> str:
     """The page; `mistakes` per run (with their thumbnails), else found here without thumbnails."""
     e = html.escape
     if mistakes is None:
@@ -169,20 +192,26 @@ def render_html(runs: Sequence[EvalRun], pngs: dict[str, bytes], threshold: floa
         )
     parts.append("</table>")
     parts.append(provenance_html(runs))
-    parts.append(f"<h2>Metrics per generator</h2><p class='muted'>threshold {threshold:g} on P(AI-generated); "
-                 "the mean is the unweighted mean over generators (the GenImage protocol).</p>")
+    parts.append(
+        f"<h2>Metrics per generator</h2><p class='muted'>threshold {threshold:g} on P(AI-generated); "
+        "the mean is the unweighted mean over generators (the GenImage protocol).</p>"
+    )
     parts.append(metrics_table_html(runs))
     for name, png in pngs.items():
         data = base64.b64encode(png).decode("ascii")
-        parts.append(f"<h2>{e(FIGURE_TITLES.get(name, name))}</h2><figure><img id='fig-{e(name)}' "
-                     f"alt='{e(FIGURE_TITLES.get(name, name))}' src='data:image/png;base64,{data}'></figure>")
+        parts.append(
+            f"<h2>{e(FIGURE_TITLES.get(name, name))}</h2><figure><img id='fig-{e(name)}' "
+            f"alt='{e(FIGURE_TITLES.get(name, name))}' src='data:image/png;base64,{data}'></figure>"
+        )
     parts.append(mistakes_html(runs, mistakes, threshold))
     parts.append("<h2>Configuration</h2>")
     for run in runs:
         config = run.result.get("config")
         text = yaml.safe_dump(config, sort_keys=False) if config else "(not recorded in this eval result)"
-        parts.append(f"<h3>{e(run.name)}</h3><p class='muted'>checkpoint {e(str(run.result.get('checkpoint', '')))}"
-                     f"</p><pre>{e(text)}</pre>")
+        parts.append(
+            f"<h3>{e(run.name)}</h3><p class='muted'>checkpoint {e(str(run.result.get('checkpoint', '')))}"
+            f"</p><pre>{e(text)}</pre>"
+        )
     parts.append("</body></html>\n")
     return "".join(parts)
 
@@ -201,28 +230,42 @@ def mistakes_html(runs: Sequence[EvalRun], mistakes: Sequence[tuple[Mistakes, Sa
         if len(runs) > 1:
             parts.append(f"<h3>{e(run.name)}</h3>")
         if run.keys is None:
-            parts.append("<p class='muted'>This eval result has no image keys (written before they were recorded); "
-                         "re-run <code>ds-trainer eval</code> to name the images.</p>")
+            parts.append(
+                "<p class='muted'>This eval result has no image keys (written before they were recorded); "
+                "re-run <code>ds-trainer eval</code> to name the images.</p>"
+            )
         elif samples.problem:
             parts.append(f"<p class='muted'>Thumbnails: {e(samples.problem)}.</p>")
-        parts.append(f"<table class='mistakes' id='mistakes-{i}'><tr><th>generator</th><th class='run'>key</th>"
-                     "<th>truth</th><th>P(AI)</th><th class='run'>image</th></tr>")
+        parts.append(
+            f"<table class='mistakes' id='mistakes-{i}'><tr><th>generator</th><th class='run'>key</th>"
+            "<th>truth</th><th>P(AI)</th><th class='run'>image</th></tr>"
+        )
         for g, rows in found.by_generator.items():
             if not rows:
                 parts.append(f"<tr><td>{e(g)}</td><td class='run muted' colspan='4'>no mistakes</td></tr>")
                 continue
             for n, m in enumerate(rows):
-                head = f"<td rowspan='{len(rows)}'>{e(g)}<br><span class='muted'>{len(rows)} of " \
-                       f"{found.totals[g]} shown</span></td>" if n == 0 else ""
+                head = (
+                    f"<td rowspan='{len(rows)}'>{e(g)}<br><span class='muted'>{len(rows)} of "
+                    f"{found.totals[g]} shown</span></td>"
+                    if n == 0
+                    else ""
+                )
                 key = f"<code>{e(m.key)}</code>" if m.key else "<span class='muted'>not recorded</span>"
                 source = samples.paths.get(m.key or "")
                 if source:
                     key += f"<br><span class='muted'>{e(source)}</span>"
                 thumb = samples.thumbs.get(m.key or "")
-                image = (f"<img class='thumb' alt='{e(m.key or '')}' "
-                         f"src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>" if thumb else "")
-                parts.append(f"<tr>{head}<td class='run'>{key}</td><td>{'AI' if m.label else 'real'}</td>"
-                             f"<td>{m.score:.3f}</td><td class='run'>{image}</td></tr>")
+                image = (
+                    f"<img class='thumb' alt='{e(m.key or '')}' "
+                    f"src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>"
+                    if thumb
+                    else ""
+                )
+                parts.append(
+                    f"<tr>{head}<td class='run'>{key}</td><td>{'AI' if m.label else 'real'}</td>"
+                    f"<td>{m.score:.3f}</td><td class='run'>{image}</td></tr>"
+                )
         parts.append("</table>")
     return "".join(parts)
 
@@ -234,14 +277,17 @@ def provenance_html(runs: Sequence[EvalRun]) -> str:
 
     e = html.escape
     libs = ("ds_trainer", *VERSIONED)
-    rows = ["<h3>Provenance</h3><table id='provenance'><tr><th>run</th><th class='run'>evaluated (UTC)</th>"
-            "<th class='run'>git commit</th>"
-            + "".join(f"<th>{e(lib)}</th>" for lib in libs) + "</tr>"]
+    rows = [
+        "<h3>Provenance</h3><table id='provenance'><tr><th>run</th><th class='run'>evaluated (UTC)</th>"
+        "<th class='run'>git commit</th>" + "".join(f"<th>{e(lib)}</th>" for lib in libs) + "</tr>"
+    ]
     for run in runs:
         prov = run.result.get("provenance")
         if not isinstance(prov, dict):
-            rows.append(f"<tr><td class='run'>{e(run.name)}</td><td class='run muted' colspan='{2 + len(libs)}'>"
-                        "not recorded (an eval result from before ds-trainer eval recorded it)</td></tr>")
+            rows.append(
+                f"<tr><td class='run'>{e(run.name)}</td><td class='run muted' colspan='{2 + len(libs)}'>"
+                "not recorded (an eval result from before ds-trainer eval recorded it)</td></tr>"
+            )
             continue
         commit = prov.get("git_commit")
         if commit:
@@ -250,9 +296,12 @@ def provenance_html(runs: Sequence[EvalRun]) -> str:
         else:
             where = "<span class='muted'>not run from a git checkout</span>"
         versions = prov.get("versions") or {}
-        rows.append(f"<tr><td class='run'>{e(run.name)}</td><td class='run'>{e(str(prov.get('date') or ''))}</td>"
-                    f"<td class='run'>{where}</td>"
-                    + "".join(f"<td>{e(str(versions.get(lib) or 'n/a'))}</td>" for lib in libs) + "</tr>")
+        rows.append(
+            f"<tr><td class='run'>{e(run.name)}</td><td class='run'>{e(str(prov.get('date') or ''))}</td>"
+            f"<td class='run'>{where}</td>"
+            + "".join(f"<td>{e(str(versions.get(lib) or 'n/a'))}</td>" for lib in libs)
+            + "</tr>"
+        )
     rows.append("</table>")
     return "".join(rows)
 
@@ -263,23 +312,33 @@ def metrics_table_html(runs: Sequence[EvalRun]) -> str:
     head = "<tr><th>generator</th>" + ("<th class='run'>run</th>" if multi else "")
     head += "".join(f"<th>{e(METRIC_LABELS[k])}</th>" for k in PROTOCOL_METRICS) + "<th>images</th></tr>"
     rows = [f"<table id='metrics'>{head}"]
-    for g in union_generators(runs) + [MEAN]:
+    for g in [*union_generators(runs), MEAN]:
         for run in runs:
             metrics = run.table().get(g)
             if metrics is None:
                 continue
             n = int((run.generators == g).sum()) if g != MEAN else len(run.scores)
-            cells = "".join(f"<td>{'n/a' if math.isnan(metrics.get(k, math.nan)) else f'{100 * metrics[k]:.1f}'}</td>"
-                            for k in PROTOCOL_METRICS)
+            cells = "".join(
+                f"<td>{'n/a' if math.isnan(metrics.get(k, math.nan)) else f'{100 * metrics[k]:.1f}'}</td>"
+                for k in PROTOCOL_METRICS
+            )
             cls = " class='mean'" if g == MEAN else ""
-            rows.append(f"<tr{cls}><td>{e(g)}</td>" + (f"<td class='run'>{e(run.name)}</td>" if multi else "")
-                        + f"{cells}<td>{n}</td></tr>")
+            rows.append(
+                f"<tr{cls}><td>{e(g)}</td>"
+                + (f"<td class='run'>{e(run.name)}</td>" if multi else "")
+                + f"{cells}<td>{n}</td></tr>"
+            )
     rows.append("</table>")
     return "".join(rows)
 
 
-def log_to_tensorboard(runs: Sequence[EvalRun], log_dir: str | Path, step: int | None = None,
-                       threshold: float = 0.5, figures: dict[str, Any] | None = None) -> None:
+def log_to_tensorboard(
+    runs: Sequence[EvalRun],
+    log_dir: str | Path,
+    step: int | None = None,
+    threshold: float = 0.5,
+    figures: dict[str, Any] | None = None,
+) -> None:
     """PR curves per generator (`pr/<generator>`, `pr/<run>/<generator>` for several runs) and the
     figures as images (`report/<name>`); `figures` are drawn here unless given."""
     from torch.utils.tensorboard import SummaryWriter

@@ -73,7 +73,7 @@ def roc_figure(runs: Sequence[EvalRun]):
             ax.plot(mean[0], mean[1], "k--", lw=2, label=f"{MEAN} (AUC {mean[2]:.3f})")
         _roc_axes(ax, run.name)
     else:
-        names = union_generators(runs) + [MEAN]
+        names = [*union_generators(runs), MEAN]
         fig, axes = _panels(len(names))
         for ax, g in zip(axes, names):
             for run in runs:
@@ -91,11 +91,15 @@ def roc_figure(runs: Sequence[EvalRun]):
 
 def _roc_axes(ax, title: str) -> None:
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (real called AI)",
-           ylabel="true positive rate (AI caught)", title=title)
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        xlabel="false positive rate (real called AI)",
+        ylabel="true positive rate (AI caught)",
+        title=title,
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=7)
-
 
 
 def _pr(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -134,8 +138,9 @@ def pr_figure(runs: Sequence[EvalRun]):
 
 
 def _pr_axes(ax, title: str) -> None:
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (AI caught)", ylabel="precision (AI calls that are AI)",
-           title=title)
+    ax.set(
+        xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (AI caught)", ylabel="precision (AI calls that are AI)", title=title
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower left", fontsize=7)
 
@@ -164,7 +169,7 @@ def score_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
 
 def accuracy_figure(runs: Sequence[EvalRun]):
     """Accuracy, real accuracy and fake accuracy per generator and their mean; a bar per run."""
-    gens = union_generators(runs) + [MEAN]
+    gens = [*union_generators(runs), MEAN]
     fig, axes = _panels(3, width=max(4.5, 0.9 * len(gens) * max(1, len(runs)) ** 0.5 + 2), max_cols=1, height=3.0)
     width = 0.8 / len(runs)
     x = np.arange(len(gens))
@@ -176,8 +181,9 @@ def accuracy_figure(runs: Sequence[EvalRun]):
             bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, np.nan_to_num(values), width, label=run.name)
             for bar, v in zip(bars, values):
                 if not math.isnan(v):
-                    ax.annotate(f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
-                                fontsize=6)
+                    ax.annotate(
+                        f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=6
+                    )
         ax.axvline(len(gens) - 1.5, color="0.6", lw=0.8)
         ax.set(ylim=(0, 112), ylabel=f"{METRIC_LABELS[key]} (%)", xticks=x)
         ax.set_xticklabels(gens, rotation=20, ha="right", fontsize=8)
@@ -217,10 +223,23 @@ def confusion_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
         # vmin/vmax fixed: without them the smallest cell is the colormap's white whatever its count
         image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
         for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, f"{v}\n{100 * shares[i, j]:.1f}%", ha="center", va="center",
-                    color=readable_text_color(image.to_rgba(shares[i, j])))
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["real", "AI"], yticklabels=["real", "AI"],
-               xlabel=f"predicted (P(AI) ≥ {threshold:g})", ylabel="true", title=run.name)
+            ax.text(
+                j,
+                i,
+                f"{v}\n{100 * shares[i, j]:.1f}%",
+                ha="center",
+                va="center",
+                color=readable_text_color(image.to_rgba(shares[i, j])),
+            )
+        ax.set(
+            xticks=[0, 1],
+            yticks=[0, 1],
+            xticklabels=["real", "AI"],
+            yticklabels=["real", "AI"],
+            xlabel=f"predicted (P(AI) ≥ {threshold:g})",
+            ylabel="true",
+            title=run.name,
+        )
     fig.tight_layout()
     return fig
 
@@ -258,8 +277,14 @@ def training_figure(runs: Sequence[EvalRun]):
         pts = _epoch_points(run, "train_loss")
         if pts:
             # markers only when the logged steps already draw the line
-            ax_loss.plot(*zip(*pts), ls="none" if logged else "-", color=train_c, marker="o", ms=4,
-                         label=f"{who}train loss (epoch mean)")
+            ax_loss.plot(
+                *zip(*pts),
+                ls="none" if logged else "-",
+                color=train_c,
+                marker="o",
+                ms=4,
+                label=f"{who}train loss (epoch mean)",
+            )
         pts = _epoch_points(run, "val_loss")
         if pts:
             ax_loss.plot(*zip(*pts), "--", color=val_c, marker="o", ms=4, label=f"{who}val loss")
@@ -284,18 +309,29 @@ def training_figure(runs: Sequence[EvalRun]):
     gen_colors = {g: f"C{k % 10}" for k, g in enumerate(_curve_generators(per_generator))}
     for ax, run in zip(ax_gens, per_generator):
         for g, color in gen_colors.items():
-            pts = [(r["step"], r["val_generators"][g]["auc"]) for r in run.curves
-                   if (r.get("val_generators") or {}).get(g, {}).get("auc") is not None]
+            pts = [
+                (r["step"], r["val_generators"][g]["auc"])
+                for r in run.curves
+                if (r.get("val_generators") or {}).get(g, {}).get("auc") is not None
+            ]
             if pts:
                 ax.plot(*zip(*pts), color=color, marker="o", ms=3, lw=1.2, label=g)
-        pts = [(r["step"], r["val_generators"][MEAN]["auc"]) for r in run.curves
-               if (r.get("val_generators") or {}).get(MEAN, {}).get("auc") is not None]
+        pts = [
+            (r["step"], r["val_generators"][MEAN]["auc"])
+            for r in run.curves
+            if (r.get("val_generators") or {}).get(MEAN, {}).get("auc") is not None
+        ]
         if pts:
             ax.plot(*zip(*pts), "k--", marker="s", ms=3, lw=2, label=MEAN)
         ax.set(title=f"validation AUC per generator: {run.name}")
     ax_acc.set(ylabel="%")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy"), (ax_auc, "validation AUC"), (ax_lr, "learning rate"),
-                      (ax_speed, "training samples/s")):
+    for ax, title in (
+        (ax_loss, "loss"),
+        (ax_acc, "accuracy"),
+        (ax_auc, "validation AUC"),
+        (ax_lr, "learning rate"),
+        (ax_speed, "training samples/s"),
+    ):
         ax.set(title=title)
     for ax in axes:
         ax.set(xlabel="optimizer step")
@@ -324,4 +360,3 @@ def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, 
     if any(run.curves for run in runs):
         figures["training"] = training_figure(runs)
     return figures
-

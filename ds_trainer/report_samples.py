@@ -116,7 +116,7 @@ def _split_name(name: str) -> tuple[str, str]:
     """(key, extension) as webdataset groups tar members: the key ends at the basename's first dot."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :].lower())
 
 
 def _read_shard(tar_path: Path, missing: set[str], size: int, out: Samples) -> None:

@@ -100,7 +100,11 @@ def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = 
 
 
 def run_evaluation(
-    cfg: Config, load_dir: str | Path, tag: str | None = None, out: str | Path | None = None, debug: bool = False,
+    cfg: Config,
+    load_dir: str | Path,
+    tag: str | None = None,
+    out: str | Path | None = None,
+    debug: bool = False,
     report_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and their mean.

@@ -83,7 +83,7 @@ class DirLock:
                         f"checkpoint_dir {self.path.parent} is in use by a live run (host {holder.get('host')}, "
                         f"PID {holder.get('pid')}, since {holder.get('started')}); give this run another "
                         f"training.checkpoint_dir, or stop that one (a lock of a dead run is taken over by itself)"
-                    )
+                    ) from None
                 log.warning("taking over the lock of %s: %s (holder: %s)", self.path.parent, why, holder)
                 self.path.unlink(missing_ok=True)
                 continue

@@ -107,7 +107,12 @@ class BestTracker:
     """
 
     def __init__(
-        self, monitor: str, higher_is_better: bool, min_delta: float = 0.0, patience: int = 0, early_stopping: bool = False
+        self,
+        monitor: str,
+        higher_is_better: bool,
+        min_delta: float = 0.0,
+        patience: int = 0,
+        early_stopping: bool = False,
     ) -> None:
         self.monitor = monitor
         self.higher_is_better = higher_is_better

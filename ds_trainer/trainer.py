@@ -39,6 +39,7 @@ from ds_trainer.state import BestTracker, TrainState, epoch_checkpoint_due
 
 log = logging.getLogger(__name__)
 
+
 class Trainer:
     """Fine-tunes `model` with DeepSpeed.
 
@@ -79,10 +80,6 @@ class Trainer:
     def epoch(self) -> int:  # the last finished epoch
         return self.state.progress.epoch
 
-    @property
-    def best_metric(self) -> float | None:
-        return self.state.best.best_metric
-
     def setup(self) -> None:
         """Starts (or joins) the process group and builds the engine; every other method calls it."""
         if self.engine is not None:
@@ -94,10 +91,10 @@ class Trainer:
         configure_logging(env.rank, self.run_dir)
         self.trainable = any(p.requires_grad for p in self.model.parameters())
         if self.val_loader is not None:
-            self.val_loader = loaders.distribute(self.val_loader, env.rank, env.world_size, self.cfg.seed, train=False)
+            self.val_loader = self._distribute(self.val_loader, train=False)
         if self.trainable and self.train_loader is not None:
-            self.train_loader = loaders.distribute(self.train_loader, env.rank, env.world_size, self.cfg.seed, train=True)
-            s = engines.training_settings(self.cfg, env.world_size, self.train_loader, self.val_loader is not None, self._plan)
+            self.train_loader = self._distribute(self.train_loader, train=True)
+            s = engines.training_settings(self.cfg, env.world_size, self.train_loader, self.val_loader, self._plan)
             built = engines.build_training_engine(self.model, self.cfg, s)
         else:
             s = engines.eval_settings(self.cfg, env.world_size)
@@ -130,6 +127,10 @@ class Trainer:
         )  # fmt: skip
         log.info("%s", engines.describe(s, self.input_dtype, self.model, self.group_names))
 
+    def _distribute(self, loader: Iterable, train: bool) -> Iterable:
+        assert self.env is not None
+        return loaders.distribute(loader, self.env.rank, self.env.world_size, self.cfg.seed, train)
+
     def calculate_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the logits; override for a custom loss (the seed's CustomTrainer)."""
         return F.cross_entropy(outputs.float(), targets)
@@ -138,8 +139,7 @@ class Trainer:
         """Loss, accuracy, ROC AUC, AP (per generator where named) over the whole set, from every rank."""
         self.setup()
         assert self.env is not None and self.settings is not None
-        env = self.env
-        loader = self.val_loader if loader is None else loaders.distribute(loader, env.rank, env.world_size, self.cfg.seed, False)
+        loader = self.val_loader if loader is None else self._distribute(loader, train=False)
         if loader is None:
             raise ConfigError("evaluate(): no val_loader was given")
         result = evaluate(self.engine, loader, epoch=self.epoch, zero_stage=self.settings.zero_stage, dtype=self.input_dtype,
@@ -240,8 +240,8 @@ class Trainer:
                     self._save_preempted(epoch, result)
                 if self._end_epoch(epoch, result.row or {}):
                     break
-            if self.state.best.best_row is not None:
-                console().info("Best checkpoint: %s", self.state.best.summary(Path(self.t.checkpoint_dir) / checkpoint.BEST))
+            if (best := self.state.best).best_row is not None:
+                console().info("Best checkpoint: %s", best.summary(Path(self.t.checkpoint_dir) / checkpoint.BEST))
         return self.history
 
     def _end_epoch(self, epoch: int, train_row: dict[str, Any]) -> bool:
@@ -275,7 +275,7 @@ class Trainer:
             self.save_checkpoint(checkpoint.BEST, update_latest=False)
         if verdict.stop:
             console().info("Early stopping: %s has not improved for %d epochs (best %.4f)", monitor,
-                           self.state.best.epochs_without_improvement, self.best_metric)  # fmt: skip
+                           self.state.best.epochs_without_improvement, self.state.best.best_metric)  # fmt: skip
         return verdict.stop
 
     def _save_preempted(self, epoch: int, result: EpochResult) -> None:

@@ -16,7 +16,7 @@ def main(path: str) -> int:
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{v:>13.4g}" if isinstance(v, float) else f"{str(v):>13}")
+            cells.append(f"{v:>13.4g}" if isinstance(v, float) else f"{v!s:>13}")
         print(" ".join(cells))
     last = rows[-1]
     print(f"final val_auc: {last.get('val_auc')}  ({path})")

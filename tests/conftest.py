@@ -18,8 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 # (huggingface_hub reads this once, at import, so it must be set before transformers loads.)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Set by in-process DeepSpeed tests (a world of one); a launched job must not inherit them.
-_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "CROSS_RANK", "CROSS_SIZE", "DS_ACCELERATOR")
+_RANK_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "DS_ACCELERATOR",
+)
 
 
 def launch_env(**extra: str) -> dict[str, str]:
@@ -50,8 +60,14 @@ def write_config(path: Path, shards: Path, **sections) -> Path:
         "name": "test",
         "model": {"model_name": "tiny"},
         "data": {"shards": str(shards), "num_workers": 1, "shuffle_buffer": 50},
-        "training": {"learning_rate": 1e-3, "num_epochs": 3, "batch_size": 8, "warmup_epochs": 1, "min_lr": 1e-5,
-                     "checkpoint_dir": str(path.parent / "ckpt")},
+        "training": {
+            "learning_rate": 1e-3,
+            "num_epochs": 3,
+            "batch_size": 8,
+            "warmup_epochs": 1,
+            "min_lr": 1e-5,
+            "checkpoint_dir": str(path.parent / "ckpt"),
+        },
         "deepspeed": {"zero_stage": 1},
         "logging": {"run_dir": str(path.parent / "run"), "log_every_n_steps": 2},
     }

@@ -52,8 +52,11 @@ def log_file(tmp_path: Path):
 
 
 def _shard(root: Path, generator: str, index: int) -> Path:
-    entries = [e for e in json.loads((root / "manifest.json").read_text())["shards"]
-               if e["generator"] == generator and e["split"] == "val"]
+    entries = [
+        e
+        for e in json.loads((root / "manifest.json").read_text())["shards"]
+        if e["generator"] == generator and e["split"] == "val"
+    ]
     return root / entries[index]["path"]
 
 
@@ -144,7 +147,7 @@ def test_truncated_tar_counts_every_sample_it_lost(shards: Path, log_file: Path)
 
 
 @pytest.mark.parametrize(
-    ("num_workers", "empty"),
+    "num_workers, empty",
     [
         (1, [("demo_nearest", 1)]),  # the last shard: the stream ends on bad samples, no batch follows
         (2, [("demo_nearest", 1)]),  # the same in worker 1, after 5 full batches: a batch of no sample
@@ -167,8 +170,9 @@ def test_zero_byte_tar_counts_its_manifest_samples(
 
 @pytest.mark.parametrize("num_workers", [1, 2])
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_shard_missing_on_disk_counts_its_manifest_samples(shards: Path, log_file: Path, num_workers: int,
-                                                           when: str) -> None:
+def test_shard_missing_on_disk_counts_its_manifest_samples(
+    shards: Path, log_file: Path, num_workers: int, when: str
+) -> None:
     # Missing when the run starts (load_manifest warns), or vanishing after the loader was made
     # (a network file system, a cleanup job): either way its samples are counted as bad.
     path = _shard(shards, "demo_bicubic", 0)  # 20 samples

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 from conftest import REPO, run_cmd
-import pytest
 
 # The benchmark scripts start and write their results (make test-bench; .ci/run runs it after make test).
 pytestmark = pytest.mark.bench

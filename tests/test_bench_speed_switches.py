@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
-from conftest import REPO, run_cmd
 import pytest
+from conftest import REPO, run_cmd
 
 # The benchmark scripts start and write their results (make test-bench; .ci/run runs it after make test).
 pytestmark = pytest.mark.bench

@@ -9,8 +9,8 @@ import json
 import math
 import sys
 
-from conftest import REPO, run_cmd
 import pytest
+from conftest import REPO, run_cmd
 
 # The benchmark scripts start and write their results (make test-bench; .ci/run runs it after make test).
 pytestmark = pytest.mark.bench

@@ -20,7 +20,9 @@ def fake_tag(root, tag, step, files):
 
 def test_truncated_or_missing_rank_file_makes_a_tag_incomplete_and_resume_falls_back(tmp_path, caplog):
     fake_tag(tmp_path, "epoch_1", 8, {"mp_rank_00_model_states.pt": b"a" * 10, "zero_pp_rank_1_optim.pt": b"b" * 5})
-    newer = fake_tag(tmp_path, "epoch_2", 16, {"mp_rank_00_model_states.pt": b"a" * 10, "zero_pp_rank_1_optim.pt": b"b" * 5})
+    newer = fake_tag(
+        tmp_path, "epoch_2", 16, {"mp_rank_00_model_states.pt": b"a" * 10, "zero_pp_rank_1_optim.pt": b"b" * 5}
+    )
     (tmp_path / "latest").write_text("epoch_2")
     assert checkpoint.resolve(tmp_path) == (tmp_path, "epoch_2")
 
@@ -52,7 +54,15 @@ def test_preemption_tags_are_dropped_once_an_epoch_supersedes_them(tmp_path):
 
 
 def test_config_hash_ignores_paths_and_logging():
-    a = {"model": {"model_name": "tiny"}, "training": {"learning_rate": 1e-3, "checkpoint_dir": "a"}, "logging": {"run_dir": "x"}}
-    b = {"model": {"model_name": "tiny"}, "training": {"learning_rate": 1e-3, "checkpoint_dir": "b"}, "logging": {"run_dir": "y"}}
+    a = {
+        "model": {"model_name": "tiny"},
+        "training": {"learning_rate": 1e-3, "checkpoint_dir": "a"},
+        "logging": {"run_dir": "x"},
+    }
+    b = {
+        "model": {"model_name": "tiny"},
+        "training": {"learning_rate": 1e-3, "checkpoint_dir": "b"},
+        "logging": {"run_dir": "y"},
+    }
     c = {"model": {"model_name": "tiny"}, "training": {"learning_rate": 2e-3, "checkpoint_dir": "a"}}
     assert checkpoint.config_hash(a) == checkpoint.config_hash(b) != checkpoint.config_hash(c)

@@ -110,8 +110,13 @@ def test_all_errors_reported_at_once():
 def test_set_overrides_any_key_with_yaml_typed_values():
     cfg = build_config(
         parse_yaml(SEED_TRAINING),
-        ["training.learning_rate=3e-5", "deepspeed.zero_stage=2", "data.train_generators=[adm, glide]",
-         "training.clip_grad_norm=null", "model.freeze_backbone=true"],
+        [
+            "training.learning_rate=3e-5",
+            "deepspeed.zero_stage=2",
+            "data.train_generators=[adm, glide]",
+            "training.clip_grad_norm=null",
+            "model.freeze_backbone=true",
+        ],
     )
     assert cfg.training.learning_rate == 3e-5
     assert cfg.deepspeed.zero_stage == 2
@@ -163,7 +168,9 @@ def test_monitor_must_be_a_metric_and_mode_follows_its_name():
 
 def test_offload_needs_zero():
     assert "offload_optimizer needs ZeRO" in error_of({"deepspeed": {"offload_optimizer": "cpu"}})
-    assert build_config({"deepspeed": {"offload_optimizer": "cpu", "zero_stage": 2}}).deepspeed.offload_optimizer == "cpu"
+    assert (
+        build_config({"deepspeed": {"offload_optimizer": "cpu", "zero_stage": 2}}).deepspeed.offload_optimizer == "cpu"
+    )
 
 
 @pytest.mark.parametrize(

@@ -91,7 +91,7 @@ def test_plan_uses_fewer_workers_than_requested_when_shards_are_few() -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize(
-    ("fixture", "world_size", "batch_size"),
+    "fixture, world_size, batch_size",
     [("uneven", 2, 3), ("uneven", 3, 2), ("single", 2, 2)],
 )
 def test_train_every_rank_yields_len_full_batches(
@@ -102,8 +102,14 @@ def test_train_every_rank_yields_len_full_batches(
     lengths = []
     for rank in range(world_size):
         loader = _loader(
-            shards, "train", batch_size=batch_size, train=True, rank=rank, world_size=world_size,
-            num_workers=num_workers, seed=1,
+            shards,
+            "train",
+            batch_size=batch_size,
+            train=True,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            seed=1,
         )
         batches = _epoch(loader)
         assert len(batches) == len(loader) == total // (world_size * batch_size)
@@ -170,7 +176,12 @@ def test_eval_covers_every_sample_once_and_len_is_exact(
     got: list[str] = []
     for rank in range(world_size):
         loader = _loader(
-            shards, "val", batch_size=2, train=False, rank=rank, world_size=world_size,
+            shards,
+            "val",
+            batch_size=2,
+            train=False,
+            rank=rank,
+            world_size=world_size,
             num_workers=num_workers,
         )
         batches = _epoch(loader)

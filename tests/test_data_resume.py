@@ -69,7 +69,9 @@ def test_holdout_takes_whole_shards_per_generator(tiny_shards):
     per_gen = collections.Counter(s.generator for s in held)
     assert set(per_gen) == {s.generator for s in shards} and all(n >= 1 for n in per_gen.values())
     train = make_shard_loader(tiny_shards, "train", holdout_fraction=0.25, **dict(KW, world_size=1, train=False))
-    hold = make_shard_loader(tiny_shards, "train", holdout_fraction=0.25, holdout=True, **dict(KW, world_size=1, train=False))
+    hold = make_shard_loader(
+        tiny_shards, "train", holdout_fraction=0.25, holdout=True, **dict(KW, world_size=1, train=False)
+    )
     train_keys, hold_keys = set(keys(train)), set(keys(hold))
     assert train_keys.isdisjoint(hold_keys) and len(train_keys | hold_keys) == 128
     assert len(hold_keys) == sum(s.count for s in held)
@@ -83,7 +85,7 @@ def test_undecodable_samples_are_skipped_and_counted(tmp_path, tiny_shards):
     root = tmp_path / "shards"
     shutil.copytree(tiny_shards, root)
     manifest = json.loads((root / "manifest.json").read_text())
-    val = [s for s in manifest["shards"] if s["split"] == "val"][0]
+    val = next(s for s in manifest["shards"] if s["split"] == "val")
     path = root / val["path"] if "path" in val else next(root.rglob(val["url"].split("/")[-1]))
     # Replace the image bytes of two samples with garbage, keeping the tar valid.
     with tarfile.open(path) as tar:

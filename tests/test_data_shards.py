@@ -45,8 +45,14 @@ def test_scan_layout_labels_and_case_insensitive_extensions(tmp_path: Path, make
     records = scan.records
     assert len(scan.skipped) == 2
     by = Counter((r.generator, r.split, r.label) for r in records)
-    assert by == {("g1", "train", 1): 4, ("g1", "train", 0): 3, ("g1", "val", 1): 1, ("g1", "val", 0): 1,
-                  ("g2", "train", 1): 1, ("g2", "train", 0): 1}
+    assert by == {
+        ("g1", "train", 1): 4,
+        ("g1", "train", 0): 3,
+        ("g1", "val", 1): 1,
+        ("g1", "val", 0): 1,
+        ("g2", "train", 1): 1,
+        ("g2", "train", 0): 1,
+    }
     names = {r.path.name for r in records}
     assert {"upper.PNG", "mixed.JpEg"} <= names and "notes.txt" not in names
     assert records == scan_tree(root).records  # sorted, reproducible
@@ -423,8 +429,11 @@ def test_changed_source_file_rewrites_its_shard(tmp_path: Path, make_tree) -> No
     _noise(12, 99).save(target)  # same name, new content: size and mtime change
     again = shard_genimage(src, out, max_count=4, workers=1, progress=False).manifest
     changed = {p for p, t in _mtimes(out).items() if before[p] != t}
-    (owner,) = [p for p, keys in _shard_keys(out, again).items()
-                if any(json.loads(_tar_samples(out / p)[k]["json"])["path"].endswith("ai_000.png") for k in keys)]
+    (owner,) = [
+        p
+        for p, keys in _shard_keys(out, again).items()
+        if any(json.loads(_tar_samples(out / p)[k]["json"])["path"].endswith("ai_000.png") for k in keys)
+    ]
     assert changed == {owner, owner.replace(".tar", ".json")}
     assert [e["count"] for e in again["shards"]] == [e["count"] for e in first["shards"]]
 
@@ -464,8 +473,13 @@ def test_cli_shard_flags_and_summary(tmp_path: Path, release: Path, capsys) -> N
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["max_count"], manifest["max_size"], manifest["seed"]) == (3, 10**6, 5)
     assert line.startswith(f"wrote {len(manifest['shards'])} shards to {out}: 20 images in")
-    for part in ("ADM/train ai=5 nature=4", "ADM/val ai=0 nature=0 (empty)", "stable_diffusion_v_1_4/train ai=4 nature=3",
-                 "stable_diffusion_v_1_4/val ai=2 nature=2", "skipped: 4 unreadable, 4 non-image, 1 outside layout"):
+    for part in (
+        "ADM/train ai=5 nature=4",
+        "ADM/val ai=0 nature=0 (empty)",
+        "stable_diffusion_v_1_4/train ai=4 nature=3",
+        "stable_diffusion_v_1_4/val ai=2 nature=2",
+        "skipped: 4 unreadable, 4 non-image, 1 outside layout",
+    ):
         assert part in line, (part, line)
     assert main(args) == 0
     assert f"wrote 0 shards to {out}, {len(manifest['shards'])} kept from an earlier run" in capsys.readouterr().out

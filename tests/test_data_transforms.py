@@ -316,10 +316,7 @@ def test_every_mode_through_full_preprocess(mode: str, train: bool) -> None:
 @pytest.mark.parametrize("mode", ["RGBA", "P_transparent"])
 def test_transparency_is_handled_alike_for_both_classes(mode: str) -> None:
     # half-transparent red over white, the same rule for real and ai: no class-dependent background
-    if mode == "RGBA":
-        img = Image.new("RGBA", (20, 30), (255, 0, 0, 128))
-    else:
-        img = _mode_image(mode)
+    img = Image.new("RGBA", (20, 30), (255, 0, 0, 128)) if mode == "RGBA" else _mode_image(mode)
     pre = Preprocess(image_size=16)
     assert _same(pre(img, 0), pre(img, 1))
     aligned = Preprocess(image_size=16, align_jpeg_quality=95)(img, 1)

@@ -14,8 +14,17 @@ def test_demo_config_reaches_auc_090_on_two_ranks(tmp_path):
     shards = tmp_path / "demo"
     make_demo_shards(shards, progress=False)
     out = run_cmd(
-        ["./launch.sh", "--config", "ds_configs/demo.yaml", "--set", f"data.shards={shards}",
-         "--set", f"logging.run_dir={tmp_path / 'run'}", "--set", f"training.checkpoint_dir={tmp_path / 'ckpt'}"],
+        [
+            "./launch.sh",
+            "--config",
+            "ds_configs/demo.yaml",
+            "--set",
+            f"data.shards={shards}",
+            "--set",
+            f"logging.run_dir={tmp_path / 'run'}",
+            "--set",
+            f"training.checkpoint_dir={tmp_path / 'ckpt'}",
+        ],
         DS_TRAINER_CPU_RANKS="2",
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

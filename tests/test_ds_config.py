@@ -80,8 +80,16 @@ def test_sgd_momentum_and_zero_allowance():
 
 
 def test_warmup_cosine_schedule():
-    c = cfg(training={"learning_rate": 1e-4, "min_lr": 1e-6, "num_epochs": 10, "warmup_epochs": 1,
-                      "grad_accumulation_steps": 4, "scheduler": "cosine"})
+    c = cfg(
+        training={
+            "learning_rate": 1e-4,
+            "min_lr": 1e-6,
+            "num_epochs": 10,
+            "warmup_epochs": 1,
+            "grad_accumulation_steps": 4,
+            "scheduler": "cosine",
+        }
+    )
     ds = build_ds_config(c, world_size=8, steps_per_epoch=100, device=GPU)
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     p = ds["scheduler"]["params"]
@@ -119,8 +127,12 @@ def write_json(tmp_path, data):
 
 
 def test_user_json_merges_extra_keys_and_accepts_agreement(tmp_path):
-    user = {"train_micro_batch_size_per_gpu": 32, "train_batch_size": "auto", "zero_optimization": {"stage": 2, "overlap_comm": True},
-            "activation_checkpointing": {"partition_activations": False}}
+    user = {
+        "train_micro_batch_size_per_gpu": 32,
+        "train_batch_size": "auto",
+        "zero_optimization": {"stage": 2, "overlap_comm": True},
+        "activation_checkpointing": {"partition_activations": False},
+    }
     c = cfg(training={"batch_size": 32}, deepspeed={"zero_stage": 2, "config_file": write_json(tmp_path, user)})
     ds = build_ds_config(c, 2, 10, GPU)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
@@ -129,14 +141,26 @@ def test_user_json_merges_extra_keys_and_accepts_agreement(tmp_path):
 
 
 def test_user_json_mismatches_all_listed(tmp_path):
-    user = {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 3}, "gradient_clipping": 2.0,
-            "optimizer": {"type": "Adam", "params": {"lr": 1e-4}}}
-    c = cfg(training={"batch_size": 32, "learning_rate": 1e-3}, deepspeed={"zero_stage": 1, "config_file": write_json(tmp_path, user)})
+    user = {
+        "train_micro_batch_size_per_gpu": 16,
+        "zero_optimization": {"stage": 3},
+        "gradient_clipping": 2.0,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-4}},
+    }
+    c = cfg(
+        training={"batch_size": 32, "learning_rate": 1e-3},
+        deepspeed={"zero_stage": 1, "config_file": write_json(tmp_path, user)},
+    )
     with pytest.raises(ConfigError) as exc:
         build_ds_config(c, 2, 10, GPU)
     msg = str(exc.value)
-    for key in ("train_micro_batch_size_per_gpu", "zero_optimization.stage", "gradient_clipping",
-                "optimizer.type", "optimizer.params.lr"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "zero_optimization.stage",
+        "gradient_clipping",
+        "optimizer.type",
+        "optimizer.params.lr",
+    ):
         assert key in msg
 
 
@@ -157,9 +181,23 @@ def test_user_json_missing_or_invalid(tmp_path):
 
 def test_cli_prints_json_for_demo_config():
     out = subprocess.run(
-        [sys.executable, "-m", "ds_trainer", "ds-config", "--config", "ds_configs/demo.yaml", "--world-size", "8",
-         "--steps-per-epoch", "100", "--device", "cuda"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "ds_trainer",
+            "ds-config",
+            "--config",
+            "ds_configs/demo.yaml",
+            "--world-size",
+            "8",
+            "--steps-per-epoch",
+            "100",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     ds = json.loads(out.stdout)
     assert ds["train_batch_size"] == 32 * 1 * 8
@@ -172,9 +210,22 @@ def test_cli_prints_json_for_demo_config():
 
 def test_cli_user_error_exit_code_and_no_traceback():
     out = subprocess.run(
-        [sys.executable, "-m", "ds_trainer", "ds-config", "--config", "ds_configs/demo.yaml", "--world-size", "2",
-         "--steps-per-epoch", "10", "--set", "training.learnig_rate=1"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ds_trainer",
+            "ds-config",
+            "--config",
+            "ds_configs/demo.yaml",
+            "--world-size",
+            "2",
+            "--steps-per-epoch",
+            "10",
+            "--set",
+            "training.learnig_rate=1",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     assert "did you mean training.learning_rate?" in out.stderr

@@ -79,7 +79,7 @@ def test_loads_and_header_says_how_to_launch(path):
     cfg = load_config(path)
     assert cfg.name == path.stem, "name doubles as the W&B run name and results folder"
     lines = path.read_text().splitlines()
-    header = "\n".join(line for line in lines[: next(i for i, l in enumerate(lines) if not l.startswith("#"))])
+    header = "\n".join(line for line in lines[: next(i for i, text in enumerate(lines) if not text.startswith("#"))])
     assert header, "a config starts with a comment saying what it is for"
     assert f"--config ds_configs/{path.name}" in header, "the header must say how to launch it"
 

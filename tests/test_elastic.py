@@ -73,8 +73,9 @@ def test_resume_on_a_different_world_size(tmp_path, tiny_shards, stage):
 
 
 def test_indivisible_global_batch_is_refused_with_the_numbers(tmp_path, tiny_shards):
-    cfg = write_config(tmp_path / "a.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
-                       deepspeed={"zero_stage": 1})
+    cfg = write_config(
+        tmp_path / "a.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0}, deepspeed={"zero_stage": 1}
+    )
     launch(cfg, 2)
     proc = subprocess.run(
         ["./launch.sh", "--config", str(cfg), "--load-dir", str(tmp_path / "ckpt"), "--set", "training.batch_size=6",
@@ -93,8 +94,15 @@ def test_preemption_signal_saves_at_a_step_and_resume_continues(tmp_path, tiny_s
         deepspeed={"zero_stage": 2}, logging={"log_every_n_steps": 1}, data={"num_workers": 2},
     )  # fmt: skip
     env = launch_env(DS_TRAINER_CPU_RANKS="2")
-    proc = subprocess.Popen(["./launch.sh", "--config", str(cfg)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["./launch.sh", "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     steps_file = tmp_path / "run" / "steps.jsonl"
     deadline = time.time() + 300
     while len(jsonl(steps_file)) < 12 and time.time() < deadline and proc.poll() is None:

@@ -41,7 +41,9 @@ def test_a_live_holder_refuses_a_second_run(tmp_path):
     first.acquire()
     holder = json.loads((tmp_path / LOCK_NAME).read_text())
     assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
-    with pytest.raises(CheckpointError, match=rf"in use by a live run \(host {socket.gethostname()}, PID {os.getpid()}"):
+    with pytest.raises(
+        CheckpointError, match=rf"in use by a live run \(host {socket.gethostname()}, PID {os.getpid()}"
+    ):
         DirLock(tmp_path).acquire()
     first.release()
     assert not (tmp_path / LOCK_NAME).exists()
@@ -94,8 +96,11 @@ def test_nan_loss_stops_naming_step_epoch_and_samples(tmp_path, tiny_shards, cap
 
 
 def test_nan_loss_skip_drops_those_updates_and_counts_them(tmp_path, tiny_shards, monkeypatch):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards,
-                       training={"num_epochs": 1, "warmup_epochs": 0, "on_nonfinite": "skip", "max_nonfinite_steps": 3})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_shards,
+        training={"num_epochs": 1, "warmup_epochs": 0, "on_nonfinite": "skip", "max_nonfinite_steps": 3},
+    )
     monkeypatch.setenv("DS_TRAINER_FAULT", "nan:step=3:count=2")
     assert cli.main(["train", "--config", str(cfg)]) == 0
     (row,) = rows_of(tmp_path / "run")
@@ -107,8 +112,11 @@ def test_nan_loss_skip_drops_those_updates_and_counts_them(tmp_path, tiny_shards
 
 
 def test_too_many_nan_losses_in_a_row_fail(tmp_path, tiny_shards, capsys, monkeypatch):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards,
-                       training={"num_epochs": 1, "warmup_epochs": 0, "on_nonfinite": "skip", "max_nonfinite_steps": 3})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_shards,
+        training={"num_epochs": 1, "warmup_epochs": 0, "on_nonfinite": "skip", "max_nonfinite_steps": 3},
+    )
     monkeypatch.setenv("DS_TRAINER_FAULT", "nan:step=3:count=5")
     assert cli.main(["train", "--config", str(cfg)]) == 5
     assert "3 non-finite losses in a row (training.max_nonfinite_steps)" in capsys.readouterr().err
@@ -120,8 +128,16 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_shards):
     from ds_trainer.errors import TrainingError
 
     loader = make_shard_loader(tiny_shards, "train", batch_size=8, train=True, num_workers=1)
-    trainer = Trainer(CLIPModel("tiny"), loader, None, device="cpu", checkpoint_dir=str(tmp_path / "ckpt"),
-                      run_dir=tmp_path / "run", num_epochs=1, warmup_epochs=0)
+    trainer = Trainer(
+        CLIPModel("tiny"),
+        loader,
+        None,
+        device="cpu",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        run_dir=tmp_path / "run",
+        num_epochs=1,
+        warmup_epochs=0,
+    )
     trainer.save_checkpoint("epoch_0")
     with torch.no_grad():
         next(trainer.engine.module.parameters()).view(-1)[0] = float("nan")
@@ -132,15 +148,19 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_shards):
 
 
 # ------------------------------------------------------------------ a full disk while saving
-def test_full_disk_while_saving_names_the_directory_and_keeps_the_last_checkpoint(tmp_path, tiny_shards, capsys,
-                                                                                   monkeypatch):
+def test_full_disk_while_saving_names_the_directory_and_keeps_the_last_checkpoint(
+    tmp_path, tiny_shards, capsys, monkeypatch
+):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 2, "warmup_epochs": 0})
     monkeypatch.setenv("DS_TRAINER_FAULT", "enospc:tag=epoch_2")
     assert cli.main(["train", "--config", str(cfg)]) == 4
     err = capsys.readouterr().err
     ckpt = tmp_path / "ckpt"
-    assert re.search(rf"no space left on the device of {re.escape(str(ckpt))} while saving epoch_2: a checkpoint "
-                     r"needs about [\d.]+ MiB \(the size of the last checkpoints\), .* free; epoch_1 is intact", err), err
+    assert re.search(
+        rf"no space left on the device of {re.escape(str(ckpt))} while saving epoch_2: a checkpoint "
+        r"needs about [\d.]+ MiB \(the size of the last checkpoints\), .* free; epoch_1 is intact",
+        err,
+    ), err
     assert (ckpt / LATEST).read_text() == "epoch_1"
     assert resolve(ckpt) == (ckpt, "epoch_1")
     assert not (ckpt / "epoch_2").exists() and not (ckpt / "epoch_2.partial").exists()
@@ -278,10 +298,11 @@ def test_injected_faults_are_parsed_strictly():
     from ds_trainer.faults import parse
 
     assert [(f.kind, f.args) for f in parse("kill:step=3:rank=1,nan:step=2")] == [
-        ("kill", {"step": "3", "rank": "1"}), ("nan", {"step": "2"})]
+        ("kill", {"step": "3", "rank": "1"}),
+        ("nan", {"step": "2"}),
+    ]
     with pytest.raises(ValueError, match="unknown fault 'explode'"):
         parse("explode:step=1")
-
 
 
 @pytest.mark.distributed
@@ -295,11 +316,26 @@ def test_without_a_launcher_the_survivor_of_a_killed_rank_exits_within_the_timeo
     procs = []
     for rank in (0, 1):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_", "WORLD_", "MASTER_"))}
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=str(Path(__file__).parents[1]),
-                   DS_TRAINER_FAULT="kill:step=3:rank=1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "ds_trainer", "train", "--config", str(cfg)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            PYTHONPATH=str(Path(__file__).parents[1]),
+            DS_TRAINER_FAULT="kill:step=3:rank=1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "ds_trainer", "train", "--config", str(cfg)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     ended = time.time()
     assert procs[1].returncode == -9, outs[1][-2000:]

@@ -52,8 +52,18 @@ def test_two_ranks_train_checkpoint_and_resume(tmp_path, tiny_shards):
     shutil.rmtree(ckpt / "epoch_3")
     (ckpt / "latest").write_text("epoch_3")  # a stale pointer must not be trusted
     second = run_cmd(
-        [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "launch.sh", "--config", str(cfg), "--load-dir", str(ckpt),
-         "--set", f"logging.run_dir={tmp_path / 'run2'}"],
+        [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "launch.sh",
+            "--config",
+            str(cfg),
+            "--load-dir",
+            str(ckpt),
+            "--set",
+            f"logging.run_dir={tmp_path / 'run2'}",
+        ],
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
@@ -73,7 +83,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-SHM_PROBE = '''
+SHM_PROBE = """
 import os, deepspeed
 from ds_trainer.distributed import _unlink_shm_buffer, shm_buffer_path
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="%s")
@@ -81,7 +91,7 @@ deepspeed.init_distributed()
 made = shm_buffer_path(0).exists()
 _unlink_shm_buffer()
 print(made, shm_buffer_path(0).exists())
-'''
+"""
 
 
 def test_shm_allreduce_buffer_is_unlinked_after_init():
@@ -98,7 +108,9 @@ def test_cli_user_errors_exit_with_codes_and_no_traceback(tmp_path, tiny_shards)
     assert out.returncode == 3, out.stderr[-2000:]
     assert "no-such-shards" in out.stderr and "Traceback" not in out.stderr
     cfg = write_config(tmp_path / "cfg2.yaml", tiny_shards)
-    out = run_cmd([sys.executable, "-m", "ds_trainer", "train", "--config", str(cfg), "--load-dir", str(tmp_path / "nothing")])
+    out = run_cmd(
+        [sys.executable, "-m", "ds_trainer", "train", "--config", str(cfg), "--load-dir", str(tmp_path / "nothing")]
+    )
     assert out.returncode == 4 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -106,9 +118,13 @@ def test_cli_user_errors_exit_with_codes_and_no_traceback(tmp_path, tiny_shards)
 def test_two_ranks_each_zero_stage_trains_and_evaluates(tmp_path, tiny_shards, stage):
     # Eval shards are uneven across the ranks; under ZeRO-3 the short rank must keep joining
     # the parameter all-gathers with dummy batches or the job hangs.
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
-                       deepspeed={"zero_stage": stage},
-                       data={"eval_batch_size": 5, "eval_generators": ["demo_nearest"]})  # val shards of 20 and 4
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_shards,
+        training={"num_epochs": 1, "warmup_epochs": 0},
+        deepspeed={"zero_stage": stage},
+        data={"eval_batch_size": 5, "eval_generators": ["demo_nearest"]},
+    )  # val shards of 20 and 4
     port = str(free_port())
     out = run_cmd(["./launch.sh", "--config", str(cfg)], DS_TRAINER_CPU_RANKS="2", MASTER_PORT=port)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

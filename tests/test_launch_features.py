@@ -61,7 +61,15 @@ def test_plateau_best_early_stopping_and_logs_on_two_ranks(tmp_path, tiny_shards
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/lr", "train/grad_norm", "train/loss", "val/auc", "epoch/train_loss", "train/mfu", "epoch/mfu"} <= tags
+    assert {
+        "train/lr",
+        "train/grad_norm",
+        "train/loss",
+        "val/auc",
+        "epoch/train_loss",
+        "train/mfu",
+        "epoch/mfu",
+    } <= tags
     assert [e.step for e in acc.Scalars("val/loss")] == [8, 16, 24]
     assert acc.Scalars("val/loss")[0].value == pytest.approx(rows[0]["val_loss"], rel=1e-5)
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -80,8 +88,13 @@ def test_plateau_best_early_stopping_and_logs_on_two_ranks(tmp_path, tiny_shards
     ],
 )
 def test_strategies_train_on_two_ranks(tmp_path, tiny_shards, name, model, deepspeed):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, model=model, deepspeed=deepspeed,
-                       training={"num_epochs": 1, "warmup_epochs": 0, "learning_rate": 1e-2 if name == "prompt_tuning" else 1e-3})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_shards,
+        model=model,
+        deepspeed=deepspeed,
+        training={"num_epochs": 1, "warmup_epochs": 0, "learning_rate": 1e-2 if name == "prompt_tuning" else 1e-3},
+    )
     proc = launch(cfg)
     rows = jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 1 and rows[0]["step"] == 8 and rows[0]["val_samples"] == 48

@@ -187,8 +187,10 @@ def _forward_calls_per_step(model, x, y, train: bool) -> int:
     layer itself would not: transformers checkpoints the layer's forward, inside its __call__).
     """
     count = [0]
-    hook = _tower(model).encoder.layers[1].self_attn.register_forward_pre_hook(
-        lambda *_: count.__setitem__(0, count[0] + 1)
+    hook = (
+        _tower(model)
+        .encoder.layers[1]
+        .self_attn.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
     )
     model.train(train)
     model.zero_grad(set_to_none=True)

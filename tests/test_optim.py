@@ -38,7 +38,10 @@ def test_equal_lr_and_decay_share_a_group():
     # backbone_lr_scale 1: two groups, not four (DeepSpeed's ZeRO optimizer pays per group and step).
     model = CLIPModel("tiny")
     groups = param_groups(model, training(learning_rate=1e-3))
-    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("all", 1e-3, 0.01), ("all_no_decay", 1e-3, 0.0)]
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
+        ("all", 1e-3, 0.01),
+        ("all_no_decay", 1e-3, 0.0),
+    ]
     grouped = [[n for n, p in model.named_parameters() if any(p is q for q in g["params"])] for g in groups]
     assert "head.weight" in grouped[0] and "head.bias" in grouped[1]
     assert sum(map(len, grouped)) == len(list(model.parameters()))
@@ -57,8 +60,9 @@ def test_step_factor_follows_formula_with_warmup():
 
 
 def test_plateau_scale_reduces_on_no_improvement_and_round_trips():
-    t = training(scheduler="plateau", plateau_factor=0.5, plateau_patience=1, monitor="val_loss", min_lr=1e-6,
-                 learning_rate=1e-3)
+    t = training(
+        scheduler="plateau", plateau_factor=0.5, plateau_patience=1, monitor="val_loss", min_lr=1e-6, learning_rate=1e-3
+    )
     factor = LrFactor("plateau", steps_per_epoch=3, warmup_steps=0)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
     sched = LambdaLR(opt, factor)

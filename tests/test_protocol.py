@@ -29,7 +29,9 @@ def test_per_generator_metrics_and_unweighted_mean():
         m = gens == g
         assert table[g]["auc"] == pytest.approx(roc_auc_score(labels[m], scores[m]))
         assert table[g]["ap"] == pytest.approx(average_precision_score(labels[m], scores[m]))
-        assert table[g]["fake_acc"] == pytest.approx(((scores[m] >= 0.5) & (labels[m] == 1)).sum() / (labels[m] == 1).sum())
+        assert table[g]["fake_acc"] == pytest.approx(
+            ((scores[m] >= 0.5) & (labels[m] == 1)).sum() / (labels[m] == 1).sum()
+        )
     for k in PROTOCOL_METRICS:  # unweighted over generators: glide's 10 samples count as much as adm's 40
         assert table["mean"][k] == pytest.approx((table["adm"][k] + table["glide"][k]) / 2)
     text = format_protocol_table(table)
@@ -91,14 +93,39 @@ def _rank_predictions(rank, world, port, shards, out):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        loader = make_shard_loader(shards, "val", batch_size=5, train=False, rank=rank, world_size=world,
-                                   num_workers=0, image_size=32, pin_memory=False)
-        result = evaluate(_PixelScore(), loader, epoch=0, zero_stage=1, dtype=torch.float32,
-                          loss_fn=lambda o, t: o.sum() * 0, image_size=32, max_bad_fraction=0.0)
+        loader = make_shard_loader(
+            shards,
+            "val",
+            batch_size=5,
+            train=False,
+            rank=rank,
+            world_size=world,
+            num_workers=0,
+            image_size=32,
+            pin_memory=False,
+        )
+        result = evaluate(
+            _PixelScore(),
+            loader,
+            epoch=0,
+            zero_stage=1,
+            dtype=torch.float32,
+            loss_fn=lambda o, t: o.sum() * 0,
+            image_size=32,
+            max_bad_fraction=0.0,
+        )
         if rank == 0:
             p = result.predictions
-            out.write_text(json.dumps({"key": p["key"], "label": p["label"].tolist(), "score": p["score"].tolist(),
-                                       "generator": p["generator"]}))
+            out.write_text(
+                json.dumps(
+                    {
+                        "key": p["key"],
+                        "label": p["label"].tolist(),
+                        "score": p["score"].tolist(),
+                        "generator": p["generator"],
+                    }
+                )
+            )
     finally:
         dist.destroy_process_group()
 
@@ -158,8 +185,12 @@ def test_too_many_undecodable_samples_stop_the_run_with_a_clear_error(tmp_path, 
 
 @pytest.mark.distributed
 def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_path, tiny_shards):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, data={"holdout_fraction": 0.25},
-                       training={"num_epochs": 1, "warmup_epochs": 0})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_shards,
+        data={"holdout_fraction": 0.25},
+        training={"num_epochs": 1, "warmup_epochs": 0},
+    )
     proc = run_cmd(["./launch.sh", "--config", str(cfg)], DS_TRAINER_CPU_RANKS="2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
@@ -169,8 +200,22 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
     assert row["train_bad_samples"] == 0
 
     out = tmp_path / "eval.json"
-    proc = run_cmd([str(__import__("sys").executable), "-m", "ds_trainer", "eval", "--config", str(cfg),
-                    "--load-dir", str(tmp_path / "ckpt"), "--out", str(out), "--report", str(tmp_path / "report")])
+    proc = run_cmd(
+        [
+            str(__import__("sys").executable),
+            "-m",
+            "ds_trainer",
+            "eval",
+            "--config",
+            str(cfg),
+            "--load-dir",
+            str(tmp_path / "ckpt"),
+            "--out",
+            str(out),
+            "--report",
+            str(tmp_path / "report"),
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["split"] == "val" and result["samples"] == 48 and result["epoch"] == 1
@@ -222,8 +267,12 @@ def test_eval_without_config_scores_what_the_run_validated_on(tmp_path, tiny_sha
     from ds_trainer import cli
 
     monkeypatch.chdir(tmp_path)
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
-                       logging={"tensorboard": False})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_shards,
+        training={"num_epochs": 1, "warmup_epochs": 0},
+        logging={"tensorboard": False},
+    )
     assert cli.main(["train", "--config", str(cfg)]) == 0
     cfg.unlink()  # the checkpoint alone is enough
     assert cli.main(["eval", "--load-dir", str(tmp_path / "ckpt"), "--set", "data.num_workers=0"]) == 0

@@ -59,8 +59,10 @@ def write_metrics(run_dir: Path, epochs: int = 3) -> Path:
                                 "mean": {"auc": 0.51 + 0.1 * e}}}
             for e in range(1, epochs + 1)]  # fmt: skip
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    steps = [{"step": s, "train/lr": 1e-3 * (1 - s / 30), **({"train/loss": 0.8 - s / 40} if s % 2 == 0 else {})}
-             for s in range(1, 8 * epochs + 1)]
+    steps = [
+        {"step": s, "train/lr": 1e-3 * (1 - s / 30), **({"train/loss": 0.8 - s / 40} if s % 2 == 0 else {})}
+        for s in range(1, 8 * epochs + 1)
+    ]
     (run_dir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     return run_dir
 
@@ -112,8 +114,10 @@ def test_comparing_runs_overlays_them(tmp_path):
     a = fake_eval(tmp_path / "a.json", shift=0.45, seed=1)
     b = fake_eval(tmp_path / "b.json", shift=0.15, seed=2)
     out = tmp_path / "rep"
-    assert cli.main(["report", "--eval", str(a), "--eval", str(b), "--name", "full", "--name", "probe",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(["report", "--eval", str(a), "--eval", str(b), "--name", "full", "--name", "probe", "--out", str(out)])
+        == 0
+    )
     text = (out / "report.html").read_text()
     for g in (*GENERATORS, "mean"):
         assert len(re.findall(rf"<tr[^>]*><td>{g}</td><td class='run'>(full|probe)</td>", text)) == 2, g
@@ -130,7 +134,7 @@ def test_comparing_runs_overlays_them(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "code", "message"),
+    "args, code, message",
     [
         (["--eval", "missing.json"], 2, "no such file"),
         (["--eval", "notjson.json"], 3, "not JSON"),
@@ -191,8 +195,28 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     b = fake_eval(tmp_path / "b.json", shift=0.15, seed=2)
     run_dir = write_metrics(tmp_path / "run")
     out = tmp_path / "rep"
-    assert cli.main(["report", "--eval", str(a), "--eval", str(b), "--run", str(run_dir), "--run", str(run_dir),
-                     "--name", "full", "--name", "probe", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "report",
+                "--eval",
+                str(a),
+                "--eval",
+                str(b),
+                "--run",
+                str(run_dir),
+                "--run",
+                str(run_dir),
+                "--name",
+                "full",
+                "--name",
+                "probe",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     url = (out / "report.html").as_uri()
 
     dom = run_chromium(["--dump-dom", url], tmp_path / "profile1")
@@ -224,8 +248,9 @@ def run_from_confusion(cm: list[list[int]], name: str = "cm") -> report.EvalRun:
             labels += [true] * count
             scores += [0.8 if predicted else 0.2] * count
     n = len(labels)
-    return report.EvalRun(name, Path(f"{name}.json"), {}, np.asarray(scores), np.asarray(labels),
-                          np.full(n, "all", dtype=object))
+    return report.EvalRun(
+        name, Path(f"{name}.json"), {}, np.asarray(scores), np.asarray(labels), np.full(n, "all", dtype=object)
+    )
 
 
 def wcag_contrast(a, b) -> float:
@@ -315,8 +340,10 @@ def test_training_curves_show_step_loss_accuracy_and_auc_per_generator(tmp_path)
         assert list(steps) == list(range(2, 25, 2)) and values[0] == pytest.approx(0.75)
         assert list(loss["train loss (epoch mean)"].get_data()[0]) == [8, 16, 24]
         # train and val told apart by colour, not only by the dash pattern
-        for panel, train, val in (("loss", "train loss (epoch mean)", "val loss"),
-                                  ("accuracy", "train accuracy", "val accuracy")):
+        for panel, train, val in (
+            ("loss", "train loss (epoch mean)", "val loss"),
+            ("accuracy", "train accuracy", "val accuracy"),
+        ):
             lines = _lines(panels[panel])
             assert to_rgba(lines[train].get_color()) != to_rgba(lines[val].get_color()), panel
         acc = _lines(panels["accuracy"])
@@ -379,12 +406,16 @@ def test_provenance_records_commit_and_versions_and_the_page_shows_them(tmp_path
     from ds_trainer import __version__, provenance
 
     prov = provenance.provenance()
-    head = subprocess.run(["git", "-C", str(provenance.package_root()), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=False).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(provenance.package_root()), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     assert prov["git_commit"] == (head or None) and isinstance(prov["git_dirty"], bool) == bool(head)
-    assert prov["versions"] == {"ds_trainer": __version__, "torch": metadata.version("torch"),
-                                "deepspeed": metadata.version("deepspeed"),
-                                "transformers": metadata.version("transformers")}
+    assert prov["versions"] == {
+        "ds_trainer": __version__,
+        "torch": metadata.version("torch"),
+        "deepspeed": metadata.version("deepspeed"),
+        "transformers": metadata.version("transformers"),
+    }
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", prov["date"])
     # an installed package (no .git beside it) has no commit, even inside some other repository
     (tmp_path / "site-packages").mkdir()

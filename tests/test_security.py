@@ -56,22 +56,31 @@ def test_a_python_tag_in_yaml_is_refused_not_run(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef", "HF_TOKEN": "hf_secrettoken0123456789",
-           "AWS_SECRET_ACCESS_KEY": "aws-secret-0123456789"}
+SECRETS = {
+    "WANDB_API_KEY": "wandb-secret-0123456789abcdef",
+    "HF_TOKEN": "hf_secrettoken0123456789",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-0123456789",
+}
 
 
 def test_secrets_never_reach_logs_configs_or_checkpoints(tmp_path, tiny_shards, monkeypatch, capsys):
     for key, value in SECRETS.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0},
-                       logging={"wandb": {"enabled": True, "mode": "offline"}})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_shards,
+        training={"num_epochs": 1, "warmup_epochs": 0},
+        logging={"wandb": {"enabled": True, "mode": "offline"}},
+    )
     assert cli.main(["--debug", "train", "--config", str(cfg)]) == 0  # debug: the most verbose logs
     out = capsys.readouterr()
     assert (tmp_path / "run" / "wandb").is_dir()  # W&B really ran (offline) and wrote its files
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".pt" for p in files) and any(p.name == "config.yaml" for p in files)
-    leaks = [f"{p.relative_to(tmp_path)}: {k}" for p in files for k, v in SECRETS.items() if v.encode() in p.read_bytes()]
+    leaks = [
+        f"{p.relative_to(tmp_path)}: {k}" for p in files for k, v in SECRETS.items() if v.encode() in p.read_bytes()
+    ]
     leaks += [f"console: {k}" for k, v in SECRETS.items() if v in out.out + out.err]
     assert leaks == []
 

@@ -17,7 +17,7 @@ def genimage_root(tmp_path_factory):
     return build_demo_tree(tmp_path_factory.mktemp("genimage"), train_per_class=12, val_per_class=6)
 
 
-@pytest.fixture()
+@pytest.fixture
 def loaders(genimage_root):
     train_dataset = GenImageDataset(genimage_root, split="train")
     val_dataset = GenImageDataset(genimage_root, split="val")
@@ -50,13 +50,25 @@ def test_trainer_example(tmp_path, loaders, monkeypatch):
 def test_distributed_flag_and_resume_example(tmp_path, loaders, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_loader, val_loader = loaders
-    trainer = Trainer(model=CLIPModel(model_name="tiny"), train_loader=train_loader, val_loader=val_loader,
-                      distributed=True, num_epochs=5, save_frequency=5, checkpoint_dir="results/saved_models")
+    trainer = Trainer(
+        model=CLIPModel(model_name="tiny"),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        distributed=True,
+        num_epochs=5,
+        save_frequency=5,
+        checkpoint_dir="results/saved_models",
+    )
     trainer.train()
 
     # Resume from checkpoint (the seed's path, .pth included)
-    trainer = Trainer(model=CLIPModel(model_name="tiny"), train_loader=train_loader, val_loader=val_loader,
-                      num_epochs=6, checkpoint_dir="results/saved_models")
+    trainer = Trainer(
+        model=CLIPModel(model_name="tiny"),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        num_epochs=6,
+        checkpoint_dir="results/saved_models",
+    )
     trainer.resume_from_checkpoint("results/saved_models/epoch_5.pth")
     rows = trainer.train()
     assert [r["epoch"] for r in rows] == [6]
@@ -76,8 +88,9 @@ def test_custom_trainer_example(tmp_path, loaders, monkeypatch):
             return my_custom_loss(outputs, targets)
 
     train_loader, val_loader = loaders
-    CustomTrainer(model=CLIPModel(model_name="tiny"), train_loader=train_loader, val_loader=val_loader,
-                  num_epochs=1).train()
+    CustomTrainer(
+        model=CLIPModel(model_name="tiny"), train_loader=train_loader, val_loader=val_loader, num_epochs=1
+    ).train()
     assert sum(seen) == 48 + 24  # every train and val image (2 generators) went through the custom loss
 
 
@@ -108,11 +121,16 @@ def test_main_py_example(tmp_path, loaders, monkeypatch):
     from ds_trainer.config import build_config, parse_yaml
 
     monkeypatch.chdir(tmp_path)
-    config = build_config(parse_yaml("training:\n  learning_rate: 1e-4\n  num_epochs: 1\n  batch_size: 8\n"
-                                     "  checkpoint_dir: results/main\n  mixed_precision: True\n"))
+    config = build_config(
+        parse_yaml(
+            "training:\n  learning_rate: 1e-4\n  num_epochs: 1\n  batch_size: 8\n"
+            "  checkpoint_dir: results/main\n  mixed_precision: True\n"
+        )
+    )
     train_loader, val_loader = loaders
-    trainer = Trainer(model=CLIPModel(model_name="tiny"), train_loader=train_loader, val_loader=val_loader,
-                      **config.training)
+    trainer = Trainer(
+        model=CLIPModel(model_name="tiny"), train_loader=train_loader, val_loader=val_loader, **config.training
+    )
     trainer.train()
     assert (tmp_path / "results/main/latest").read_text() == "epoch_1"
 

@@ -138,10 +138,7 @@ def _wandb_history(records: list[Any]) -> dict[int, dict[str, Any]]:
     rows: dict[int, dict[str, Any]] = {}
     for r in records:
         if r.WhichOneof("record_type") == "history":
-            items = {
-                i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                for i in r.history.item
-            }
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             rows.setdefault(int(items["_step"]), {}).update(items)
     return rows
 
@@ -165,10 +162,7 @@ def test_metrics_jsonl_nan_is_null_and_console_lines(tmp_path, capsys, restore_l
     sinks = MetricsSinks(tmp_path, True, _cfg(tensorboard=False))
     sinks.write(ROW)
     sinks.close()
-    rows = [
-        json.loads(line)
-        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{**ROW, "val_auc": None}]
     out = capsys.readouterr().out
     assert "Train Loss: 0.284, Train Acc: 0.869 | Val Loss: 0.300, Val Acc: 0.850, Val AUC: nan" in out
@@ -203,9 +197,7 @@ def test_tensorboard_is_on_by_default_in_the_config(tmp_path):
 
 def test_steps_jsonl_has_one_line_per_call(tmp_path):
     sinks = MetricsSinks(tmp_path, True, _cfg(tensorboard=False))
-    sinks.step(
-        10, {"train/loss": 0.7, "train/lr_head": 1e-4, "train/grad_norm": float("inf")}
-    )
+    sinks.step(10, {"train/loss": 0.7, "train/lr_head": 1e-4, "train/grad_norm": float("inf")})
     sinks.step(20, {"train/loss": 0.6, "train/lr_head": 2e-4})
     # Line-buffered: readable before close().
     rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
@@ -266,11 +258,10 @@ class _Recording(Sink):
 def test_context_manager_closes_every_backend_when_the_body_raises():
     calls: list[str] = []
     sinks = CompositeSink([_Recording(calls, "a"), _Recording(calls, "b")])
-    with pytest.raises(ValueError, match="body"):
-        with sinks as entered:
-            assert entered is sinks
-            sinks.step(1, {"train/loss": 1.0})
-            raise ValueError("body")
+    with pytest.raises(ValueError, match="body"), sinks as entered:  # noqa: PT012 - the body runs inside the sinks
+        assert entered is sinks
+        sinks.step(1, {"train/loss": 1.0})
+        raise ValueError("body")
     assert calls == ["a.step", "b.step", "a.close", "b.close"]
 
 
@@ -289,9 +280,9 @@ def test_a_backend_failing_to_close_does_not_keep_the_others_open(caplog):
 
 def test_the_body_error_wins_over_a_failing_close(caplog):
     calls: list[str] = []
-    with pytest.raises(ValueError, match="body"):
-        with CompositeSink([_Recording(calls, "a", fail_close=True), _Recording(calls, "b")]):
-            raise ValueError("body")
+    sinks = CompositeSink([_Recording(calls, "a", fail_close=True), _Recording(calls, "b")])
+    with pytest.raises(ValueError, match="body"), sinks:
+        raise ValueError("body")
     assert calls == ["a.close", "b.close"]
     assert "a cannot close" in caplog.text
 
@@ -316,11 +307,10 @@ def test_real_backends_close_on_error_and_twice(tmp_path, monkeypatch):
     run = _FakeWandbRun()
     monkeypatch.setattr(wandb, "init", lambda **kw: run)
     cfg = _cfg(wandb={"enabled": True, "mode": "offline"})
-    with pytest.raises(KeyError):
-        with MetricsSinks(tmp_path, True, cfg) as sinks:
-            assert sinks.wandb_run is run
-            sinks.step(1, {"train/loss": 1.0})
-            raise KeyError("body")
+    with pytest.raises(KeyError), MetricsSinks(tmp_path, True, cfg) as sinks:  # noqa: PT012 - as above
+        assert sinks.wandb_run is run
+        sinks.step(1, {"train/loss": 1.0})
+        raise KeyError("body")
     assert run.finished == 1 and sinks.wandb_run is None
     sinks.close()
     sinks.close()
@@ -397,9 +387,7 @@ def test_tensorboard_off(tmp_path):
 # ------------------------------------------------------------------ W&B
 
 
-def test_wandb_offline_run_records_metrics_without_secrets(
-    tmp_path, offline_wandb, capfd
-):
+def test_wandb_offline_run_records_metrics_without_secrets(tmp_path, offline_wandb, capfd):
     run_dir = tmp_path / "run"
     cfg = _cfg(
         tensorboard=False,
@@ -445,7 +433,7 @@ def test_wandb_offline_run_records_metrics_without_secrets(
 
 
 @pytest.mark.parametrize(
-    ("key", "mode", "expected"),
+    "key, mode, expected",
     [
         ("k" * 40, None, "online"),
         (None, None, "offline"),
@@ -476,9 +464,7 @@ def test_wandb_mode_resolution(tmp_path, monkeypatch, key, mode, expected):
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
     else:
         monkeypatch.setenv("WANDB_API_KEY", key)
-    cfg = _cfg(
-        tensorboard=False, wandb={"enabled": True, "mode": mode, "run_name": "named"}
-    )
+    cfg = _cfg(tensorboard=False, wandb={"enabled": True, "mode": mode, "run_name": "named"})
     sinks = MetricsSinks(tmp_path, True, cfg, run_name="cfg-name", run_config={"x": 1})
     sinks.close()
     init, finished = calls
@@ -503,9 +489,7 @@ def test_wandb_disabled_does_not_init(tmp_path, monkeypatch):
 def test_missing_wandb_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     cfg = _cfg(wandb={"enabled": True, "mode": "offline"})
-    with pytest.raises(
-        ConfigError, match=r"pip install wandb==0\.31\.0.*enabled false"
-    ):
+    with pytest.raises(ConfigError, match=r"pip install wandb==0\.31\.0.*enabled false"):
         MetricsSinks(tmp_path, True, cfg)
 
 
@@ -544,7 +528,7 @@ class _Stream(io.StringIO):
 
 
 @pytest.mark.parametrize(
-    ("is_main", "setting", "tty", "expected"),
+    "is_main, setting, tty, expected",
     [
         (True, "auto", True, True),
         (True, "auto", False, False),
@@ -561,7 +545,7 @@ def test_progress_enabled(monkeypatch, is_main, setting, tty, expected):
 
 
 @pytest.mark.parametrize(
-    ("is_main", "setting", "tty", "expected"),
+    "is_main, setting, tty, expected",
     [(True, "auto", True, "bar"), (True, "auto", False, "lines"), (True, "on", False, "bar"),
      (True, "off", False, "off"), (False, "auto", False, "off")],
 )  # fmt: skip
@@ -597,7 +581,6 @@ def test_progress_lines_come_every_log_step_after_10_s_and_at_least_every_minute
     )
 
 
-
 # ------------------------------------------------------------------ logging
 
 
@@ -624,14 +607,9 @@ def test_rank1_default_logs_only_warnings(tmp_path, capsys, restore_logging):
 
 def test_rank0_console_keeps_seed_lines(tmp_path, capsys, restore_logging):
     configure_logging(0, tmp_path, debug=False)
-    MetricsSinks(None, True).write(
-        {k: v for k, v in ROW.items() if not k.startswith("val")}
-    )
+    MetricsSinks(None, True).write({k: v for k, v in ROW.items() if not k.startswith("val")})
     assert capsys.readouterr().out.endswith(" elapsed | Train Loss: 0.284, Train Acc: 0.869\n")
-    assert (
-        "[rank 0] INFO ds_trainer.console: Epoch 1, step 20, "
-        in (tmp_path / "train.log").read_text()
-    )
+    assert "[rank 0] INFO ds_trainer.console: Epoch 1, step 20, " in (tmp_path / "train.log").read_text()
 
 
 def test_rewind_forgets_what_a_resume_will_redo(tmp_path):

@@ -244,7 +244,7 @@ def test_the_monitor_falls_back_to_train_loss_only_when_not_asked_for():
 def test_derived_settings_never_change_the_config():
     cfg = build_config({"deepspeed": {"zero_stage": 2}})
     before = cfg.to_dict()
-    s = training_settings(cfg, 2, _Loader(4), has_val=False, plan=resume.ResumePlan(grad_accumulation_steps=3))
+    s = training_settings(cfg, 2, _Loader(4), val_loader=None, plan=resume.ResumePlan(grad_accumulation_steps=3))
     assert (s.batch_size, s.grad_accumulation_steps, s.monitor, s.steps_per_epoch) == (4, 3, "train_loss", 5)
     assert s.samples_per_step == 4 * 3 * 2
     eff = effective_config(cfg, s)

@@ -26,12 +26,21 @@ def make_trainer(tmp_path, cls=Trainer, epochs=2, freeze=False, **kwargs):
     ds = separable_dataset()
     model = CLIPModel(model_name="tiny", mode="fine-tune", freeze_backbone=freeze)
     args = dict(
-        optimizer_type="adamw", learning_rate=1e-3, weight_decay=0.01, scheduler_type="cosine",
-        num_epochs=epochs, device="cpu", checkpoint_dir=str(tmp_path / "ckpt"),
+        optimizer_type="adamw",
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        scheduler_type="cosine",
+        num_epochs=epochs,
+        device="cpu",
+        checkpoint_dir=str(tmp_path / "ckpt"),
     )
     args.update(kwargs)
-    return cls(model=model, train_loader=DataLoader(ds, batch_size=8, shuffle=True),
-               val_loader=DataLoader(ds, batch_size=16, shuffle=False), **args)
+    return cls(
+        model=model,
+        train_loader=DataLoader(ds, batch_size=8, shuffle=True),
+        val_loader=DataLoader(ds, batch_size=16, shuffle=False),
+        **args,
+    )
 
 
 def read_rows(path):
@@ -143,8 +152,15 @@ def test_the_run_config_is_saved_as_given_not_as_derived(tmp_path):
     from ds_trainer import checkpoint
 
     torch.manual_seed(0)
-    trainer = Trainer(CLIPModel(model_name="tiny"), DataLoader(separable_dataset(n=16), batch_size=8), None,
-                      num_epochs=1, device="cpu", checkpoint_dir=str(tmp_path / "ckpt"), run_dir=tmp_path / "run")
+    trainer = Trainer(
+        CLIPModel(model_name="tiny"),
+        DataLoader(separable_dataset(n=16), batch_size=8),
+        None,
+        num_epochs=1,
+        device="cpu",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        run_dir=tmp_path / "run",
+    )
     given = trainer.cfg.to_dict()
     trainer.train()
     assert (trainer.settings.batch_size, trainer.settings.monitor) == (8, "train_loss")
@@ -159,7 +175,9 @@ def test_the_run_config_is_saved_as_given_not_as_derived(tmp_path):
 
 
 def test_early_stopping(tmp_path):
-    trainer = make_trainer(tmp_path, epochs=10, early_stopping=True, patience=1, learning_rate=1e-9, scheduler_type="none")
+    trainer = make_trainer(
+        tmp_path, epochs=10, early_stopping=True, patience=1, learning_rate=1e-9, scheduler_type="none"
+    )
     rows = trainer.train()
     assert len(rows) < 10
     assert (tmp_path / "ckpt" / "latest").read_text() == f"epoch_{len(rows)}"
@@ -187,8 +205,15 @@ def test_cpu_threads_leave_a_core_to_each_loader_worker(tmp_path, monkeypatch, o
     try:
         torch.set_num_threads(2)
         ds = separable_dataset(n=8)
-        trainer = Trainer(CLIPModel(model_name="tiny"), DataLoader(ds, batch_size=4, num_workers=1), None,
-                          device="cpu", num_epochs=1, checkpoint_dir=str(tmp_path / "ckpt"), run_dir=tmp_path / "run")
+        trainer = Trainer(
+            CLIPModel(model_name="tiny"),
+            DataLoader(ds, batch_size=4, num_workers=1),
+            None,
+            device="cpu",
+            num_epochs=1,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            run_dir=tmp_path / "run",
+        )
         trainer.setup()
         assert torch.get_num_threads() == (2 if omp else 1)
     finally:

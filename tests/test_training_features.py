@@ -28,7 +28,10 @@ def make(tmp_path, name="run", batch_size=8, val=True, freeze=False, **kwargs):
     torch.manual_seed(0)
     ds = dataset()
     args = dict(
-        learning_rate=1e-3, num_epochs=4, device="cpu", checkpoint_dir=str(tmp_path / name / "ckpt"),
+        learning_rate=1e-3,
+        num_epochs=4,
+        device="cpu",
+        checkpoint_dir=str(tmp_path / name / "ckpt"),
         run_dir=str(tmp_path / name),
     )
     args.update(kwargs)
@@ -91,7 +94,9 @@ def test_extending_a_finished_cosine_run_follows_the_longer_schedule_and_says_so
     again = make(tmp_path, "again", num_epochs=4, **kw)
     again.resume_from_checkpoint(tmp_path / "long" / "ckpt")
     assert again.train() == []
-    assert "nothing to train: the checkpoint finished epoch 4 of 4; raise training.num_epochs" in capsys.readouterr().out
+    assert (
+        "nothing to train: the checkpoint finished epoch 4 of 4; raise training.num_epochs" in capsys.readouterr().out
+    )
 
 
 def test_step_curve_matches_formula_and_continues_after_resume(tmp_path):
@@ -119,8 +124,16 @@ def test_step_curve_matches_formula_and_continues_after_resume(tmp_path):
 def test_plateau_steps_on_validation_metric_and_resumes_its_state(tmp_path):
     # min_delta 10 on val_loss: no epoch after the first can improve, so with patience 0 every
     # later epoch halves the LR, whatever the data does.
-    kw = dict(scheduler="plateau", monitor="val_loss", min_delta=10.0, plateau_patience=0, plateau_factor=0.5,
-              min_lr=1e-4, num_epochs=5, save_frequency=1)
+    kw = dict(
+        scheduler="plateau",
+        monitor="val_loss",
+        min_delta=10.0,
+        plateau_patience=0,
+        plateau_factor=0.5,
+        min_lr=1e-4,
+        num_epochs=5,
+        save_frequency=1,
+    )
     full = make(tmp_path, "full", **kw)
     full.train()
     curve = lr_curve(tmp_path, "full")
@@ -148,9 +161,20 @@ def test_plateau_without_validation_is_refused(tmp_path):
 
 
 def _params_after_one_update(tmp_path, name, batch_size, accumulation):
-    trainer = make(tmp_path, name, batch_size=batch_size, grad_accumulation_steps=accumulation, optimizer_type="sgd",
-                   momentum=0.0, weight_decay=0.0, scheduler_type="none", clip_grad_norm=None, learning_rate=0.5,
-                   num_epochs=1, val=False)
+    trainer = make(
+        tmp_path,
+        name,
+        batch_size=batch_size,
+        grad_accumulation_steps=accumulation,
+        optimizer_type="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        scheduler_type="none",
+        clip_grad_norm=None,
+        learning_rate=0.5,
+        num_epochs=1,
+        val=False,
+    )
     trainer.train_loader = DataLoader(dataset(8), batch_size=batch_size, shuffle=False)
     trainer.train()
     assert trainer.engine.global_steps == 1
@@ -171,8 +195,14 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 def test_every_optimizer_trains_at_every_zero_stage(tmp_path, optimizer, stage):
-    trainer = make(tmp_path, optimizer_type=optimizer, zero_stage=stage, num_epochs=1, backbone_lr_scale=0.1,
-                   learning_rate=1e-2 if optimizer == "sgd" else 1e-3)
+    trainer = make(
+        tmp_path,
+        optimizer_type=optimizer,
+        zero_stage=stage,
+        num_epochs=1,
+        backbone_lr_scale=0.1,
+        learning_rate=1e-2 if optimizer == "sgd" else 1e-3,
+    )
     torch.manual_seed(0)
     trainer.setup()
     basic = trainer.engine.basic_optimizer

@@ -30,8 +30,9 @@ def main() -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dataset = load_dataset(args.data, args.steps * args.batch_size * world)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=0,
-                        pin_memory=torch.cuda.is_available())  # as HF's Trainer does
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=0, pin_memory=torch.cuda.is_available()
+    )  # as HF's Trainer does
     trainer = Trainer(build_model(args.model_dir), loader, None,
                       config=trainer_config(args.run_dir, args.batch_size, args.zero_stage))  # fmt: skip
     (row,) = trainer.train()

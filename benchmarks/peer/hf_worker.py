@@ -24,6 +24,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,10 +119,8 @@ def _remove_shm_buffers() -> None:
         return
     rank = os.environ.get("RANK", "0")
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
 if __name__ == "__main__":

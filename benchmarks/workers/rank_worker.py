@@ -80,8 +80,17 @@ def launch(world_size: int, worker_args: list[str], out_dir: Path, timeout_s: fl
 
 
 # Set by an in-process world of one; a launched job must not inherit them (as tests/conftest.py's launch_env).
-_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "CROSS_RANK", "CROSS_SIZE")
+_RANK_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+)
 
 
 def proc_status_kib() -> dict[str, int]:
@@ -224,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offload-optimizer", choices=["none", "cpu"], default="none")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--comms", action="store_true", help="one more epoch with DeepSpeed's comms logger on")
-    p.add_argument("--tensors", action="store_true", help="after the training epochs, attribute the live tensors' bytes")
+    p.add_argument(
+        "--tensors", action="store_true", help="after the training epochs, attribute the live tensors' bytes"
+    )
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the launcher appends it; RANK is read instead
     args = p.parse_args(argv)
@@ -236,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     from step_overhead import build_model, make_batches
 
     from ds_trainer import Trainer
-    from ds_trainer.hooks import Hook
     from ds_trainer.config import build_config
     from ds_trainer.distributed import init_distributed
+    from ds_trainer.hooks import Hook
 
     env = init_distributed()  # the process group first, so that the baseline below includes it
     # Modules the model and the engine load on first use: imported before the baseline, so that
@@ -247,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed.runtime.zero.stage3
     import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
     import transformers.models.clip.modeling_clip  # noqa: F401
+
     out_dir = Path(args.out_dir)
     work = out_dir / f"rank{env.rank}-work"
     work.mkdir(parents=True, exist_ok=True)
@@ -289,8 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                 # The peak so far is the set-up's (from_pretrained, DeepSpeed flattening and partitioning the
                 # parameters); reset it, so that the peak read after the epochs is the training steps' own.
                 timeline["setup_s"] = time.perf_counter() - t_start - timeline["imports_and_init_s"]
-                setup.update(status_kib=proc_status_kib(), maxrss_kib=maxrss_kib(), peak_reset=reset_peak_rss(),
-                             cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+                setup.update(
+                    status_kib=proc_status_kib(),
+                    maxrss_kib=maxrss_kib(),
+                    peak_reset=reset_peak_rss(),
+                    cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+                )
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
             if args.comms:
@@ -312,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
                     comm_ms[name] = max((max(v[1]) for v in sizes.values() if v[1]), default=0.0)
                 ds_comm.configure(enabled=False)
             else:  # peaks only grow: after the last of these epochs they are the epochs' peak (comms epoch excluded)
-                peak.update(status_kib=proc_status_kib(), maxrss_kib=maxrss_kib(),
-                            cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                            cuda_allocated_bytes=torch.cuda.memory_allocated() if cuda else None)
+                peak.update(
+                    status_kib=proc_status_kib(),
+                    maxrss_kib=maxrss_kib(),
+                    cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+                    cuda_allocated_bytes=torch.cuda.memory_allocated() if cuda else None,
+                )
                 if epoch == args.epochs and malloc_trim():
                     # What the allocator held but no tensor used: freed memory glibc had not returned yet.
                     peak["status_kib_after_malloc_trim"] = proc_status_kib()

@@ -81,8 +81,7 @@ class GenImageDataset(Dataset):
         self.records: list[ImageRecord] = [r for r in scan.records if r.split == split]
         if not self.records:
             raise DataError(
-                f"no '{split}' images under {self.root}; "
-                f"expected {self.root}/<generator>/{split}/{{ai,nature}}/"
+                f"no '{split}' images under {self.root}; expected {self.root}/<generator>/{split}/{{ai,nature}}/"
             )
 
     def __len__(self) -> int:
@@ -97,7 +96,7 @@ class GenImageDataset(Dataset):
             img.load()
             if self.transform is None:
                 return clip_preprocess(img, self.image_size, train=self.split == "train"), rec.label
-        except Exception as exc:  # broken images raise many types; one bad file must not end the epoch
+        except Exception as exc:  # noqa: BLE001 - broken images raise many types; one bad file must not end the epoch
             if img is not None:
                 img.close()
             reason = f"{type(exc).__name__}: {exc}"

@@ -114,7 +114,7 @@ def build_manifest(
         # the source folder's name only: a manifest travels with its shards and holds no absolute paths
         "source": scan.root.name,
         "follow_symlinks": scan.follow_symlinks,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 (UTC alias is 3.11+)
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
         "max_count": max_count,
         "max_size": max_size,

@@ -237,8 +237,11 @@ class ShardLoader:
                 max(1, self.plan().num_workers), self.epoch,
             )  # fmt: skip
             return
-        self._resume = {"epoch": self.epoch, "batches": int(state["batches"]),
-                        "positions": {int(k): int(v) for k, v in state["positions"].items()}}
+        self._resume = {
+            "epoch": self.epoch,
+            "batches": int(state["batches"]),
+            "positions": {int(k): int(v) for k, v in state["positions"].items()},
+        }
 
     def __len__(self) -> int:
         return self._len
@@ -289,9 +292,7 @@ class ShardLoader:
             if self.train and produced == self._len:
                 return
         if self.train:
-            raise DataError(
-                f"{self.name}: stream of rank {self.rank} ended after {produced} of {self._len} batches"
-            )
+            raise DataError(f"{self.name}: stream of rank {self.rank} ended after {produced} of {self._len} batches")
         if produced != self._len:
             logger.warning(
                 "%s: rank %d yielded %d batches, expected %d (undecodable samples were skipped)",
@@ -346,4 +347,3 @@ def make_shard_loader(
         preprocess=preprocess,
         pin_memory=pin_memory,
     )
-

@@ -99,9 +99,7 @@ def shard_genimage(
               disable=not progress, smoothing=0.1) as bar:  # fmt: skip
         sidecars.update(run_jobs(todo, workers, bar))
 
-    manifest = build_manifest(
-        scan, jobs, sidecars, seed=seed, max_count=max_count, max_size=size_limit, verify=verify
-    )
+    manifest = build_manifest(scan, jobs, sidecars, seed=seed, max_count=max_count, max_size=size_limit, verify=verify)
     if not manifest["shards"]:
         raise DataError(
             f"no readable images under {scan.root} ({manifest['skipped']['unreadable']} unreadable); "

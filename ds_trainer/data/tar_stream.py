@@ -72,8 +72,9 @@ def _shard_samples(parts: list[ShardPart], stride: int, rank: int) -> Iterator[d
     for part in parts:
         # one reader per shard so the enumerate index is the index inside the shard
         handler = functools.partial(_log_and_continue, part.url)
-        files = tariterators.tar_file_expander(tariterators.url_opener([{"url": part.url}], handler=handler),
-                                               handler=handler)
+        files = tariterators.tar_file_expander(
+            tariterators.url_opener([{"url": part.url}], handler=handler), handler=handler
+        )
         samples = tariterators.group_by_keys(_split_repeated_members(files), handler=handler)
         seen: set[str] = set()
         read, key = 0, None

@@ -84,10 +84,7 @@ def resize_shortest(img: Image.Image, size: int) -> Image.Image:
     short = min(w, h)
     if short == size:
         return img
-    if w <= h:
-        new = (size, max(size, round(h * size / w)))
-    else:
-        new = (max(size, round(w * size / h)), size)
+    new = (size, max(size, round(h * size / w))) if w <= h else (max(size, round(w * size / h)), size)
     return img.resize(new, Image.Resampling.BICUBIC)
 
 

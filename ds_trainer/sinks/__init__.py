@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ds_trainer.config import LoggingSection
 
 __all__ = [
-    "write_run_config",
     "CompositeSink",
     "FileSink",
     "MetricsSinks",
@@ -41,10 +40,11 @@ __all__ = [
     "progress_mode",
     "redact_secrets",
     "resolve_wandb_mode",
+    "write_run_config",
 ]
 
 
-def MetricsSinks(  # noqa: N802 - named like the class it used to be: the Trainer calls it so
+def MetricsSinks(
     run_dir: str | Path | None,
     is_main: bool,
     logging_cfg: LoggingSection | None = None,

@@ -44,9 +44,7 @@ def route_deepspeed_logs(debug: bool) -> None:
     ds_logger.addFilter(_ToOurHandlers(to_console=debug))
 
 
-def configure_logging(
-    rank: int, run_dir: str | Path | None, debug: bool | None = None
-) -> None:
+def configure_logging(rank: int, run_dir: str | Path | None, debug: bool | None = None) -> None:
     """Rank 0 by default, all ranks at debug.
 
     Normally rank 0 prints the seed's console lines and writes everything to train.log, while
@@ -84,14 +82,8 @@ def configure_logging(
         path.parent.mkdir(parents=True, exist_ok=True)
         # Append mode: every rank shares the one file, each line tagged with its rank.
         file_handler = logging.FileHandler(path)
-        file_handler.setFormatter(
-            logging.Formatter(
-                f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
-            )
-        )
-        file_handler.setLevel(
-            logging.DEBUG if rank == 0 or verbose else logging.WARNING
-        )
+        file_handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"))
+        file_handler.setLevel(logging.DEBUG if rank == 0 or verbose else logging.WARNING)
         handlers.append(file_handler)
     for handler in handlers:
         handler._ds_trainer = True  # type: ignore[attr-defined]

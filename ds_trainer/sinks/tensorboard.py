@@ -23,9 +23,7 @@ def _open_tensorboard(run_dir: Path, purge_step: int | None = None) -> Any:
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
-def add_pr_curves(
-    writer: Any, step: int, scores: Any, labels: Any, generators: Any = None, prefix: str = "pr"
-) -> None:
+def add_pr_curves(writer: Any, step: int, scores: Any, labels: Any, generators: Any = None, prefix: str = "pr") -> None:
     """TensorBoard PR curves: every image (`<prefix>/all`) and each generator (`<prefix>/<name>`)."""
     scores, labels = np.asarray(scores), np.asarray(labels)
     if len(scores) == 0:

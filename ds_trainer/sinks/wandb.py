@@ -26,11 +26,7 @@ def redact_secrets(value: Any) -> Any:
     the YAML must not go with it.
     """
     if isinstance(value, dict):
-        return {
-            k: redact_secrets(v)
-            for k, v in value.items()
-            if not any(m in str(k).lower() for m in _SECRET_MARKERS)
-        }
+        return {k: redact_secrets(v) for k, v in value.items() if not any(m in str(k).lower() for m in _SECRET_MARKERS)}
     if isinstance(value, (list, tuple)):
         return [redact_secrets(v) for v in value]
     return value
@@ -56,9 +52,7 @@ def _init_wandb(
     try:
         import wandb
     except Exception as exc:  # not installed, or an install that fails on import
-        raise ConfigError(
-            f"logging.wandb.enabled is true but wandb cannot be imported ({exc}); {_WANDB_FIX}"
-        ) from exc
+        raise ConfigError(f"logging.wandb.enabled is true but wandb cannot be imported ({exc}); {_WANDB_FIX}") from exc
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -75,9 +69,7 @@ def _init_wandb(
         )
     except Exception as exc:
         hint = " (offline runs need no account: set logging.wandb.mode offline)"
-        raise ConfigError(
-            f"wandb.init failed in mode {mode}: {exc}{hint if mode == 'online' else ''}"
-        ) from exc
+        raise ConfigError(f"wandb.init failed in mode {mode}: {exc}{hint if mode == 'online' else ''}") from exc
     console().info("W&B run %s (%s) in %s", run.name, mode, run.dir)
     return run
 

@@ -27,14 +27,21 @@ def test_random_kills_and_resumes_leave_an_exact_history(tmp_path, tiny_shards):
     kills_left = int(os.environ.get("SOAK_KILLS", "4"))
     rng = random.Random(seed)
     print(f"soak seed {seed}")
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": EPOCHS, "warmup_epochs": 1},
-                       logging={"log_every_n_steps": 1})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_shards,
+        training={"num_epochs": EPOCHS, "warmup_epochs": 1},
+        logging={"log_every_n_steps": 1},
+    )
     ckpt, total = tmp_path / "ckpt", EPOCHS * STEPS_PER_EPOCH
     start, launches, kills = time.monotonic(), 0, []
     while True:
         assert time.monotonic() - start < DEADLINE_S, f"soak over {DEADLINE_S} s (seed {seed}, kills {kills})"
-        done = json.loads((ckpt / (ckpt / LATEST).read_text() / MARKER).read_text())["global_step"] \
-            if (ckpt / LATEST).is_file() else 0
+        done = (
+            json.loads((ckpt / (ckpt / LATEST).read_text() / MARKER).read_text())["global_step"]
+            if (ckpt / LATEST).is_file()
+            else 0
+        )
         if done == total:
             break
         env = {"DS_TRAINER_CPU_RANKS": "2"}
