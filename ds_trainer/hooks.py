@@ -110,7 +110,8 @@ class Hooks(Hook):
 
     def should_stop(self) -> bool:
         # Every hook is asked (a poll may be a collective every rank must join), not just up to the first yes.
-        return any(h.should_stop() for h in self._at["should_stop"])
+        answers = [h.should_stop() for h in self._at["should_stop"]]
+        return any(answers)
 
     def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
         for h in self._at["on_epoch_end"]:
