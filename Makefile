@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv ops demo demo-data test test-fast lint soak bench errors-doc clean
+.PHONY: venv ops demo demo-data test test-unit test-bench test-fast lint soak bench errors-doc clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,17 @@ demo: ops demo-data
 system-deps:
 	bash scripts/install_system_deps.sh
 
+# Every test but the benchmark scripts' smoke tests (`make test-bench`; .ci/run runs both).
 test: ops system-deps
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not bench" $(PYTEST_ARGS)
+
+# The pure layer (no processes, no DeepSpeed engine): the inner loop, in well under a minute.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests -m unit $(PYTEST_ARGS)
+
+# The benchmark scripts start and write their results on tiny settings (the benchmarks: `make bench`).
+test-bench: ops
+	$(BIN)/python -m pytest tests -m bench $(PYTEST_ARGS)
 
 # Everything but the tests marked distributed: no deepspeed launcher, no Slurm.
 test-fast: ops
