@@ -44,6 +44,14 @@ def test_cpu_peak_is_a_measured_matmul_rate():
     assert measured.per_device > 1e8 and measured.source.startswith("measured 1024x1024 float32 matmul")
 
 
+@pytest.mark.unit
+def test_the_peak_line_shows_a_cpu_sized_peak(caplog):
+    # A CPU's measured peak is tens of GFLOP/s: "0.0 TFLOP/s" (%.1f) read as if nothing was measured.
+    caplog.set_level("INFO", logger="ds_trainer.flops")
+    MfuMeter.for_device(torch.device("cpu"), torch.float32, 0.0412, world_size=1)
+    assert "mfu: peak 0.0412 TFLOP/s per device (configured" in caplog.text
+
+
 def test_mfu_meter_arithmetic():
     meter = MfuMeter(PeakFlops(1e12, "t"), world_size=2)
     assert meter.mfu(100, 1.0) is None  # before the FLOPs are counted
