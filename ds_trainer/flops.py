@@ -102,7 +102,8 @@ class MfuMeter:
     def for_device(cls, device: torch.device, dtype: torch.dtype, configured_tflops: float | None,
                    world_size: int) -> MfuMeter:  # fmt: skip
         peak = peak_flops(device, dtype, configured_tflops)
-        log.info("mfu: peak %.3g TFLOP/s per device (%s)", peak.per_device / 1e12, peak.source)  # 3 digits: a CPU peak is < 0.1
+        # 3 significant digits: a CPU's peak is below 0.1 TFLOP/s.
+        log.info("mfu: peak %.3g TFLOP/s per device (%s)", peak.per_device / 1e12, peak.source)
         return cls(peak, world_size)
 
     def mfu(self, samples: float, seconds: float) -> float | None:
