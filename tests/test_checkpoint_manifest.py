@@ -7,6 +7,8 @@ import pytest
 from ds_trainer import checkpoint
 from ds_trainer.errors import CheckpointError
 
+pytestmark = pytest.mark.unit
+
 
 def fake_tag(root, tag, step, files):
     d = root / tag

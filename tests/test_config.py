@@ -5,6 +5,8 @@ import pytest
 from ds_trainer.config import Config, build_config, load_config, parse_yaml
 from ds_trainer.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 SEED_TRAINING = """
 training:
   optimizer: "adamw"

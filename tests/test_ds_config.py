@@ -19,6 +19,7 @@ def cfg(**sections):
     return build_config(sections)
 
 
+@pytest.mark.unit
 def test_batch_sizes_and_accumulation():
     c = cfg(training={"batch_size": 32, "grad_accumulation_steps": 4})
     ds = build_ds_config(c, world_size=8, steps_per_epoch=100, device=GPU)
@@ -27,6 +28,7 @@ def test_batch_sizes_and_accumulation():
     assert ds["train_batch_size"] == 32 * 4 * 8
 
 
+@pytest.mark.unit
 def test_clipping_and_zero_stage():
     ds = build_ds_config(cfg(training={"clip_grad_norm": 0.5}, deepspeed={"zero_stage": 3}), 2, 10, GPU)
     assert ds["gradient_clipping"] == 0.5
@@ -35,6 +37,7 @@ def test_clipping_and_zero_stage():
     assert "gradient_clipping" not in ds
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "mixed, explicit, device, expected",
     [
@@ -57,12 +60,14 @@ def test_precision_rules(mixed, explicit, device, expected):
     assert ds.get("fp16", {}).get("enabled", False) == (expected == "fp16")
 
 
+@pytest.mark.unit
 def test_fp16_on_cpu_is_refused_with_advice():
     c = cfg(deepspeed={"precision": "fp16"})
     with pytest.raises(ConfigError, match="fp16 is not supported.*CPU.*bf16 or fp32"):
         build_ds_config(c, 1, 10, CPU)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, ds_type", [("adamw", "AdamW"), ("adam", "Adam")])
 def test_adam_family(name, ds_type):
     ds = build_ds_config(cfg(training={"optimizer": name, "learning_rate": 3e-4, "weight_decay": 0.1}), 1, 10, GPU)
@@ -70,6 +75,7 @@ def test_adam_family(name, ds_type):
     assert "zero_allow_untested_optimizer" not in ds
 
 
+@pytest.mark.unit
 def test_sgd_momentum_and_zero_allowance():
     c = cfg(training={"optimizer": "sgd", "learning_rate": 0.1, "momentum": 0.8, "weight_decay": 0.0})
     ds = build_ds_config(c, 1, 10, GPU)
@@ -79,6 +85,7 @@ def test_sgd_momentum_and_zero_allowance():
     assert build_ds_config(c, 1, 10, GPU)["zero_allow_untested_optimizer"] is True
 
 
+@pytest.mark.unit
 def test_warmup_cosine_schedule():
     c = cfg(
         training={
@@ -100,17 +107,20 @@ def test_warmup_cosine_schedule():
     assert p["warmup_min_ratio"] == 0.0
 
 
+@pytest.mark.unit
 def test_fractional_warmup_and_no_scheduler():
     c = cfg(training={"num_epochs": 4, "warmup_epochs": 0.5})
     assert build_ds_config(c, 1, 10, GPU)["scheduler"]["params"]["warmup_num_steps"] == 5
     assert "scheduler" not in build_ds_config(cfg(training={"scheduler": "none"}), 1, 10, GPU)
 
 
+@pytest.mark.unit
 def test_no_warmup_starts_at_full_lr():
     p = build_ds_config(cfg(training={"warmup_epochs": 0}), 1, 10, GPU)["scheduler"]["params"]
     assert (p["warmup_num_steps"], p["warmup_min_ratio"]) == (1, 1.0)
 
 
+@pytest.mark.unit
 def test_bad_world_and_steps():
     with pytest.raises(ConfigError, match="world size"):
         build_ds_config(cfg(), 0, 10, GPU)
@@ -126,6 +136,7 @@ def write_json(tmp_path, data):
     return str(path)
 
 
+@pytest.mark.unit
 def test_user_json_merges_extra_keys_and_accepts_agreement(tmp_path):
     user = {
         "train_micro_batch_size_per_gpu": 32,
@@ -140,6 +151,7 @@ def test_user_json_merges_extra_keys_and_accepts_agreement(tmp_path):
     assert ds["train_batch_size"] == 64
 
 
+@pytest.mark.unit
 def test_user_json_mismatches_all_listed(tmp_path):
     user = {
         "train_micro_batch_size_per_gpu": 16,
@@ -164,12 +176,14 @@ def test_user_json_mismatches_all_listed(tmp_path):
         assert key in msg
 
 
+@pytest.mark.unit
 def test_user_json_precision_contradiction(tmp_path):
     c = cfg(deepspeed={"precision": "fp32", "config_file": write_json(tmp_path, {"bf16": {"enabled": True}})})
     with pytest.raises(ConfigError, match="precision: JSON enables bf16, YAML gives fp32"):
         build_ds_config(c, 1, 10, GPU)
 
 
+@pytest.mark.unit
 def test_user_json_missing_or_invalid(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         build_ds_config(cfg(deepspeed={"config_file": str(tmp_path / "nope.json")}), 1, 10, GPU)

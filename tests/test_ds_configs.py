@@ -15,6 +15,8 @@ import pytest
 from ds_trainer.config import Config, load_config
 from ds_trainer.ds_config import DeviceInfo, build_ds_config, optimizer_steps_per_epoch
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "ds_configs").glob("*.yaml"))
 WORLD_SIZE = 8

@@ -9,6 +9,8 @@ from ds_trainer.errors import ConfigError
 from ds_trainer.models import CLIPModel, PromptTuningWrapper, build_model, load_vision_tower
 from ds_trainer.models.clip import TINY_TEXT_CONFIG, TINY_VISION_CONFIG
 
+pytestmark = pytest.mark.unit
+
 
 def test_tiny_forward_gives_two_logits():
     torch.manual_seed(0)

@@ -11,6 +11,8 @@ from ds_trainer.checkpoint import MARKER, prune
 from ds_trainer.config import build_config
 from ds_trainer.optim import LrFactor, PlateauScale, param_groups, step_lr_factor
 
+pytestmark = pytest.mark.unit
+
 
 def training(**kw):
     return build_config({"training": kw}).training

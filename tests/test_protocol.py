@@ -18,6 +18,7 @@ from ds_trainer.errors import DataError
 from ds_trainer.metrics import PROTOCOL_METRICS, format_protocol_table, per_generator_metrics
 
 
+@pytest.mark.unit
 def test_per_generator_metrics_and_unweighted_mean():
     rng = np.random.default_rng(0)
     gens = np.array(["adm"] * 40 + ["glide"] * 10)
@@ -39,6 +40,7 @@ def test_per_generator_metrics_and_unweighted_mean():
     assert "mean" in text.splitlines()[-1]
 
 
+@pytest.mark.unit
 def test_one_class_generator_gives_nan_auc_and_the_mean_skips_it():
     table = per_generator_metrics([0.9, 0.2, 0.8], [1, 0, 1], ["a", "a", "b"])
     assert math.isnan(table["b"]["auc"]) and table["mean"]["auc"] == table["a"]["auc"]

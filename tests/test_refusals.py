@@ -419,6 +419,7 @@ def test_refusal(case, tmp_path, tiny_shards, checkpoint_cache, monkeypatch):
     assert 1 <= len(message.splitlines()) <= 3, message
 
 
+@pytest.mark.unit
 def test_there_are_at_least_30_distinct_refusals():
     assert len({c.id for c in CASES}) == len(CASES) >= 30
 

@@ -26,6 +26,7 @@ def calls(tree: ast.AST):
             yield node, owner, name
 
 
+@pytest.mark.unit
 def test_no_eval_exec_pickle_or_unsafe_yaml_in_the_package():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -47,6 +48,7 @@ def test_no_eval_exec_pickle_or_unsafe_yaml_in_the_package():
     assert found == []
 
 
+@pytest.mark.unit
 def test_a_python_tag_in_yaml_is_refused_not_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "cfg.yaml"
@@ -95,6 +97,7 @@ def test_exports_are_safetensors_and_hold_no_pickle(tmp_path, tiny_shards):
     json.loads((tmp_path / "export" / "config.json").read_text())
 
 
+@pytest.mark.unit
 def test_readme_warns_that_deepspeed_checkpoints_are_pickles():
     text = " ".join((REPO / "README.md").read_text().split())
     assert "DeepSpeed checkpoints are pickles" in text and "trusted" in text

@@ -73,6 +73,7 @@ def test_nodelist_forms_expand_like_scontrol(nodelist, hosts):
             assert out.stdout.split() == hosts
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bad", ["n[1-2", "n]1[", "n[a-b]", "n[3-1]", "n[[1-2]]", "", " , "])
 def test_unparsable_nodelist_is_a_config_error_naming_it(bad):
     with pytest.raises(ConfigError) as err:
@@ -80,6 +81,7 @@ def test_unparsable_nodelist_is_a_config_error_naming_it(bad):
     assert repr(bad) in str(err.value)
 
 
+@pytest.mark.unit
 def test_tasks_per_node_expands_repeats():
     assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     assert expand_tasks_per_node("4") == [4]
@@ -87,6 +89,7 @@ def test_tasks_per_node_expands_repeats():
         expand_tasks_per_node("2x3")
 
 
+@pytest.mark.unit
 def test_only_a_multi_task_srun_step_is_a_slurm_task():
     assert in_slurm_task(STEP_ENV)
     assert not in_slurm_task(BATCH_ENV)  # sbatch's script: PROCID 0 of NTASKS 2, but no step
@@ -94,6 +97,7 @@ def test_only_a_multi_task_srun_step_is_a_slurm_task():
     assert not in_slurm_task({})
 
 
+@pytest.mark.unit
 def test_step_env_maps_to_rank_world_and_rendezvous(monkeypatch):
     monkeypatch.setattr(distributed.shutil, "which", lambda name: None)  # no scontrol: Python's parse
     task = slurm_task(STEP_ENV | {"SLURM_STEP_NODELIST": "gpu-[07-08]", "SLURM_JOB_ID": "123456"})
@@ -118,6 +122,7 @@ def test_malformed_slurm_variables_are_config_errors():
         slurm_task(no_nodes)
 
 
+@pytest.mark.unit
 def test_launcher_variables_take_precedence_over_slurm():
     env = STEP_ENV | {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}
     assert read_env(env) == distributed.DistEnv(rank=3, local_rank=1, world_size=4)
@@ -126,6 +131,7 @@ def test_launcher_variables_take_precedence_over_slurm():
     assert read_env(BATCH_ENV) == distributed.DistEnv(rank=0, local_rank=0, world_size=1)
 
 
+@pytest.mark.unit
 def test_export_fills_in_what_deepspeed_reads():
     env = dict(STEP_ENV, MASTER_ADDR="127.0.0.1")
     task = export_slurm_env(env)
@@ -136,6 +142,7 @@ def test_export_fills_in_what_deepspeed_reads():
     assert export_slurm_env(dict(BATCH_ENV)) is None
 
 
+@pytest.mark.unit
 def test_node_mode_writes_a_hostfile_and_numbers_this_node(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed.shutil, "which", lambda name: None)
     env = STEP_ENV | {"TMPDIR": str(tmp_path), "SLURM_STEP_NODELIST": "gpu-[01-02]"}

@@ -12,6 +12,8 @@ from ds_trainer.errors import ConfigError
 from ds_trainer.models import CLIPModel, PromptTuningWrapper, build_model, load_clip
 from ds_trainer.models.prompt_tuning import encode_text_embeddings
 
+pytestmark = pytest.mark.unit
+
 LABELS = torch.tensor([0, 1, 0, 1])
 
 
