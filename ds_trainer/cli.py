@@ -196,7 +196,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
     else:
-        from ds_trainer.export import resolve_source
+        from ds_trainer.consolidate import resolve_source
 
         # The run's own data and run_dir: `eval --load-dir X` scores what that run validated on.
         source = resolve_source(args.load_dir, args.tag)

@@ -17,8 +17,6 @@ exactly the evaluation preprocessing (`clip_preprocess`, eval mode). Labels: 1 =
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -32,162 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_trainer import checkpoint, resume
+from ds_trainer import checkpoint
+from ds_trainer.consolidate import Source, rebuild_model, resolve_source, some_keys
 from ds_trainer.errors import CheckpointError, ConfigError, DataError
-from ds_trainer.resume import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
 EXPORT_FILE = "ds_trainer_export.json"
 HEAD_FILE = "head.safetensors"
 FORMAT_VERSION = 1
-MODEL_STATES = "mp_rank_00_model_states.pt"
 # Exported logits must match the checkpoint's model this closely (LoRA merging reorders float sums).
 VERIFY_ATOL, VERIFY_RTOL = 1e-4, 1e-3
-
-
-# ---------------------------------------------------------------------------------------------- export
-@dataclass
-class Source:
-    """A resolved checkpoint: `checkpoint_dir/tag` and its metadata (resume.read's)."""
-
-    checkpoint_dir: Path
-    tag: str
-    meta: CheckpointMeta
-
-    @property
-    def tag_dir(self) -> Path:
-        return self.checkpoint_dir / self.tag
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The run config the checkpoint was trained with (export and eval rebuild the model from it)."""
-        return self.meta.run_config()
-
-
-def resolve_source(load_dir: str | Path, tag: str | None = None) -> Source:
-    """The checkpoint to export: `checkpoint.resolve`'s pick, or `tag` inside `load_dir` when given."""
-    if tag is None:
-        ckpt_dir, tag = checkpoint.resolve(load_dir)
-    else:
-        ckpt_dir = Path(load_dir).expanduser()
-        if not ckpt_dir.is_dir():
-            raise CheckpointError(f"checkpoint {load_dir} does not exist")
-        if not checkpoint.is_complete(ckpt_dir / tag):
-            what = "an incomplete" if (ckpt_dir / tag).is_dir() else "no"
-            raise CheckpointError(
-                f"{what} checkpoint {tag!r} in {ckpt_dir} (complete tags: {_complete_tags(ckpt_dir)}); "
-                "a checkpoint is complete once ds_trainer.json is written next to DeepSpeed's files"
-            )
-    meta = resume.read(ckpt_dir / tag)
-    meta.run_config()  # refuse a checkpoint without one here, before any work
-    return Source(ckpt_dir, tag, meta)
-
-
-def _complete_tags(ckpt_dir: Path) -> str:
-    tags = sorted(d.name for d in ckpt_dir.iterdir() if d.is_dir() and checkpoint.is_complete(d))
-    return ", ".join(tags) or "none"
-
-
-def consolidated_state_dict(source: Source, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a checkpoint, from any world size, without a process group.
-
-    Which files exist says how DeepSpeed saved it (looked at for 0.19.8):
-    - ZeRO 1-3 (fp32 or bf16): fp32 master partitions in `*zero_pp_rank_*_optim_states.pt`, one per
-      rank; DeepSpeed's `zero_to_fp32` merges them (frozen weights come from the model files).
-    - ZeRO 0, fp32: `mp_rank_00_model_states.pt`'s `module` is the full fp32 model.
-    - ZeRO 0, bf16/fp16: `module` is half precision; the fp32 masters are the optimizer's
-      `fp32_groups_flat`, one flat tensor per parameter group (see `_unflatten_masters`).
-    """
-    tag_dir = source.tag_dir
-    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        return _from_zero_partitions(source)
-    model_file = tag_dir / MODEL_STATES
-    if not model_file.is_file():
-        found = ", ".join(sorted(p.name for p in tag_dir.iterdir())) or "nothing"
-        raise CheckpointError(f"{tag_dir} has neither ZeRO optimizer files nor {MODEL_STATES} (found: {found})")
-    saved = torch.load(model_file, map_location="cpu", weights_only=True)  # tensors and plain containers only
-    module = saved["module"]
-    floats = [v for v in module.values() if v.is_floating_point()]
-    if all(v.dtype == torch.float32 for v in floats):
-        return dict(module)
-    masters = (saved.get("optimizer") or {}).get("fp32_groups_flat")
-    if masters is None:
-        log.warning("%s: no fp32 master weights; exporting the %s weights upcast to fp32", tag_dir, floats[0].dtype)
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    return _unflatten_masters(module, masters, model, source)
-
-
-def _from_zero_partitions(source: Source) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    quiet = io.StringIO()  # zero_to_fp32 prints progress and tqdm bars; stdout is the user's channel
-    try:
-        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(source.checkpoint_dir), source.tag)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CheckpointError(f"{source.tag_dir}: DeepSpeed could not consolidate the ZeRO checkpoint: {exc}") from None
-    log.debug("zero_to_fp32: %s", quiet.getvalue().strip())
-    return state
-
-
-def _unflatten_masters(
-    module: dict[str, torch.Tensor], masters: list[torch.Tensor], model: nn.Module, source: Source
-) -> dict[str, torch.Tensor]:
-    """Split ZeRO-0 mixed precision's flat fp32 masters back into named tensors.
-
-    DeepSpeed's FP16_Optimizer flattens each parameter group's trainable parameters in order with no
-    padding; the groups are `optim.param_groups`' for the rebuilt model (same code, same names).
-    Frozen weights have no master copy and are upcast from the half-precision module.
-    """
-    from ds_trainer import optim
-    from ds_trainer.config import TrainingSection
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    # The run's own training settings decide the groups (backbone_lr_scale 1 merges backbone and head).
-    training = TrainingSection.model_validate(source.config.get("training", {}))
-    groups = [[names[id(p)] for p in g["params"]]
-              for g in optim.param_groups(model, training, split_parts=source.meta.split_groups)]  # fmt: skip
-    state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    if len(groups) != len(masters):
-        raise CheckpointError(f"{source.tag_dir}: {len(masters)} fp32 master groups, the model has {len(groups)}")
-    for group, flat in zip(groups, masters):
-        sizes = [state[n].numel() for n in group]
-        if sum(sizes) != flat.numel():
-            raise CheckpointError(
-                f"{source.tag_dir}: an fp32 master group holds {flat.numel()} values, expected {sum(sizes)}"
-            )
-        for name, chunk in zip(group, flat.float().split(sizes)):
-            state[name] = chunk.view_as(state[name]).clone()
-    return state
-
-
-def rebuild_model(source: Source) -> nn.Module:
-    """The detector of the checkpoint's run, with the checkpoint's fp32 weights, on CPU in eval mode."""
-    from pydantic import ValidationError
-
-    from ds_trainer.config import ModelSection
-    from ds_trainer.models import build_model
-
-    try:
-        section = ModelSection.model_validate(source.config["model"])
-    except ValidationError as exc:  # a config layout from another version
-        raise CheckpointError(
-            f"{source.tag_dir}: the saved model config is not valid for this version: {exc}"
-        ) from None
-    model = build_model(section)
-    state = consolidated_state_dict(source, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source.tag_dir} does not match the model its config builds ({section.mode}, {section.model_name}): "
-            f"missing {_some(missing)}, unexpected {_some(unexpected)}"
-        )
-    return model.float().eval()
-
-
-def _some(keys: Sequence[str]) -> str:
-    return f"{len(keys)} keys" + (f" (e.g. {', '.join(list(keys)[:3])})" if keys else "")
 
 
 def export_checkpoint(
@@ -398,7 +251,7 @@ def _load_head(model: nn.Module, path: Path, mode: str) -> None:
     if mode == "prompt-tuning":
         missing = [k for k in missing if k == "prompt_ctx"]  # the frozen CLIP comes from the HF files
     if missing or unexpected:
-        raise CheckpointError(f"{head_file}: missing {_some(missing)}, unexpected {_some(unexpected)}")
+        raise CheckpointError(f"{head_file}: missing {some_keys(missing)}, unexpected {some_keys(unexpected)}")
 
 
 # ---------------------------------------------------------------------------------------------- predict

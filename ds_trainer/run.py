@@ -116,7 +116,7 @@ def run_evaluation(
     versions (`provenance`) for `ds-trainer report`; with
     `report_dir` it writes that report too (and, with `logging.tensorboard`, PR curves and figures).
     """
-    from ds_trainer.export import rebuild_model, resolve_source
+    from ds_trainer.consolidate import rebuild_model, resolve_source
     from ds_trainer.metrics import format_protocol_table
     from ds_trainer.report import predictions_block
     from ds_trainer.sinks import console

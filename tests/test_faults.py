@@ -174,7 +174,7 @@ def launch(cfg: Path, *args: str, fault: str | None = None) -> subprocess.Comple
 
 
 def final_weights(ckpt: Path, tag: str = "epoch_3") -> dict[str, torch.Tensor]:
-    from ds_trainer.export import consolidated_state_dict, rebuild_model, resolve_source
+    from ds_trainer.consolidate import consolidated_state_dict, rebuild_model, resolve_source
 
     source = resolve_source(ckpt, tag)
     return consolidated_state_dict(source, rebuild_model(source))

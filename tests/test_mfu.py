@@ -135,7 +135,7 @@ def test_compiled_model_trains_and_saves_plain_keys(tmp_path):
     assert trainer.engine.is_compiled
     assert row["train_loss"] == pytest.approx(row["train_loss"]) and row["mfu"] > 0  # finite, counted
     # nn.Module.compile() in place: checkpoints keep the plain parameter names (no _orig_mod.).
-    from ds_trainer.export import consolidated_state_dict, resolve_source
+    from ds_trainer.consolidate import consolidated_state_dict, resolve_source
 
     weights = consolidated_state_dict(resolve_source(tmp_path / "compiled" / "ckpt"), CLIPModel(model_name="tiny"))
     assert weights and not any("_orig_mod" in k for k in weights)
