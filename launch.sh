@@ -68,7 +68,7 @@ if [ -n "${SLURM_STEP_ID:-${SLURM_STEPID:-}}" ] && [ "${SLURM_STEP_NUM_TASKS:-${
    && [ "$slurm_mode" = node ]; then
   # One launcher per node: a hostfile of the step's nodes, $ranks slots each; this node is SLURM_NODEID.
   mapfile -t node_args < <(PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$py" -c \
-    'import sys; from ds_trainer.distributed import slurm_node_launcher_args as f; print("\n".join(f(int(sys.argv[1]))))' \
+    'import sys; from ds_trainer.slurm import slurm_node_launcher_args as f; print("\n".join(f(int(sys.argv[1]))))' \
     "$ranks")
   [ ${#node_args[@]} -gt 0 ] || { echo "launch.sh: could not map this Slurm step to launcher arguments" >&2; exit 2; }
   echo "launch.sh: Slurm node ${SLURM_NODEID:-0} (${SLURMD_NODENAME:-$(hostname)}): launcher ${node_args[*]}" >&2

@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 from conftest import REPO, launch_env, write_config
 
-from ds_trainer import distributed
-from ds_trainer.distributed import (
+from ds_trainer import distributed, slurm
+from ds_trainer.distributed import read_env
+from ds_trainer.errors import ConfigError
+from ds_trainer.slurm import (
     expand_nodelist,
     expand_tasks_per_node,
     export_slurm_env,
     in_slurm_task,
-    read_env,
     slurm_node_launcher_args,
     slurm_task,
 )
-from ds_trainer.errors import ConfigError
 
 CLUSTER = REPO / "scripts" / "slurm" / "local_cluster.sh"
 SBATCH = REPO / "scripts" / "slurm" / "train.sbatch"
@@ -99,7 +99,7 @@ def test_only_a_multi_task_srun_step_is_a_slurm_task():
 
 @pytest.mark.unit
 def test_step_env_maps_to_rank_world_and_rendezvous(monkeypatch):
-    monkeypatch.setattr(distributed.shutil, "which", lambda name: None)  # no scontrol: Python's parse
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)  # no scontrol: Python's parse
     task = slurm_task(STEP_ENV | {"SLURM_STEP_NODELIST": "gpu-[07-08]", "SLURM_JOB_ID": "123456"})
     assert (task.rank, task.local_rank, task.world_size, task.node_rank, task.num_nodes) == (1, 0, 2, 1, 2)
     assert (task.master_addr, task.master_port, task.node_name) == ("gpu-07", 12000 + 123456 % 20000, "n2")
@@ -144,7 +144,7 @@ def test_export_fills_in_what_deepspeed_reads():
 
 @pytest.mark.unit
 def test_node_mode_writes_a_hostfile_and_numbers_this_node(tmp_path, monkeypatch):
-    monkeypatch.setattr(distributed.shutil, "which", lambda name: None)
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
     env = STEP_ENV | {"TMPDIR": str(tmp_path), "SLURM_STEP_NODELIST": "gpu-[01-02]"}
     args = slurm_node_launcher_args(4, env)
     hostfile = Path(args[args.index("--hostfile") + 1])
