@@ -41,7 +41,7 @@ def _roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return fpr, tpr, float(roc_auc_score(labels, scores))
 
 
-def _mean_roc(run: EvalRun) -> tuple[np.ndarray, np.ndarray, float] | None:
+def mean_roc(run: EvalRun) -> tuple[np.ndarray, np.ndarray, float] | None:
     """Vertical average of the per-generator ROC curves; AUC = the protocol's mean AUC."""
     grid = np.linspace(0.0, 1.0, 201)
     tprs, aucs = [], []
@@ -68,7 +68,7 @@ def roc_figure(runs: Sequence[EvalRun]):
             roc = _roc(run.scores[mask], run.labels[mask])
             if roc is not None:
                 ax.plot(roc[0], roc[1], lw=1.2, label=f"{g} (AUC {roc[2]:.3f})")
-        mean = _mean_roc(run)
+        mean = mean_roc(run)
         if mean is not None:
             ax.plot(mean[0], mean[1], "k--", lw=2, label=f"{MEAN} (AUC {mean[2]:.3f})")
         _roc_axes(ax, run.name)
@@ -78,7 +78,7 @@ def roc_figure(runs: Sequence[EvalRun]):
         for ax, g in zip(axes, names):
             for run in runs:
                 if g == MEAN:
-                    roc = _mean_roc(run)
+                    roc = mean_roc(run)
                 else:
                     mask = run.generators == g
                     roc = _roc(run.scores[mask], run.labels[mask]) if mask.any() else None

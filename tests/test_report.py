@@ -21,6 +21,7 @@ from PIL import Image
 from ds_trainer import cli, report
 from ds_trainer.errors import DataError
 from ds_trainer.metrics import per_generator_metrics
+from ds_trainer.report_figures import mean_roc
 
 GENERATORS = ("adm", "biggan", "midjourney")
 
@@ -100,7 +101,7 @@ def test_one_run_report_has_every_figure_and_the_table(tmp_path, capsys):
 def test_mean_roc_auc_is_the_protocol_mean_and_confusion_matches_accuracy(tmp_path):
     run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
     table = run.table()
-    _, _, mean_auc = report._mean_roc(run)
+    _, _, mean_auc = mean_roc(run)
     assert mean_auc == pytest.approx(table["mean"]["auc"], abs=1e-6)
     cm = report.confusion_counts(run)
     assert cm.sum() == len(run.scores)
