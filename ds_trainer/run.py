@@ -24,9 +24,13 @@ def seed_everything(seed: int) -> None:
 def _start(cfg: Config, debug: bool) -> Any:
     from ds_trainer.distributed import init_distributed, read_env
     from ds_trainer.sinks import configure_logging
+    from ds_trainer.slurm import export_slurm_env
 
     # ZeRO's internals call a torch collective that torch 2.13 deprecates, once per step and rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    # A Slurm task first says on its own console where it sits in the job (every task: the job log
+    # shows each node's), before other ranks' consoles go quiet.
+    export_slurm_env()
     # Before the process group: what DeepSpeed logs while it starts, and a first launch's op
     # builds, reach train.log and rank 0's console already.
     configure_logging(read_env().rank, cfg.logging.run_dir, debug)
