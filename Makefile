@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv ops demo demo-data test test-unit test-bench test-fast lint soak bench errors-doc clean
+.PHONY: venv ops demo demo-data test test-slow test-unit test-bench test-fast lint soak bench errors-doc clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,14 @@ demo: ops demo-data
 system-deps:
 	bash scripts/install_system_deps.sh
 
-# Every test but the benchmark scripts' smoke tests (`make test-bench`; .ci/run runs both).
+# Every test but the long ones (`make test-slow`) and the benchmark scripts' smoke tests
+# (`make test-bench`); .ci/run runs all three.
 test: ops system-deps
-	$(BIN)/python -m pytest tests -m "not bench" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not bench and not slow" $(PYTEST_ARGS)
+
+# The tests marked slow: the demo to its AUC, the elastic chain at ZeRO 1 and 3, the fault chains, Slurm's two nodes.
+test-slow: ops system-deps
+	$(BIN)/python -m pytest tests -m "slow and not bench" $(PYTEST_ARGS)
 
 # The benchmark scripts start and write their results on tiny settings (the benchmarks: `make bench`).
 test-bench: ops

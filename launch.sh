@@ -56,7 +56,11 @@ if [ -z "${RANK:-}" ] && [ -n "${SLURM_STEP_ID:-${SLURM_STEPID:-}}" ] && [ -n "$
     "on node ${SLURMD_NODENAME:-$(hostname)}" >&2
   PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m ds_trainer train "$@"
 fi
-ngpu="$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+# Ask torch (a ~2 s import) only where a GPU driver is present: no NVIDIA or AMD device node, no GPU.
+ngpu=0
+if [ -e /dev/nvidiactl ] || [ -e /dev/kfd ] || compgen -G '/dev/nvidia[0-9]*' >/dev/null; then
+  ngpu="$("$py" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+fi
 if [ "$ngpu" -gt 0 ]; then
   ranks="${NUM_GPUS:-$ngpu}"
 else

@@ -1,10 +1,13 @@
 """ds_trainer: DeepSpeed-accelerated training of CLIP-based AI-generated image detectors."""
 
+from ds_trainer import cpu_info
 from ds_trainer.ops import pin_build_env
 
 # Before anything can load a DeepSpeed op: this environment's own op directory and ninja, for this
 # process and every process it starts (the launcher's ranks, their builds). See ds_trainer/ops.py.
 pin_build_env()
+# DeepSpeed's op loads ask py-cpuinfo (a 1 s subprocess) twice each: once per machine instead.
+cpu_info.install()
 
 from ds_trainer.config import Config, load_config  # noqa: E402
 from ds_trainer.errors import CheckpointError, ConfigError, DataError, DsTrainerError  # noqa: E402
