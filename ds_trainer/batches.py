@@ -44,6 +44,11 @@ def keys(batch: Any) -> Sequence[Any]:
     return batch.get("key", ()) if isinstance(batch, Mapping) else ()
 
 
+def sizes(batch: Any) -> Sequence[Any]:
+    """(width, height) of each image file in the batch, as the streaming loader records them."""
+    return batch.get("size", ()) if isinstance(batch, Mapping) else ()
+
+
 def check_bad_fraction(bad: int, good: int, what: str, limit: float) -> None:
     total = bad + good
     if total and bad / total > limit:

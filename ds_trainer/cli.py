@@ -26,6 +26,23 @@ def _add_config_args(
     )  # fmt: skip
 
 
+def _add_track_args(p: argparse.ArgumentParser) -> None:
+    """eval's tables beside the clean one (ds_trainer/eval_tracks.py); checked before anything loads."""
+    # fmt: off
+    p.add_argument("--perturb", action="append", default=[], metavar="KIND:LEVELS",
+                   help="also score the val set degraded, both classes alike, a table per level (repeatable): "
+                        "jpeg:95,75,50,30 (quality), blur:1,3,5 (sigma px), resize:112,64 (shortest side px), "
+                        "downscale:0.5,0.25 (factor), or genimage-degraded (resize 112,64, jpeg 65,30, blur 3,5)")
+    p.add_argument("--align-jpeg", default=None, metavar="Q",
+                   help="debiased track: also score with the images re-encoded as JPEG at quality Q (e.g. 96)")
+    p.add_argument("--align-classes", default=None, choices=["both", "fakes"],
+                   help="which classes --align-jpeg re-encodes (default both; fakes: the AI-generated only)")
+    p.add_argument("--size-matched", action="store_true",
+                   help="debiased track: also score only the reals whose width and height lie within their "
+                        "generator's fakes' min..max width and height (and all the fakes)")
+    # fmt: on
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds-trainer", description="DeepSpeed trainer for AI-generated image detectors"
@@ -54,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "names, i.e. the last save; if that one is incomplete, the newest complete tag)")  # fmt: skip
     p.add_argument("--out", default=None, help="JSON output (default: <run_dir>/eval_<tag>.json)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the report (PNGs + report.html) here")
+    _add_track_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("report", help="plots and a self-contained HTML page from one or more `eval` results")
@@ -191,8 +209,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ds_trainer.config import build_config, load_config
+    from ds_trainer.eval_tracks import tracks_from_args
     from ds_trainer.run import run_evaluation
 
+    tracks = tracks_from_args(args.perturb, args.align_jpeg, args.align_classes, args.size_matched)
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
     else:
@@ -201,7 +221,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # The run's own data and run_dir: `eval --load-dir X` scores what that run validated on.
         source = resolve_source(args.load_dir, args.tag)
         cfg = build_config(source.config, args.overrides, source=f"the config saved in {source.tag_dir}")
-    run_evaluation(cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug, report_dir=args.report)
+    run_evaluation(
+        cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug, report_dir=args.report, tracks=tracks
+    )
     return 0
 
 

@@ -24,7 +24,8 @@ from ds_trainer.metrics import (
 @dataclass
 class EvalResult:
     row: dict[str, Any]  # val_loss, val_acc, ..., val_generators and val_mean_* with generator names
-    # every image's score, label, generator and key (None where the loader does not name them), all ranks
+    # every image's score, label, generator, key and (width, height) (None where the loader does not name
+    # them), all ranks
     predictions: dict[str, Any]
 
 
@@ -48,7 +49,7 @@ def evaluate(
     # Ranks can hold different numbers of batches. Under ZeRO-3 every forward gathers
     # parameters collectively, so short ranks must keep stepping with a dummy batch.
     n_steps = all_reduce_max_int(n_local, device) if zero_stage == 3 else n_local
-    scores, labels, generators, keys = [], [], [], []
+    scores, labels, generators, keys, sizes = [], [], [], [], []
     loss_sum = torch.zeros((), device=device)
     bad = 0
     it = iter(loader)
@@ -73,6 +74,7 @@ def evaluate(
         if isinstance(batch, Mapping) and "generator" in batch:
             generators.extend(batch["generator"])
         keys.extend(batches.keys(batch))
+        sizes.extend(tuple(wh) for wh in batches.sizes(batch))
     engine.train()
     all_scores = gather_1d(torch.cat(scores) if scores else torch.zeros(0))
     all_labels = gather_1d(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
@@ -94,12 +96,14 @@ def evaluate(
     all_generators = gather_objects(generators) if hasattr(loader, "generators") else []
     # Gathered in rank order like the scores, so the i-th key is the i-th score's image.
     all_keys = gather_objects(keys) if hasattr(loader, "generators") else []
+    all_sizes = gather_objects(sizes) if hasattr(loader, "generators") else []
     named = bool(all_generators) and len(all_generators) == n
     predictions = {
         "score": all_scores.float().cpu().numpy(),
         "label": all_labels.cpu().numpy(),
         "generator": all_generators if len(all_generators) == n else None,
         "key": all_keys if n and len(all_keys) == n else None,
+        "size": all_sizes if n and len(all_sizes) == n else None,  # for eval's size-matched table
     }
     if named:
         # The benchmark protocol: every generator on its own, then their unweighted mean.

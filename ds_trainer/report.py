@@ -9,6 +9,9 @@ LoRA) and, optionally, the runs' `metrics.jsonl`/`steps.jsonl` into:
 - `scores.png`: histograms of P(AI) for real and fake images per generator, the threshold marked;
 - `accuracy.png`: accuracy, real accuracy and fake accuracy per generator, with the mean;
 - `confusion.png`: the confusion matrix at the threshold;
+- `robustness.png` (eval with `--perturb`): accuracy and AUC against the degradation level, a
+  panel per kind, per generator and the mean; the page adds the per-level tables and, with
+  `--align-jpeg` / `--size-matched`, each debiased track's own table (`ds_trainer.report_robustness`);
 - `training.png`: losses (per logged step too), accuracy, val AUC overall and per generator, LR
   and samples/s against steps (when runs are given);
 - `report.html`: all of it with the metrics table, the most confident mistakes per generator (key,
@@ -57,6 +60,7 @@ from ds_trainer.report_figures import (
     score_figure,
     training_figure,
 )
+from ds_trainer.report_robustness import debiased_html, robustness_html
 from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes, find_samples
 
 __all__ = [
@@ -138,6 +142,7 @@ FIGURE_TITLES = {
     "scores": "Scores of real and AI-generated images",
     "accuracy": "Accuracy per generator",
     "confusion": "Confusion matrix",
+    "robustness": "Robustness: accuracy and AUC against the degradation level",
     "training": "Training curves",
 }
 
@@ -197,6 +202,8 @@ def render_html(
         "the mean is the unweighted mean over generators (the GenImage protocol).</p>"
     )
     parts.append(metrics_table_html(runs))
+    parts.append(robustness_html(runs))
+    parts.append(debiased_html(runs))
     for name, png in pngs.items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ds_trainer.eval_results import MEAN, METRIC_LABELS, EvalRun, union_generators
+from ds_trainer.report_robustness import has_robustness, robustness_figure
 
 
 def pyplot() -> Any:
@@ -357,6 +358,8 @@ def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, 
         "accuracy": accuracy_figure(runs),
         "confusion": confusion_figure(runs, threshold),
     }
+    if has_robustness(runs):
+        figures["robustness"] = robustness_figure(runs)
     if any(run.curves for run in runs):
         figures["training"] = training_figure(runs)
     return figures

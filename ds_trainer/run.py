@@ -6,13 +6,16 @@ import json
 import random
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ds_trainer.config import Config
 from ds_trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ds_trainer.eval_tracks import EvalTracks
 
 
 def seed_everything(seed: int) -> None:
@@ -46,12 +49,13 @@ def _check_image_size(cfg: Config, model: torch.nn.Module) -> None:
         )
 
 
-def _loaders(cfg: Config, env: Any, train: bool) -> tuple[Any, Any]:
+def _loaders(cfg: Config, env: Any, train: bool, preprocess: Any = None) -> tuple[Any, Any]:
     """(train loader or None, model-selection loader or None) for this rank.
 
     With `data.holdout_fraction`, model selection (val metrics, best, early stopping, plateau)
     runs on train shards held out from training: GenImage's `val` split is its test set, to be
-    scored once with `ds-trainer eval`.
+    scored once with `ds-trainer eval`. `preprocess` replaces the one the config describes (eval's
+    perturbed and debiased passes).
     """
     from ds_trainer.data import make_shard_loader
     from ds_trainer.data.transforms import Preprocess
@@ -59,7 +63,7 @@ def _loaders(cfg: Config, env: Any, train: bool) -> tuple[Any, Any]:
     d = cfg.data
     common = dict(
         rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, image_size=d.image_size, seed=cfg.seed,
-        preprocess=Preprocess.from_config(d, draft=d.jpeg_draft), pin_memory=d.pin_memory,
+        preprocess=preprocess or Preprocess.from_config(d, draft=d.jpeg_draft), pin_memory=d.pin_memory,
     )  # fmt: skip
     eval_batch = d.eval_batch_size or cfg.training.batch_size
     train_loader = None
@@ -110,6 +114,7 @@ def run_evaluation(
     out: str | Path | None = None,
     debug: bool = False,
     report_dir: str | Path | None = None,
+    tracks: EvalTracks | None = None,
 ) -> dict[str, Any]:
     """The benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and their mean.
 
@@ -119,6 +124,7 @@ def run_evaluation(
     every image's score (`predictions`), the checkpoint's config, and the date, commit and library
     versions (`provenance`) for `ds-trainer report`; with
     `report_dir` it writes that report too (and, with `logging.tensorboard`, PR curves and figures).
+    `tracks` (an `eval_tracks.EvalTracks`) adds the robustness and debiased tables beside the clean one.
     """
     from ds_trainer.consolidate import rebuild_model, resolve_source
     from ds_trainer.metrics import format_protocol_table
@@ -135,6 +141,14 @@ def run_evaluation(
     _, val_loader = _loaders(cfg, env, train=False)
     trainer = Trainer(model, None, val_loader, config=cfg)
     metrics = trainer.evaluate()
+    clean = trainer.last_predictions or {}
+    extra: dict[str, Any] = {}
+    if tracks is not None:
+        from ds_trainer.data.transforms import Preprocess
+        from ds_trainer.eval_tracks import run_tracks
+
+        base = Preprocess.from_config(cfg.data)
+        extra = run_tracks(trainer.evaluate, lambda p: _loaders(cfg, env, False, p)[1], base, tracks, clean)
     result = {
         "checkpoint": str(source.tag_dir), "epoch": source.meta.epoch, "global_step": source.meta.global_step,
         # where the scored images are: the report pulls its thumbnails of mistakes from there by key
@@ -142,19 +156,22 @@ def run_evaluation(
         "split": cfg.data.val_split, "samples": metrics["val_samples"], "bad_samples": metrics["val_bad_samples"],
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
-        "config": source.config,
+        **extra, "config": source.config,
     }  # fmt: skip
     if env.is_main:
         from ds_trainer.provenance import provenance
 
         result["provenance"] = provenance()
-        pred = trainer.last_predictions or {}
-        result["predictions"] = predictions_block(pred["score"], pred["label"], pred["generator"], pred.get("key"))
+        result["predictions"] = predictions_block(clean["score"], clean["label"], clean["generator"], clean.get("key"))
         path = Path(out) if out is not None else Path(cfg.logging.run_dir) / f"eval_{source.tag_dir.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(_eval_json(_json_safe(result)))
         if result["generators"]:
             console().info("%s", format_protocol_table(result["generators"]))
+        if extra:
+            from ds_trainer.eval_tracks import format_tracks
+
+            console().info("%s", format_tracks(extra))
         console().info("%d samples of split %s; written to %s", result["samples"], result["split"], path)
         if report_dir is not None:
             _write_report(cfg, path, report_dir)

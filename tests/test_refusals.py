@@ -119,6 +119,13 @@ def eval_without_val(tmp: Path, shards: Path) -> list[str]:
     return ["eval", "--config", str(cfg), "--load-dir", str(tmp / "ckpt")]
 
 
+def eval_with(*flags: str) -> Callable[[Path, Path], list[str]]:
+    def build(tmp: Path, shards: Path) -> list[str]:
+        return ["eval", "--load-dir", str(tmp / "ckpt"), *flags]
+
+    return build
+
+
 CASES = [
     # --- the YAML file itself
     Case(
@@ -377,7 +384,22 @@ CASES = [
         r"no such file",
         lambda tmp, shards: ["report", "--eval", str(tmp / "none.json"), "--out", str(tmp / "rep")],
     ),
-]
+    # --- ds-trainer eval's robustness and debiased tracks: refused before anything loads
+    Case("eval-perturb-unknown-kind", "ds-trainer eval --perturb names an unknown kind", 2,
+         r"--perturb 'sharpen:1': unknown kind 'sharpen'", eval_with("--perturb", "sharpen:1")),
+    Case("eval-perturb-jpeg-quality", "ds-trainer eval --perturb with a JPEG quality outside 1..100", 2,
+         r"--perturb 'jpeg:75,101': level '101' .* 1 to 100", eval_with("--perturb", "jpeg:75,101")),
+    Case("eval-perturb-negative-sigma", "ds-trainer eval --perturb with a negative blur sigma", 2,
+         r"level '-1' .* sigma .* >= 0", eval_with("--perturb", "blur:-1")),
+    Case("eval-perturb-small-resize", "ds-trainer eval --perturb resizes below 8 px", 2,
+         r"level '4' .* >= 8", eval_with("--perturb", "resize:4")),
+    Case("eval-perturb-no-levels", "ds-trainer eval --perturb with an empty list of levels", 2,
+         r"--perturb 'jpeg:': give jpeg at least one level", eval_with("--perturb", "jpeg:")),
+    Case("eval-align-jpeg-quality", "ds-trainer eval --align-jpeg with a quality outside 1..100", 2,
+         r"--align-jpeg 0: .* 1 to 100", eval_with("--align-jpeg", "0")),
+    Case("eval-align-classes-alone", "ds-trainer eval --align-classes without --align-jpeg", 2,
+         r"give --align-jpeg Q too", eval_with("--align-classes", "fakes")),
+]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}
 

@@ -528,3 +528,97 @@ def test_results_without_keys_still_list_their_mistakes(tmp_path):
     assert "no image keys" in page and "not recorded" in page
     rows = re.findall(r"<tr>(?:<td rowspan[^>]*>.*?</td>)?<td class='run'><span class='muted'>not recorded", page)
     assert len(rows) == sum(len(r) for r in report.confident_mistakes(run).by_generator.values()) > 0
+
+
+def with_tracks(path: Path, shift: float, seed: int = 0) -> Path:
+    """`fake_eval` plus the `robustness` and `debiased` blocks `ds-trainer eval --perturb jpeg:75,30
+    --perturb blur:3,1 --align-jpeg 96 --size-matched` adds: each level a fresh draw with a smaller shift."""
+    from ds_trainer.eval_tracks import SIZE_MATCHED, SIZE_RULE
+
+    fake_eval(path, shift, seed)
+    result = json.loads(path.read_text())
+
+    def block(factor: float, k: int) -> dict:
+        table = json.loads(fake_eval(path.with_suffix(f".{k}.tmp"), shift * factor, seed + k).read_text())
+        return {"samples": table["samples"], "bad_samples": 0, "overall": {}, "generators": table["generators"]}
+
+    result["robustness"] = {
+        name: {"kind": name.split(":")[0], "level": int(name.split(":")[1]), "label": name, **block(f, k)}
+        for k, (name, f) in enumerate([("jpeg:75", 0.8), ("jpeg:30", 0.4), ("blur:3", 0.5), ("blur:1", 0.9)], 1)
+    }  # blur levels out of order on purpose: the figure and the tables sort them mild to severe
+    kept = dict.fromkeys(GENERATORS, 40)
+    result["debiased"] = {
+        "align-jpeg:96:both": {"label": "both classes re-encoded as JPEG at quality 96", **block(0.7, 9)},
+        SIZE_MATCHED: {"label": "reals size-matched to the fakes", "rule": SIZE_RULE, "reals_kept": kept,
+                       "reals_total": dict.fromkeys(GENERATORS, 60), **block(0.6, 10)},
+    }  # fmt: skip
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_robustness_plot_and_debiased_tables_are_in_the_report(tmp_path):
+    from ds_trainer.report_robustness import robustness_figure
+
+    ev = with_tracks(tmp_path / "eval.json", shift=0.4)
+    assert cli.main(["report", "--eval", str(ev), "--out", str(tmp_path / "rep")]) == 0
+    w, h = png_size(tmp_path / "rep" / "robustness.png")
+    assert w > 600 and h > 300
+    text = (tmp_path / "rep" / "report.html").read_text()
+    assert text.count("data:image/png;base64,") == 6 and "id='fig-robustness'" in text
+    result = json.loads(ev.read_text())
+    # per kind, accuracy per generator: the clean result, then the levels mild to severe
+    for kind, names in (("jpeg", ["jpeg:75", "jpeg:30"]), ("blur", ["blur:1", "blur:3"])):
+        table = re.search(rf"<table id='robustness-0-{kind}'>(.*?)</table>", text).group(1)
+        assert re.findall(r"<th>([^<]*)</th>", table) == ["generator", "clean", *names]
+        for g in (*GENERATORS, "mean"):
+            cells = re.search(rf"<td>{g}</td>(.*?)</tr>", table).group(1)
+            tables = [result["generators"], *(result["robustness"][n]["generators"] for n in names)]
+            assert re.findall(r"<td>([^<]*)</td>", cells) == [f"{100 * t[g]['acc']:.1f}" for t in tables]
+    # each debiased track as its own labelled table
+    for name, block in result["debiased"].items():
+        assert f"<h3>{name}</h3><p class='muted'>{block['label']}" in text
+        table = re.search(rf"<table id='debiased-0-{name}'>(.*?)</table>", text).group(1)
+        row = re.search(r"<tr class='mean'><td>mean</td>(.*?)</tr>", table).group(1)
+        assert re.findall(r"<td>([^<]*)</td>", row)[:5] == [
+            f"{100 * block['generators']['mean'][k]:.1f}" for k in ("acc", "real_acc", "fake_acc", "ap", "auc")
+        ]
+    assert "<td>40/60</td>" in text and "min..max" in text
+
+    # the figure: accuracy and AUC rows, a column per kind; one run: a line per generator and the mean
+    runs = [report.load_eval(ev)]
+    fig = robustness_figure(runs)
+    try:
+        assert len(fig.axes) == 4 and [ax.get_title() for ax in fig.axes[:2]] == ["jpeg", "blur"]
+        acc_blur, auc_jpeg = fig.axes[1], fig.axes[2]
+        assert [t.get_text() for t in acc_blur.get_xticklabels()] == ["clean", "1", "3"]
+        lines = _lines(auc_jpeg)
+        assert set(lines) == {*GENERATORS, "mean"}
+        want = [100 * t["mean"]["auc"] for t in (result["generators"], *(result["robustness"][n]["generators"]
+                                                                          for n in ("jpeg:75", "jpeg:30")))]  # fmt: skip
+        assert np.allclose(lines["mean"].get_ydata(), want)
+    finally:
+        report.pyplot().close(fig)
+    # several runs: the mean of each
+    other = with_tracks(tmp_path / "b.json", shift=0.2, seed=3)
+    fig = robustness_figure([*runs, report.load_eval(other, "probe")])
+    try:
+        assert set(_lines(fig.axes[0])) == {runs[0].name, "probe"}
+    finally:
+        report.pyplot().close(fig)
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium: `.ci/run` installs Debian's chromium for this test")
+def test_report_with_robustness_renders_in_headless_chromium(tmp_path):
+    ev = with_tracks(tmp_path / "eval.json", shift=0.4)
+    run_dir = write_metrics(tmp_path / "run")
+    out = tmp_path / "rep"
+    assert cli.main(["report", "--eval", str(ev), "--run", str(run_dir), "--out", str(out)]) == 0
+    dom = run_chromium(["--dump-dom", (out / "report.html").as_uri()], tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom.stdout).group(1)))
+    # the five figures of a plain report, the robustness plot and the training curves
+    assert attrs.get("data-images") == "7" and attrs.get("data-images-loaded") == "7", attrs
+    assert 'id="fig-robustness"' in dom.stdout
+    for table in ("robustness-0-jpeg", "robustness-0-blur", "debiased-0-align-jpeg:96:both", "debiased-0-size-matched"):
+        assert f'<table id="{table}">' in dom.stdout, table
+    assert len(re.findall(r'<tr class="mean">', dom.stdout)) == 5  # metrics, 2 robustness, 2 debiased

@@ -116,6 +116,7 @@ def decode_samples(
                 raise _StandIn
             label = _label(sample)
             with _open_image(sample) as img:
+                size = img.size  # the file's own, before any draft decode or resize
                 pixels = preprocess(img, label=label, train=train, rng=rng)
         except Exception as exc:  # broken images raise many types; one bad file must not stop training
             skipped += 1
@@ -135,7 +136,7 @@ def decode_samples(
         in_row = 0
         yield {
             "pixel_values": pixels, "label": label, "generator": sample["__generator__"], "key": key,
-            "bad": pending_bad, "worker": worker, "position": position,
+            "size": size, "bad": pending_bad, "worker": worker, "position": position,
         }  # fmt: skip
         pending_bad = 0
     if pending_bad:
@@ -151,6 +152,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "generator": [s["generator"] for s in samples],
         "key": [s["key"] for s in samples],
+        "size": [s["size"] for s in samples],  # (width, height) of each image file
         "bad_samples": sum(s["bad"] for s in items),
         "worker": items[-1]["worker"],
         "position": items[-1]["position"],  # raw samples this worker had read by the end of the batch

@@ -9,11 +9,13 @@ section). Per image, in this order:
 1. `to_rgb` -- the same rule for every class: transparent pixels (RGBA, LA, PA, P/L/RGB with a
    `transparency` entry) are composited on white, 16-bit / float data is scaled (not clipped),
    CMYK / YCbCr / HSV / LAB are colour-converted.
-2. `align_jpeg_quality` -- label 1 (ai) only: re-encode as JPEG at that quality. GenImage's reals
-   are JPEG (~q96) and its fakes lossless PNG, so a detector can score well by detecting JPEG
-   ("Fake or JPEG?", Grommelt et al. 2024); aligning the formats removes that shortcut. It is the
-   one step that treats the classes differently, and it applies at eval too because it defines
-   the data, not an augmentation.
+2. `align_jpeg_quality` -- label 1 (ai) only (`align_classes="fakes"`, the default), or every
+   image (`"both"`): re-encode as JPEG at that quality. GenImage's reals are JPEG (~q96) and its
+   fakes lossless PNG, so a detector can score well by detecting JPEG ("Fake or JPEG?", Grommelt
+   et al. 2024); aligning the formats removes that shortcut. Fakes-only is the one step that
+   treats the classes differently, and it applies at eval too because it defines the data, not an
+   augmentation. Then `perturb` (a `data.perturb.Perturbation`, eval's robustness sweeps), the
+   same for both classes.
 3. train only, both classes alike: Gaussian blur with probability `blur_prob`, then JPEG
    re-encoding with probability `jpeg_prob` (CNNSpot's Blur+JPEG(0.5), Wang et al. 2020).
 4. geometry -- `crop="resize"`: shortest side to `image_size`, then a random (train) or center
@@ -30,7 +32,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -38,6 +40,9 @@ from PIL import Image, ImageCms, ImageFilter
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+if TYPE_CHECKING:
+    from ds_trainer.data.perturb import Perturbation
 
 _MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
 _STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
@@ -163,6 +168,8 @@ def native_crop(img: Image.Image, size: int, rng: random.Random | None) -> np.nd
 
 Crop = Literal["resize", "native"]
 CROP_MODES = ("resize", "native")
+AlignClasses = Literal["fakes", "both"]
+ALIGN_CLASSES = ("fakes", "both")
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,8 @@ class Preprocess:
     jpeg_prob: float = 0.0
     jpeg_quality: tuple[int, int] = (30, 100)
     draft: bool = True
+    align_classes: AlignClasses = "fakes"
+    perturb: Perturbation | None = None
 
     def __post_init__(self) -> None:
         # tuples (not lists from YAML) keep the instance hashable and the rng draws typed
@@ -197,6 +206,8 @@ class Preprocess:
         _check(self.crop in CROP_MODES, f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
         q = self.align_jpeg_quality
         _check(q is None or 1 <= q <= 100, f"align_jpeg_quality must be None or in [1, 100], got {q}")
+        _check(self.align_classes in ALIGN_CLASSES,
+               f"align_classes must be one of {', '.join(ALIGN_CLASSES)}, got {self.align_classes!r}")  # fmt: skip
         for name in ("blur_prob", "jpeg_prob"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1], got {getattr(self, name)}")
         _check(len(self.blur_sigma) == 2 and 0 <= self.blur_sigma[0] <= self.blur_sigma[1],
@@ -228,8 +239,10 @@ class Preprocess:
         """
         self._apply_draft(img)
         img = to_rgb(img)
-        if self.align_jpeg_quality is not None and int(label) == 1:
+        if self.align_jpeg_quality is not None and (self.align_classes == "both" or int(label) == 1):
             img = jpeg_roundtrip(img, self.align_jpeg_quality)
+        if self.perturb is not None:
+            img = self.perturb(img)
         if not train:
             return self._geometry(img, None)
         rng = rng if rng is not None else random.Random()
