@@ -114,7 +114,8 @@ def test_cli_user_errors_exit_with_codes_and_no_traceback(tmp_path, tiny_shards)
     assert out.returncode == 4 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+# ZeRO 2 and 3 (the short rank's dummy batches) in `make test`; ZeRO 0 in `make test-slow`.
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2, 3])
 def test_two_ranks_each_zero_stage_trains_and_evaluates(tmp_path, tiny_shards, stage):
     # Eval shards are uneven across the ranks; under ZeRO-3 the short rank must keep joining
     # the parameter all-gathers with dummy batches or the job hangs.

@@ -81,9 +81,13 @@ def test_plateau_best_early_stopping_and_logs_on_two_ranks(tmp_path, tiny_shards
 @pytest.mark.parametrize(
     "name, model, deepspeed",
     [
-        ("linear_probe", {"freeze_backbone": True}, {"zero_stage": 1}),
+        # The frozen-backbone strategies take the engine path LoRA takes (their trainable parameters are
+        # checked in-process by tests/test_strategies.py): on two ranks in `make test-slow`.
+        pytest.param("linear_probe", {"freeze_backbone": True}, {"zero_stage": 1}, marks=pytest.mark.slow),
         ("lora", {"lora": {"enabled": True, "r": 4, "alpha": 8}}, {"zero_stage": 2}),
-        ("prompt_tuning", {"mode": "prompt-tuning", "prompt_length": 4}, {"zero_stage": 1}),
+        pytest.param(
+            "prompt_tuning", {"mode": "prompt-tuning", "prompt_length": 4}, {"zero_stage": 1}, marks=pytest.mark.slow
+        ),
         ("offload", {}, {"zero_stage": 2, "offload_optimizer": "cpu"}),
     ],
 )
