@@ -153,8 +153,10 @@ def problems(tag_dir: Path) -> list[str]:
         return [f"no {MARKER} (the save did not finish on every rank)"]
     try:
         manifest = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return [f"unreadable {MARKER}: {exc}"]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files") or {}, dict):
+        return [f"{MARKER} is not a ds_trainer checkpoint record"]
     out = []
     for name, size in (manifest.get("files") or {}).items():
         path = tag_dir / name
@@ -207,12 +209,19 @@ def resolve(path: str | Path) -> tuple[Path, str]:
     complete = [d for d in p.iterdir() if d.is_dir() and (d / MARKER).is_file() and is_complete(d)]
     if not complete:
         found = ", ".join(sorted(d.name for d in p.iterdir())[:10]) or "nothing"
+        damaged = sorted(d for d in p.iterdir() if d.is_dir() and (d / MARKER).is_file())[:2]
+        why = "".join(f"; {d.name}: {b[0]}" for d in damaged if (b := problems(d)))
         raise CheckpointError(
-            f"no complete checkpoint in {p} (found: {found}); "
+            f"no complete checkpoint in {p} (found: {found}{why}); "
             "a checkpoint is complete once ds_trainer.json is written next to DeepSpeed's files"
         )
-    newest = max(complete, key=lambda d: (read_marker(d).get("global_step", -1), d.stat().st_mtime))
+    newest = max(complete, key=lambda d: (_global_step(d), d.stat().st_mtime))
     return p, newest.name
+
+
+def _global_step(tag_dir: Path) -> int:
+    step = read_marker(tag_dir).get("global_step")
+    return step if type(step) is int else -1  # a record resume.read will refuse by name, if it is picked
 
 
 PREEMPTED = "PREEMPTED"

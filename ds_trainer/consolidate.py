@@ -54,10 +54,10 @@ def resolve_source(load_dir: str | Path, tag: str | None = None) -> Source:
         ckpt_dir = Path(load_dir).expanduser()
         if not ckpt_dir.is_dir():
             raise CheckpointError(f"checkpoint {load_dir} does not exist")
-        if not checkpoint.is_complete(ckpt_dir / tag):
-            what = "an incomplete" if (ckpt_dir / tag).is_dir() else "no"
+        if bad := checkpoint.problems(ckpt_dir / tag):
+            what, why = ("an incomplete", f"{bad[0]}; ") if (ckpt_dir / tag).is_dir() else ("no", "")
             raise CheckpointError(
-                f"{what} checkpoint {tag!r} in {ckpt_dir} (complete tags: {_complete_tags(ckpt_dir)}); "
+                f"{what} checkpoint {tag!r} in {ckpt_dir} ({why}complete tags: {_complete_tags(ckpt_dir)}); "
                 "a checkpoint is complete once ds_trainer.json is written next to DeepSpeed's files"
             )
     meta = resume.read(ckpt_dir / tag)

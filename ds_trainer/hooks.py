@@ -238,7 +238,7 @@ class FlopCounter(Hook):
 
 
 class LockRefresh(Hook):
-    """Keeps checkpoint_dir's lock fresh, so another host never takes over a live run."""
+    """Keeps the run's locks (checkpoint_dir, run_dir) fresh, so another host never takes over a live run."""
 
     def __init__(self, lock: Any) -> None:
         self.lock = lock

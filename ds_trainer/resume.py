@@ -14,6 +14,7 @@ goes through DeepSpeed's universal format.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,10 +153,43 @@ def read(tag_dir: str | Path) -> CheckpointMeta:
             f"{path} is not a ds_trainer checkpoint record (it needs {', '.join(_REQUIRED)}); "
             "give a checkpoint directory written by ds-trainer train"
         )
+    wrong = _wrong_field(raw)
+    if wrong is not None:
+        raise CheckpointError(
+            f"{path} is not a ds_trainer checkpoint record ({wrong}); give a checkpoint directory written by "
+            "ds-trainer train"
+        )
     try:
         return CheckpointMeta(tag_dir, upgrade(raw))
     except CheckpointError as exc:
         raise CheckpointError(f"{tag_dir}: {exc}") from None
+
+
+def _wrong_field(raw: dict[str, Any]) -> str | None:
+    """What in a record has the wrong type (what the properties of CheckpointMeta would trip on), or None."""
+
+    def count(value: Any) -> bool:
+        return type(value) is int and value >= 0
+
+    for key in _REQUIRED:
+        if not count(raw[key]):
+            return f"{key} is {_short(raw[key])}, not a whole number"
+    for key in ("version", "world_size", "batches_done", "train_batch_size", "num_parameters"):
+        if raw.get(key) is not None and not count(raw[key]):
+            return f"{key} is {_short(raw[key])}, not a whole number"
+    for key, kind, name in (
+        ("config", dict, "a mapping"),
+        ("files", dict, "a mapping"),
+        ("param_groups", list, "a list"),
+    ):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            return f"{key} is {_short(raw[key])}, not {name}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, str)) else repr(value)
+    return text if len(text) <= 30 else text[:27] + "..."
 
 
 def check_same_model(meta: CheckpointMeta, model: nn.Module, group_names: list[str] | None) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from ds_trainer.config import Config
 from ds_trainer.errors import ConfigError
+from ds_trainer.run_lock import RunLocks
 
 if TYPE_CHECKING:
     from ds_trainer.eval_tracks import EvalTracks
@@ -24,7 +25,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _start(cfg: Config, debug: bool) -> Any:
+def _start(cfg: Config, debug: bool, locks: RunLocks | None = None) -> Any:
+    """The process group and logging; with `locks`, those are held (collective) before train.log is written.
+
+    The locks come right after the process group, before the minutes of set-up (the model, the
+    loaders, the engine) and before anything in the run's directories is written: a run refused
+    because another one holds them (or because they cannot be written) leaves them as they were.
+    """
     from ds_trainer.distributed import init_distributed, read_env
     from ds_trainer.sinks import configure_logging
     from ds_trainer.slurm import export_slurm_env
@@ -35,9 +42,13 @@ def _start(cfg: Config, debug: bool) -> Any:
     # shows each node's), before other ranks' consoles go quiet.
     export_slurm_env()
     # Before the process group: what DeepSpeed logs while it starts, and a first launch's op
-    # builds, reach train.log and rank 0's console already.
-    configure_logging(read_env().rank, cfg.logging.run_dir, debug)
+    # builds, reach rank 0's console already, and train.log once the run's directories are locked.
+    rank = read_env().rank
+    configure_logging(rank, cfg.logging.run_dir, debug, hold_file=locks is not None)
     env = init_distributed(cfg.distributed.timeout_s)
+    if locks is not None:
+        locks.acquire(env.is_main, env.world_size)
+        configure_logging(rank, cfg.logging.run_dir)  # train.log, with the lines held until now
     seed_everything(cfg.seed)
     return env
 
@@ -90,21 +101,23 @@ def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = 
     from ds_trainer.models import build_model
     from ds_trainer.trainer import Trainer
 
-    env = _start(cfg, debug)
-    model = build_model(cfg.model)
-    _check_image_size(cfg, model)
     eval_only = cfg.model.mode == "zero-shot"
-    if eval_only and not cfg.data.val_split:
-        raise ConfigError("model.mode zero-shot only evaluates: set data.val_split to the split to score")
-    train_loader, val_loader = _loaders(cfg, env, train=not eval_only)
-    trainer = Trainer(model, train_loader, val_loader, config=cfg)
-    if eval_only:
+    # Held from before the set-up to the end; a zero-shot run writes no checkpoints, only its run_dir.
+    with RunLocks.for_run(cfg, checkpoints=not eval_only) as locks:
+        env = _start(cfg, debug, locks)
+        model = build_model(cfg.model)
+        _check_image_size(cfg, model)
+        if eval_only and not cfg.data.val_split:
+            raise ConfigError("model.mode zero-shot only evaluates: set data.val_split to the split to score")
+        train_loader, val_loader = _loaders(cfg, env, train=not eval_only)
+        trainer = Trainer(model, train_loader, val_loader, config=cfg, locks=locks)
+        if eval_only:
+            if load_dir is not None:
+                raise ConfigError("--load-dir: a zero-shot model has no trained state to load")
+            return [trainer.evaluate_and_log()]
         if load_dir is not None:
-            raise ConfigError("--load-dir: a zero-shot model has no trained state to load")
-        return [trainer.evaluate_and_log()]
-    if load_dir is not None:
-        trainer.resume_from_checkpoint(load_dir)
-    return trainer.train()
+            trainer.resume_from_checkpoint(load_dir)
+        return trainer.train()
 
 
 def run_evaluation(

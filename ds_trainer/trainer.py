@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from ds_trainer.loop import EpochResult, EpochStart, TrainLoop
 from ds_trainer.metrics import gather_objects
 from ds_trainer.nonfinite import NonFiniteGuard
 from ds_trainer.preemption import PreemptionGuard
-from ds_trainer.run_lock import held_by_rank0
+from ds_trainer.run_lock import RunLocks
 from ds_trainer.seed_api import config_from_keywords
 from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_mode, write_run_config
 from ds_trainer.state import BestTracker, TrainState, epoch_checkpoint_due
@@ -54,7 +55,7 @@ class Trainer:
         self, model: nn.Module, train_loader: Iterable | None = None, val_loader: Iterable | None = None, *,
         config: Config | None = None, device: str | None = None, distributed: bool | None = None,
         zero_stage: int | None = None, precision: str | None = None, run_dir: str | Path | None = None,
-        hooks: Sequence[Hook] = (), **training: Any,
+        hooks: Sequence[Hook] = (), locks: RunLocks | None = None, **training: Any,
     ) -> None:  # fmt: skip
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.cfg = config_from_keywords(config, training, zero_stage, precision, run_dir)  # never changed after this
@@ -75,6 +76,9 @@ class Trainer:
         self._plan = resume.ResumePlan()
         self.plateau: optim.PlateauScale | None = None
         self._loop: TrainLoop | None = None
+        # checkpoint_dir's and run_dir's locks: held by the caller (run_training), or taken here before the
+        # set-up writes anything and released when train() ends (`_own_locks`)
+        self.locks, self._own_locks = locks, False
 
     @property
     def epoch(self) -> int:  # the last finished epoch
@@ -88,6 +92,29 @@ class Trainer:
         self.env = env = init_distributed(self.cfg.distributed.timeout_s)
         if self.distributed is False and env.world_size > 1:
             raise ConfigError(f"distributed=False, but the job has {env.world_size} ranks")
+        self._hold_locks(env)
+        try:
+            self._build(env)
+        except BaseException:
+            self._release_own_locks()
+            raise
+
+    def _trains(self) -> bool:
+        return self.train_loader is not None and any(p.requires_grad for p in self.model.parameters())
+
+    def _hold_locks(self, env: DistEnv) -> None:
+        """A training Trainer takes its directories' locks itself when no caller holds them (collective)."""
+        if self.locks is None and self._trains():
+            self.locks = RunLocks.for_run(self.cfg).acquire(env.is_main, env.world_size)
+            self._own_locks = True
+            weakref.finalize(self, self.locks.release)  # a Trainer that never trains lets go when it is dropped
+
+    def _release_own_locks(self) -> None:
+        if self._own_locks and self.locks is not None:
+            self.locks.release()
+            self.locks, self._own_locks = None, False
+
+    def _build(self, env: DistEnv) -> None:
         configure_logging(env.rank, self.run_dir)
         self.trainable = any(p.requires_grad for p in self.model.parameters())
         if self.val_loader is not None:
@@ -186,10 +213,15 @@ class Trainer:
         if self.engine is None:
             engines.select_device(self.device_request)
             env = init_distributed(self.cfg.distributed.timeout_s)
-            micro = getattr(self.train_loader, "batch_size", None) or self.t.batch_size
-            self._plan = resume.plan(meta, env.world_size, micro, self.t.grad_accumulation_steps)
-            if self._plan.universal:
-                checkpoint.to_universal(meta.tag_dir, env.is_main)
+            self._hold_locks(env)  # before the conversion below writes into the checkpoint
+            try:
+                micro = getattr(self.train_loader, "batch_size", None) or self.t.batch_size
+                self._plan = resume.plan(meta, env.world_size, micro, self.t.grad_accumulation_steps)
+                if self._plan.universal:
+                    checkpoint.to_universal(meta.tag_dir, env.is_main)
+            except BaseException:
+                self._release_own_locks()
+                raise
         elif meta.world_size and self.env is not None and meta.world_size != self.env.world_size:
             raise CheckpointError(
                 f"{meta.tag_dir} was saved by {meta.world_size} ranks, this job has {self.env.world_size}: call "
@@ -217,16 +249,18 @@ class Trainer:
 
     def train(self) -> list[dict[str, Any]]:
         """Train from the epoch after the last finished one to `num_epochs`; returns the metric rows."""
-        self.setup()
-        self._require_training("train()")
-        assert self.env is not None and self._loop is not None
-        if self.epoch >= self.t.num_epochs and not self.state.progress.batches_done:
-            console().info("%s", resume.nothing_to_train(self.epoch, self.t.num_epochs))
-            return self.history
         with contextlib.ExitStack() as lifetime:  # released in reverse order, however the epochs end
-            lock = lifetime.enter_context(held_by_rank0(self.t.checkpoint_dir, self.env.is_main, self.env.world_size))
+            lifetime.callback(self._release_own_locks)
+            self.setup()
+            self._require_training("train()")
+            assert self.env is not None and self._loop is not None
+            self._hold_locks(self.env)  # a second train() of this Trainer: its first one released them
+            if self.epoch >= self.t.num_epochs and not self.state.progress.batches_done:
+                console().info("%s", resume.nothing_to_train(self.epoch, self.t.num_epochs))
+                return self.history
             lifetime.enter_context(self.preemption.installed())
             lifetime.enter_context(self.sinks)
+            lock = self.locks if self.env.is_main else None
             self._loop.hooks = for_training(
                 self.engine, self.model, self.sinks, self.settings, self.cfg.logging.log_every_n_steps,
                 self.group_names, self.nonfinite, self.mfu, lock, self.env.rank, self.preemption, self.user_hooks,

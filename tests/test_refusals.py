@@ -126,6 +126,50 @@ def eval_with(*flags: str) -> Callable[[Path, Path], list[str]]:
     return build
 
 
+def a_file_at(key: str, below: bool = False):
+    """training.checkpoint_dir / logging.run_dir named where a regular file is (or below one)."""
+
+    def build(tmp: Path, shards: Path) -> list[str]:
+        (tmp / "plain").write_text("not a directory\n")
+        target = tmp / "plain" / "sub" if below else tmp / "plain"
+        return train(extra=("--set", f"{key}={target}"))(tmp, shards)
+
+    return build
+
+
+def locked(key: str, content: str):
+    """`key`'s directory holds a lock file with `content` (a run on another host that refreshed it just now)."""
+
+    def build(tmp: Path, shards: Path) -> list[str]:
+        argv = train()(tmp, shards)
+        cfg = yaml.safe_load(Path(argv[2]).read_text())
+        section, name = key.split(".")
+        directory = Path(cfg[section][name])
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / ".ds_trainer.lock").write_text(content)
+        return argv
+
+    return build
+
+
+LIVE_ELSEWHERE = json.dumps({"host": "gpu-node-7", "pid": 4242, "started": "2025-06-01T09:00:00+0000"})
+
+
+def marker(content: str, command: str):
+    """The saved checkpoint's ds_trainer.json replaced by `content`, then `command` run on it."""
+
+    def build(tmp: Path, shards: Path) -> list[str]:
+        ckpt = saved_checkpoint(tmp, shards)
+        (ckpt / "epoch_1" / "ds_trainer.json").write_text(content)
+        if command == "export":
+            return ["export", "--load-dir", str(ckpt), "--tag", "epoch_1", "--out", str(tmp / "exported")]
+        if command == "eval":
+            return ["eval", "--load-dir", str(ckpt), "--tag", "epoch_1"]
+        return train(extra=("--load-dir", str(ckpt / "epoch_1")))(tmp, shards)
+
+    return build
+
+
 CASES = [
     # --- the YAML file itself
     Case(
@@ -399,6 +443,78 @@ CASES = [
          r"--align-jpeg 0: .* 1 to 100", eval_with("--align-jpeg", "0")),
     Case("eval-align-classes-alone", "ds-trainer eval --align-classes without --align-jpeg", 2,
          r"give --align-jpeg Q too", eval_with("--align-classes", "fakes")),
+    # --- the run's directories: in use, or not usable (checked before the set-up, nothing written)
+    Case(
+        "checkpoint-dir-in-use",
+        "training.checkpoint_dir is held by a live run (on this host or another)",
+        4,
+        r"training\.checkpoint_dir \S+ is in use by a live run \(host gpu-node-7, PID 4242",
+        locked("training.checkpoint_dir", LIVE_ELSEWHERE),
+    ),
+    Case(
+        "run-dir-in-use",
+        "logging.run_dir is held by a live run (with another checkpoint_dir)",
+        4,
+        r"logging\.run_dir \S+ is in use by a live run",
+        locked("logging.run_dir", LIVE_ELSEWHERE),
+    ),
+    Case(
+        "lock-not-a-record",
+        "a lock file that is JSON but no lock record (a PID that is no number, a list)",
+        4,
+        r"\.ds_trainer\.lock is not a ds_trainer lock \(it holds \{\"pid\": \"abc\"\}",
+        locked("training.checkpoint_dir", '{"pid": "abc"}'),
+    ),
+    Case(
+        "lock-a-list",
+        "a lock file holding a JSON list",
+        4,
+        r"\.ds_trainer\.lock is not a ds_trainer lock \(it holds \[\]",
+        locked("logging.run_dir", "[]"),
+    ),
+    Case(
+        "checkpoint-dir-is-file",
+        "training.checkpoint_dir names a regular file",
+        2,
+        r"training\.checkpoint_dir \S+/plain is a file, not a directory",
+        a_file_at("training.checkpoint_dir"),
+    ),
+    Case(
+        "run-dir-is-file",
+        "logging.run_dir names a regular file",
+        2,
+        r"logging\.run_dir \S+/plain is a file, not a directory",
+        a_file_at("logging.run_dir"),
+    ),
+    Case(
+        "run-dir-below-file",
+        "logging.run_dir lies below a regular file",
+        2,
+        r"logging\.run_dir \S+/plain/sub cannot be made: \S+/plain is a file",
+        a_file_at("logging.run_dir", below=True),
+    ),
+    # --- a checkpoint record that is no record
+    Case(
+        "marker-empty-object",
+        "a checkpoint whose ds_trainer.json is {} (export)",
+        4,
+        r"epoch_1/ds_trainer\.json is not a ds_trainer checkpoint record",
+        marker("{}", "export"),
+    ),
+    Case(
+        "marker-list",
+        "a checkpoint whose ds_trainer.json is [] (eval)",
+        4,
+        r"checkpoint 'epoch_1' in \S+ \(ds_trainer\.json is not a ds_trainer checkpoint record; complete tags: best\)",
+        marker("[]", "eval"),
+    ),
+    Case(
+        "marker-wrong-type",
+        "a checkpoint record whose epoch is no number (train --load-dir)",
+        4,
+        r"ds_trainer\.json is not a ds_trainer checkpoint record \(epoch is \"1\", not a whole number\)",
+        marker('{"epoch": "1", "global_step": 8}', "train"),
+    ),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}

@@ -67,8 +67,10 @@ def close_after_error(sink: Sink, error: BaseException) -> None:
     error that stopped the run is the one reported."""
     try:
         sink.close()
-    except Exception:
-        log.exception("closing the metrics sinks after %s failed too", type(error).__name__)
+    except Exception as exc:
+        # One line (a full disk fails every backend's close too); the traceback at debug level.
+        log.error("closing the metrics sinks after %s failed too: %s", type(error).__name__, exc)
+        log.debug("closing the metrics sinks failed", exc_info=exc)
 
 
 class CompositeSink(Sink):

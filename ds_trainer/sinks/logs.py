@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 from pathlib import Path
 
@@ -44,7 +45,39 @@ def route_deepspeed_logs(debug: bool) -> None:
     ds_logger.addFilter(_ToOurHandlers(to_console=debug))
 
 
-def configure_logging(rank: int, run_dir: str | Path | None, debug: bool | None = None) -> None:
+class _RunLog(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is said once, in one line, and the file is given up:
+    the console goes on, and the error that stops the run (if any) is the one reported."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if getattr(self, "_given_up", False):
+            return
+        self._given_up = True
+        exc = sys.exc_info()[1]
+        reason = getattr(exc, "strerror", None) or exc
+        print(f"ds-trainer: cannot write {self.baseFilename} ({reason}); train.log stops here", file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_given_up", False):
+            super().emit(record)
+
+
+class _HeldLines(logging.handlers.BufferingHandler):
+    """train.log's lines before the run's locks are held: kept, and written once they are.
+
+    A run refused because another one holds its run_dir never appends to that run's train.log.
+    Only the newest `capacity` lines are kept (a first launch's op builds are the bulk).
+    """
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        if len(self.buffer) > self.capacity:
+            del self.buffer[0]
+        return False
+
+
+def configure_logging(
+    rank: int, run_dir: str | Path | None, debug: bool | None = None, hold_file: bool = False
+) -> None:
     """Rank 0 by default, all ranks at debug.
 
     Normally rank 0 prints the seed's console lines and writes everything to train.log, while
@@ -54,6 +87,9 @@ def configure_logging(rank: int, run_dir: str | Path | None, debug: bool | None 
 
     `debug=None` keeps the level an earlier call chose (the CLI's --debug survives the Trainer's
     own call for its run directory).
+
+    `hold_file`: train.log's lines are held in memory until the next call, which writes them (call
+    it again once the run's directories are locked: see run_lock.RunLocks).
     """
     root = logging.getLogger("ds_trainer")
     if debug is not None:
@@ -62,9 +98,12 @@ def configure_logging(rank: int, run_dir: str | Path | None, debug: bool | None 
         root.setLevel(logging.INFO)
     root.propagate = False
     verbose = root.level <= logging.DEBUG
+    held: list[logging.LogRecord] = []
     for handler in list(root.handlers):
         if getattr(handler, "_ds_trainer", False):
             root.removeHandler(handler)
+            if isinstance(handler, _HeldLines):
+                held = list(handler.buffer)
             handler.close()
     handlers: list[logging.Handler] = []
     console_handler = logging.StreamHandler(sys.stdout)
@@ -77,13 +116,24 @@ def configure_logging(rank: int, run_dir: str | Path | None, debug: bool | None 
     else:
         console_handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     handlers.append(console_handler)
-    if run_dir is not None:
-        path = Path(run_dir) / "train.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Append mode: every rank shares the one file, each line tagged with its rank.
-        file_handler = logging.FileHandler(path)
+    file_level = logging.DEBUG if rank == 0 or verbose else logging.WARNING
+    if run_dir is not None and hold_file:
+        holder = _HeldLines(capacity=20000)
+        holder.setLevel(file_level)
+        handlers.append(holder)
+    elif run_dir is not None:
+        from ds_trainer.run_dirs import ensure_dir, unwritable
+
+        path = ensure_dir(run_dir, "logging.run_dir") / "train.log"
+        try:  # append mode: every rank shares the one file, each line tagged with its rank
+            file_handler = _RunLog(path)
+        except OSError as exc:
+            raise unwritable(path.parent, "logging.run_dir", exc) from None
         file_handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"))
-        file_handler.setLevel(logging.DEBUG if rank == 0 or verbose else logging.WARNING)
+        file_handler.setLevel(file_level)
+        for record in held:
+            if record.levelno >= file_level:
+                file_handler.handle(record)
         handlers.append(file_handler)
     for handler in handlers:
         handler._ds_trainer = True  # type: ignore[attr-defined]
