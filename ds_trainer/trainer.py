@@ -138,7 +138,8 @@ class Trainer:
             self.engine.compile()  # nn.Module.compile() in place: state_dict keys (and checkpoints) do not change
         if self.cfg.logging.mfu and self.engine.optimizer is not None:
             self.mfu = MfuMeter.for_device(self.device, self.input_dtype, self.cfg.logging.peak_tflops, env.world_size)
-        if env.is_main:
+        if env.is_main and self.train_loader is not None:
+            # A run's record; an evaluation (`ds-trainer eval` on a live run's checkpoint) leaves it alone.
             write_run_config(self.run_dir, self.cfg.to_yaml(), self.ds_config)
         self.sinks = MetricsSinks(self.run_dir, env.is_main, self.cfg.logging, run_name=self.cfg.name,
                                   run_config=self.cfg.to_dict(), num_epochs=self.t.num_epochs)  # fmt: skip

@@ -277,7 +277,10 @@ def test_eval_without_config_scores_what_the_run_validated_on(tmp_path, tiny_sha
     )
     assert cli.main(["train", "--config", str(cfg)]) == 0
     cfg.unlink()  # the checkpoint alone is enough
+    record = {p.name: p.read_bytes() for p in (tmp_path / "run" / "config.yaml", tmp_path / "run" / "ds_config.json")}
     assert cli.main(["eval", "--load-dir", str(tmp_path / "ckpt"), "--set", "data.num_workers=0"]) == 0
+    # The run's record is the training's, not the evaluation's (which changed data.num_workers).
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in record} == record
     result = json.loads((tmp_path / "run" / "eval_epoch_1.json").read_text())  # the saved run_dir
     assert result["split"] == "val" and result["samples"] == 48 and result["epoch"] == 1
     assert set(result["generators"]) == {"demo_bicubic", "demo_nearest", "mean"}
