@@ -132,8 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="whether that device has fast bf16 (default: detect)",
     )
 
-    p = sub.add_parser("shard", help="GenImage folder → WebDataset tar shards + manifest.json")
-    p.add_argument("--src", required=True, help="GenImage root: <generator>/{train,val}/{ai,nature}/*")
+    p = sub.add_parser("shard", help="GenImage (or another dataset's) folder → WebDataset tar shards + manifest.json")
+    p.add_argument("--src", required=True,
+                   help="dataset root (GenImage: <generator>/{train,val}/{ai,nature}/*), or the list file for --layout list")
+    p.add_argument("--layout", default="genimage", metavar="LAYOUT",
+                   help="how --src is laid out: genimage (default); binary-folders "
+                        "([<split>/][<generator>/][<category>/]{0_real,1_fake}/*: UnivFD, ForenSynths, Chameleon, "
+                        "AIGCDetectBenchmark; without train/val/test folders all goes to split val); list (a .csv "
+                        "or .jsonl of path,label,generator[,split], paths relative to its folder)")  # fmt: skip
     p.add_argument("--out", required=True, help="output shard directory, e.g. data_shards/genimage")
     p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     p.add_argument("--generators", nargs="+", default=None, help="only these generator folders")
@@ -284,6 +290,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     report = shard_genimage(
         args.src, args.out, max_count=args.max_count, max_size=args.max_size, generators=args.generators,
         seed=args.seed, workers=args.workers, progress=args.progress, follow_symlinks=args.follow_symlinks,
+        layout=args.layout,
     )  # fmt: skip
     kept = f", {report.reused} kept from an earlier run" if report.reused else ""
     print(f"wrote {report.written} shards to {args.out}{kept}: {summary_line(report.manifest)}")
