@@ -24,7 +24,6 @@ from ds_trainer.data.scan import (
     OUTSIDE_SRC_REASON,
     ImageRecord,
     ScanResult,
-    _check_link,
     _is_ignored_dir,
     _is_image,
     _Links,
@@ -176,7 +175,9 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
     reader = csv.DictReader(text.splitlines())
     missing = [c for c in LIST_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
-        raise DataError(f"{path.name}: header has no {', '.join(missing)} column; it needs path,label,generator[,split]")
+        raise DataError(
+            f"{path.name}: header has no {', '.join(missing)} column; it needs path,label,generator[,split]"
+        )
     # line numbers as an editor shows them (the header is line 1)
     return [(f"{path.name} line {n}", row) for n, row in enumerate(reader, 2)]
 
@@ -208,7 +209,9 @@ def scan_list(list_file: Path, *, follow_symlinks: bool = False) -> ScanResult:
         split = _name(row_name, "split", row["split"]) if row.get("split") not in (None, "") else EVAL_SPLIT
         rel = os.path.normpath(str(row["path"]).strip())
         if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
-            raise DataError(f"{row_name}: path {row['path']} is outside {root}; paths are relative to the list's folder")
+            raise DataError(
+                f"{row_name}: path {row['path']} is outside {root}; paths are relative to the list's folder"
+            )
         path = root / rel
         if not path.is_file():
             raise DataError(f"{row_name}: no file {path}")

@@ -25,8 +25,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ds_trainer.data.manifest import MANIFEST_NAME, atomic_write_json, build_manifest, warn_about
 from ds_trainer.data.layouts import scan_layout
+from ds_trainer.data.manifest import MANIFEST_NAME, atomic_write_json, build_manifest, warn_about
 from ds_trainer.data.shard_plan import parse_size, plan_shards
 from ds_trainer.data.shard_write import clean_stale, default_workers, reusable_sidecar, run_jobs
 from ds_trainer.errors import DataError
