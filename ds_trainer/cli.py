@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "names, i.e. the last save; if that one is incomplete, the newest complete tag)")  # fmt: skip
     p.add_argument("--out", default=None, help="JSON output (default: <run_dir>/eval_<tag>.json)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the report (PNGs + report.html) here")
+    p.add_argument("--shards", dest="datasets", action="append", default=[], metavar="[NAME=]PATH[:SPLIT]",
+                   help="score this shard set instead of data.shards, all its generators, on SPLIT (default "
+                        "data.val_split); repeat for a cross-dataset table (a row per set and generator, each set's "
+                        "mean, the mean over sets); NAME defaults to the directory's name")  # fmt: skip
     _add_track_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -132,8 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="whether that device has fast bf16 (default: detect)",
     )
 
-    p = sub.add_parser("shard", help="GenImage folder → WebDataset tar shards + manifest.json")
-    p.add_argument("--src", required=True, help="GenImage root: <generator>/{train,val}/{ai,nature}/*")
+    p = sub.add_parser("shard", help="GenImage (or another dataset's) folder → WebDataset tar shards + manifest.json")
+    p.add_argument(
+        "--src",
+        required=True,
+        help="dataset root (GenImage: <generator>/{train,val}/{ai,nature}/*), or the list file for --layout list",
+    )
+    p.add_argument("--layout", default="genimage", metavar="LAYOUT",
+                   help="how --src is laid out: genimage (default); binary-folders "
+                        "([<split>/][<generator>/][<category>/]{0_real,1_fake}/*: UnivFD, ForenSynths, Chameleon, "
+                        "AIGCDetectBenchmark; without train/val/test folders all goes to split val); list (a .csv "
+                        "or .jsonl of path,label,generator[,split], paths relative to its folder)")  # fmt: skip
     p.add_argument("--out", required=True, help="output shard directory, e.g. data_shards/genimage")
     p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     p.add_argument("--generators", nargs="+", default=None, help="only these generator folders")
@@ -221,8 +234,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # The run's own data and run_dir: `eval --load-dir X` scores what that run validated on.
         source = resolve_source(args.load_dir, args.tag)
         cfg = build_config(source.config, args.overrides, source=f"the config saved in {source.tag_dir}")
+    datasets = None
+    if args.datasets:
+        from ds_trainer.eval_datasets import parse_datasets
+
+        datasets = parse_datasets(args.datasets, cfg.data.val_split)
     run_evaluation(
-        cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug, report_dir=args.report, tracks=tracks
+        cfg,
+        args.load_dir,
+        tag=args.tag,
+        out=args.out,
+        debug=args.debug,
+        report_dir=args.report,
+        tracks=tracks,
+        datasets=datasets,
     )
     return 0
 
@@ -284,6 +309,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     report = shard_genimage(
         args.src, args.out, max_count=args.max_count, max_size=args.max_size, generators=args.generators,
         seed=args.seed, workers=args.workers, progress=args.progress, follow_symlinks=args.follow_symlinks,
+        layout=args.layout,
     )  # fmt: skip
     kept = f", {report.reused} kept from an earlier run" if report.reused else ""
     print(f"wrote {report.written} shards to {args.out}{kept}: {summary_line(report.manifest)}")

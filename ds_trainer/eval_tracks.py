@@ -46,6 +46,11 @@ class EvalTracks:
     size_matched: bool = False
 
     @property
+    def any(self) -> bool:
+        """Whether any table beside the clean one is asked for."""
+        return bool(self.perturbations) or self.align_jpeg is not None or self.size_matched
+
+    @property
     def align_name(self) -> str:
         return f"align-jpeg:{self.align_jpeg}:{self.align_classes}"
 

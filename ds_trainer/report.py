@@ -12,6 +12,8 @@ LoRA) and, optionally, the runs' `metrics.jsonl`/`steps.jsonl` into:
 - `robustness.png` (eval with `--perturb`): accuracy and AUC against the degradation level, a
   panel per kind, per generator and the mean; the page adds the per-level tables and, with
   `--align-jpeg` / `--size-matched`, each debiased track's own table (`ds_trainer.report_robustness`);
+- a cross-dataset table (eval with several `--shards`): a row per shard set and generator, each
+  set's mean and the mean over sets (`ds_trainer.report_datasets`);
 - `training.png`: losses (per logged step too), accuracy, val AUC overall and per generator, LR
   and samples/s against steps (when runs are given);
 - `report.html`: all of it with the metrics table, the most confident mistakes per generator (key,
@@ -49,6 +51,7 @@ from ds_trainer.eval_results import (
     union_generators,
 )
 from ds_trainer.metrics import PROTOCOL_METRICS
+from ds_trainer.report_datasets import datasets_html, find_run_samples
 from ds_trainer.report_figures import (
     accuracy_figure,
     build_figures,
@@ -61,7 +64,7 @@ from ds_trainer.report_figures import (
     training_figure,
 )
 from ds_trainer.report_robustness import debiased_html, robustness_html
-from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes, find_samples
+from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes
 
 __all__ = [
     "MEAN",
@@ -127,10 +130,9 @@ def write_report(
         plt.close(fig)
     mistakes = [confident_mistakes(run, threshold) for run in runs]
     samples = [
-        find_samples(run.result.get("shards"), run.result.get("split"),
-                     {g: {m.key for m in ms if m.key} for g, ms in found.by_generator.items()})
+        find_run_samples(run, {g: {m.key for m in ms if m.key} for g, ms in found.by_generator.items()})
         for run, found in zip(runs, mistakes)
-    ]  # fmt: skip
+    ]
     page = out / "report.html"
     page.write_text(render_html(runs, pngs, threshold, mistakes=list(zip(mistakes, samples))))
     return Report(out, page, paths)
@@ -202,6 +204,7 @@ def render_html(
         "the mean is the unweighted mean over generators (the GenImage protocol).</p>"
     )
     parts.append(metrics_table_html(runs))
+    parts.append(datasets_html(runs))
     parts.append(robustness_html(runs))
     parts.append(debiased_html(runs))
     for name, png in pngs.items():

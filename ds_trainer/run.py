@@ -16,6 +16,9 @@ from ds_trainer.errors import ConfigError
 from ds_trainer.run_lock import RunLocks
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ds_trainer.eval_datasets import DatasetSpec
     from ds_trainer.eval_tracks import EvalTracks
 
 
@@ -128,6 +131,7 @@ def run_evaluation(
     debug: bool = False,
     report_dir: str | Path | None = None,
     tracks: EvalTracks | None = None,
+    datasets: Sequence[DatasetSpec] | None = None,
 ) -> dict[str, Any]:
     """The benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and their mean.
 
@@ -138,6 +142,8 @@ def run_evaluation(
     versions (`provenance`) for `ds-trainer report`; with
     `report_dir` it writes that report too (and, with `logging.tensorboard`, PR curves and figures).
     `tracks` (an `eval_tracks.EvalTracks`) adds the robustness and debiased tables beside the clean one.
+    `datasets` (`eval_datasets.DatasetSpec`s) scores those shard sets instead of `data.shards`, each
+    whole on its own split, and adds the cross-dataset table (the JSON's `datasets` block).
     """
     from ds_trainer.consolidate import rebuild_model, resolve_source
     from ds_trainer.metrics import format_protocol_table
@@ -145,16 +151,30 @@ def run_evaluation(
     from ds_trainer.sinks import console
     from ds_trainer.trainer import Trainer
 
-    if not cfg.data.val_split:
+    if not cfg.data.val_split and not datasets:
         raise ConfigError("ds-trainer eval scores data.val_split; it is null in this config")
+    if len(datasets or ()) > 1 and tracks is not None and tracks.any:
+        raise ConfigError("--perturb, --align-jpeg and --size-matched score one shard set; give a single --shards")
     env = _start(cfg, debug)
     source = resolve_source(load_dir, tag)
     model = rebuild_model(source)  # with the consolidated fp32 weights
     _check_image_size(cfg, model)
+    sets: dict[str, Any] = {}
+    if datasets:
+        from ds_trainer.eval_datasets import score_datasets
+
+        cfg = _for_dataset(cfg, datasets[0])
     _, val_loader = _loaders(cfg, env, train=False)
     trainer = Trainer(model, None, val_loader, config=cfg)
-    metrics = trainer.evaluate()
-    clean = trainer.last_predictions or {}
+    if len(datasets or ()) > 1:
+        rows, preds = score_datasets(datasets, trainer.evaluate, lambda: trainer.last_predictions or {},
+                                     lambda spec: _loaders(_for_dataset(cfg, spec), env, train=False)[1])  # fmt: skip
+        metrics, clean, sets = _pooled(rows, preds)
+    else:
+        metrics = trainer.evaluate()
+        clean = trainer.last_predictions or {}
+        if datasets:
+            sets = {datasets[0].name: (datasets[0], metrics)}
     extra: dict[str, Any] = {}
     if tracks is not None:
         from ds_trainer.data.transforms import Preprocess
@@ -171,6 +191,13 @@ def run_evaluation(
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
         **extra, "config": source.config,
     }  # fmt: skip
+    if sets:
+        from ds_trainer.eval_datasets import datasets_block
+
+        result["datasets"] = datasets_block(sets)
+        if len(sets) > 1:  # several shard sets: the top level pools them, each set is in `datasets`
+            result["shards"] = None
+            result["split"] = ", ".join(sorted({spec.split for spec, _ in sets.values()}))
     if env.is_main:
         from ds_trainer.provenance import provenance
 
@@ -181,6 +208,10 @@ def run_evaluation(
         path.write_text(_eval_json(_json_safe(result)))
         if result["generators"]:
             console().info("%s", format_protocol_table(result["generators"]))
+        if sets:
+            from ds_trainer.eval_datasets import format_datasets
+
+            console().info("%s", format_datasets(result["datasets"]))
         if extra:
             from ds_trainer.eval_tracks import format_tracks
 
@@ -189,6 +220,23 @@ def run_evaluation(
         if report_dir is not None:
             _write_report(cfg, path, report_dir)
     return result
+
+
+def _for_dataset(cfg: Config, spec: DatasetSpec) -> Config:
+    """`cfg` scoring one `--shards` set: its directory, its split, all its generators."""
+    data = cfg.data.model_copy(update={"shards": str(spec.path), "val_split": spec.split, "eval_generators": None})
+    return cfg.model_copy(update={"data": data})
+
+
+def _pooled(rows: dict[str, Any], preds: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The top-level row and predictions of several sets: every image, generators named NAME/generator."""
+    from ds_trainer.eval_datasets import pooled
+
+    clean, table, overall = pooled(preds, {name: row["val_loss"] for name, (_, row) in rows.items()})
+    metrics = {f"val_{k}": v for k, v in overall.items()}
+    metrics.update(val_samples=sum(r["val_samples"] for _, r in rows.values()), val_generators=table,
+                   val_bad_samples=sum(r["val_bad_samples"] for _, r in rows.values()))  # fmt: skip
+    return metrics, clean, rows
 
 
 def _write_report(cfg: Config, eval_path: Path, report_dir: str | Path) -> None:

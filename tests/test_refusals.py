@@ -170,6 +170,39 @@ def marker(content: str, command: str):
     return build
 
 
+def image_tree(tmp: Path, rel: str) -> Path:
+    """A folder `tmp/src` with one PNG at `rel`/x.png."""
+    from PIL import Image
+
+    (tmp / "src" / rel).mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(tmp / "src" / rel / "x.png")
+    return tmp / "src"
+
+
+def shard_argv(tmp: Path, layout: str, src: Path) -> list[str]:
+    return [
+        "shard",
+        "--layout",
+        layout,
+        "--src",
+        str(src),
+        "--out",
+        str(tmp / "out"),
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+
+
+def list_argv(text: str, name: str = "list.csv") -> Callable[[Path, Path], list[str]]:
+    def build(tmp: Path, shards: Path) -> list[str]:
+        src = image_tree(tmp, ".")
+        (src / name).write_text(text)
+        return shard_argv(tmp, "list", src / name)
+
+    return build
+
+
 CASES = [
     # --- the YAML file itself
     Case(
@@ -515,6 +548,25 @@ CASES = [
         r"ds_trainer\.json is not a ds_trainer checkpoint record \(epoch is \"1\", not a whole number\)",
         marker('{"epoch": "1", "global_step": 8}', "train"),
     ),
+    # --- ds-trainer shard --layout, and eval over several shard sets
+    Case("shard-layout-unknown", "ds-trainer shard --layout names no layout", 2,
+         r"--layout folders: unknown layout; use one of genimage, binary-folders, list",
+         lambda tmp, shards: shard_argv(tmp, "folders", image_tree(tmp, "a/train/ai"))),
+    Case("shard-binary-no-class-folders", "ds-trainer shard --layout binary-folders on a tree without 0_real/1_fake",
+         3, r"no 0_real/ or 1_fake/ folder in \S+src \(layout .*\); it contains: sd",
+         lambda tmp, shards: shard_argv(tmp, "binary-folders", image_tree(tmp, "sd/train/ai"))),
+    Case("shard-list-missing-file", "ds-trainer shard --layout list with a row naming no file", 3,
+         r"list\.csv line 3: no file \S+gone\.png", list_argv("path,label,generator\nx.png,1,g\ngone.png,0,g\n")),
+    Case("shard-list-bad-label", "ds-trainer shard --layout list with a label that is not 0/1, real/fake, nature/ai", 3,
+         r"list\.jsonl line 1: label 'synthetic' is not one of",
+         list_argv('{"path": "x.png", "label": "synthetic", "generator": "g"}\n', "list.jsonl")),
+    Case("eval-shards-no-split", "ds-trainer eval --shards names a set without the split to score", 3,
+         r"--shards \S+:test: shard set \S+ has no 'test' split \(it has: train, val\)",
+         lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(tmp, shards)), "--shards", f"{shards}:test"]),
+    Case("eval-shards-with-perturb", "ds-trainer eval with several --shards and --perturb", 2,
+         r"score one shard set; give a single --shards",
+         lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(tmp, shards)), "--shards", f"a={shards}",
+                              "--shards", f"b={shards}", "--perturb", "jpeg:50"]),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}

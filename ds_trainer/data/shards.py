@@ -25,8 +25,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ds_trainer.data.layouts import scan_layout
 from ds_trainer.data.manifest import MANIFEST_NAME, atomic_write_json, build_manifest, warn_about
-from ds_trainer.data.scan import scan_tree
 from ds_trainer.data.shard_plan import parse_size, plan_shards
 from ds_trainer.data.shard_write import clean_stale, default_workers, reusable_sidecar, run_jobs
 from ds_trainer.errors import DataError
@@ -56,8 +56,13 @@ def shard_genimage(
     progress: bool = True,
     verify: bool = True,
     follow_symlinks: bool = False,
+    layout: str = "genimage",
 ) -> ShardReport:
     """Write one shard set per generator/split from a GenImage tree; the report has the manifest dict.
+
+    `layout` reads `src` as another dataset shape instead (ds_trainer.data.layouts): `binary-folders`
+    (UnivFD/ForenSynths/Chameleon: [<split>/][<generator>/][<category>/]{0_real,1_fake}/) or `list`
+    (`src` is a CSV/JSONL file of path, label, generator[, split]); the plan and writer are the same.
 
     Samples of a generator/split are shuffled (deterministically from `seed`) before being cut
     into shards of at most `max_count` samples and `max_size` bytes (int, or '1GB'), so every
@@ -80,7 +85,7 @@ def shard_genimage(
         raise DataError(f"workers must be >= 1 (got {workers})")
     out_path = Path(out)
     logger.info("scanning %s", src)
-    scan = scan_tree(Path(src).resolve(), generators, follow_symlinks=follow_symlinks)
+    scan = scan_layout(layout, src, generators, follow_symlinks=follow_symlinks)
     logger.info("%d images in %d generator folder(s); %d file(s) passed over", len(scan.records),
                 len(scan.generators), len(scan.skipped))  # fmt: skip
     out_path.mkdir(parents=True, exist_ok=True)
@@ -100,6 +105,7 @@ def shard_genimage(
         sidecars.update(run_jobs(todo, workers, bar))
 
     manifest = build_manifest(scan, jobs, sidecars, seed=seed, max_count=max_count, max_size=size_limit, verify=verify)
+    manifest["layout"] = layout  # how `src` was read; the loader does not need it, a reader of the set may
     if not manifest["shards"]:
         raise DataError(
             f"no readable images under {scan.root} ({manifest['skipped']['unreadable']} unreadable); "
