@@ -1,8 +1,8 @@
 """Checking each shard entry of a manifest before anything is streamed from it.
 
 The loader takes its epoch lengths from the manifest and opens the files it names, so a manifest
-is input to be checked, not trusted: a shard path stays under the shard root, with symbolic links
-resolved (a link inside the root leading outside it is refused, like a `../` or absolute path;
+is input to be checked, not trusted: a shard path is relative and stays under the shard root, with
+symbolic links resolved (a link inside the root leading outside it is refused, like a `../` or absolute path;
 link the whole shard folder instead, the root itself is resolved first); counts are whole numbers
 >= 0 that a tar of the recorded size can hold, no larger than the set's max_count, and equal to
 those of the shard's sidecar (written next to it by `ds-trainer shard`) where one exists; and no
@@ -61,10 +61,12 @@ def shard_url(manifest_file: Path, index: int, rel: Any) -> str:
         raise DataError(f"{where} has no usable path ({str(rel)[:80]!r}); {_FIX}")
     root_real = os.path.realpath(manifest_file.parent)
     real = os.path.realpath(os.path.join(root_real, rel))
-    if not is_inside(real, root_real) or real == root_real:
+    # absolute: refused even when it names a file inside (a manifest travels with its shards)
+    if os.path.isabs(rel) or not is_inside(real, root_real) or real == root_real:
         kind = "an absolute path" if os.path.isabs(rel) else "a path that leads outside the shard folder"
+        resolved = "" if real == rel else f" ({real[:200]})"
         raise DataError(
-            f"{where} path {rel[:200]!r} is {kind} ({real[:200]}); a shard path is relative to "
+            f"{where} path {rel[:200]!r} is {kind}{resolved}; a shard path is relative to "
             f"{root_real} and stays inside it (symbolic links included); {_FIX}"
         )
     try:
