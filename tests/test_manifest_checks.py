@@ -316,3 +316,48 @@ def test_train_ranks_still_yield_equal_batches_when_a_tar_holds_more(shards: Pat
             loader.set_epoch(epoch)
             lengths.add((len(loader), len(list(loader))))
     assert len(lengths) == 1 and len({n for pair in lengths for n in pair}) == 1
+
+
+class _CountingScorer(_Scorer):
+    """Counts its forward passes: under ZeRO-3 each is a collective, so every rank must make as many."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return super().forward(x)
+
+
+def _rank_eval(rank: int, world: int, port: int, shards: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        loader = make_shard_loader(shards, "val", batch_size=1, train=False, rank=rank, world_size=world,
+                                   num_workers=0, image_size=SIZE, pin_memory=False)  # fmt: skip
+        result = evaluate(_CountingScorer(), loader, epoch=0, zero_stage=3, dtype=torch.float32,
+                          loss_fn=F.cross_entropy, image_size=SIZE, max_bad_fraction=1.0)  # fmt: skip
+        (out / f"rank{rank}.json").write_text(
+            json.dumps({"len": len(loader), "calls": _CountingScorer.calls, "keys": result.predictions["key"]})
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero3_ranks_stay_in_step_while_reading_past_len(shards: Path, tmp_path: Path) -> None:
+    # rank 0 reads the undercounted shard (4 real, counted 1): it has batches past its len, which the
+    # other rank must join with dummy forwards, or a real ZeRO-3 job would hang in the all-gather
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _undercount(shards, 3)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_eval, args=(2, port, shards, tmp_path), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["calls"] == ranks[1]["calls"] >= VAL // 2 + 1
+    assert sum(r["len"] for r in ranks) < VAL  # the loaders announced fewer batches than they gave
+    keys = ranks[0]["keys"]  # gathered from both ranks
+    assert len(keys) == len(set(keys)) == VAL
