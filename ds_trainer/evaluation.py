@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,26 @@ class EvalResult:
     predictions: dict[str, Any]
 
 
+def _steps(
+    it: Iterator[Any], n_local: int, n_steps: int, drain: bool, zero3: bool, device: torch.device
+) -> Iterator[Any]:
+    """Each evaluation step's batch, None where this rank steps with a dummy (ZeRO-3 keeps ranks in step).
+
+    With `drain` (a finite loader that may yield more than its len: the streaming loader, when a
+    shard's tar holds more samples than its manifest counts) the batches after the announced ones
+    come too, so every real sample is scored once. Under ZeRO-3 each such step is agreed on by all
+    ranks (one small all-reduce; the usual case pays it once, to learn that none are left).
+    """
+    for i in range(n_steps):
+        yield next(it, None) if i < n_local else None
+    while drain:
+        batch = next(it, None)
+        more = all_reduce_max_int(int(batch is not None), device) if zero3 else int(batch is not None)
+        if not more:
+            return
+        yield batch
+
+
 @torch.no_grad()
 def evaluate(
     engine: Any,
@@ -52,10 +72,9 @@ def evaluate(
     scores, labels, generators, keys, sizes = [], [], [], [], []
     loss_sum = torch.zeros((), device=device)
     bad = 0
-    it = iter(loader)
     dummy: torch.Tensor | None = None
-    for i in range(n_steps):
-        batch = next(it, None) if i < n_local else None
+    drain = bool(getattr(loader, "may_exceed_len", False))
+    for batch in _steps(iter(loader), n_local, n_steps, drain, zero_stage == 3, device):
         if batch is not None and batches.size(batch) == 0:  # every file of a map-style batch was bad
             bad += batches.bad_samples(batch)
             batch = None

@@ -32,7 +32,7 @@ from torch import nn
 
 from ds_trainer import checkpoint
 from ds_trainer.consolidate import Source, rebuild_model, resolve_source, some_keys
-from ds_trainer.errors import CheckpointError, ConfigError, DataError
+from ds_trainer.errors import CheckpointError, ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -270,19 +270,24 @@ def load_image_tensor(path: str | Path, image_size: int, crop: str = "resize") -
     Label-dependent data switches (data.align_jpeg_quality) define the training data, not the
     detector: an image to score has no label, so they do not apply here.
     """
-    from PIL import Image
-
+    from ds_trainer.data.image_limits import open_checked
     from ds_trainer.data.transforms import Preprocess
 
     try:
-        with Image.open(path) as img:
+        # the loader's checks: a regular file (a FIFO would block), and the one bound on an image's size
+        with open_checked(path) as img:
             return Preprocess(image_size, crop=crop, draft=False)(img, 0, train=False)
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - broken images raise many types (PIL's bomb error, MemoryError ...)
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def predict_paths(model: nn.Module, paths: Sequence[str | Path], batch_size: int = 32) -> list[Prediction]:
-    """Score every path in order; unreadable files get an `error` instead of stopping the rest."""
+    """Score every path in order; unreadable files get an `error` instead of stopping the rest.
+
+    A file is scored only if it is a regular file (a FIFO, device or folder named x.png is refused
+    without being read) within the loader's bound on one image (image_limits). Symbolic links are
+    followed wherever they lead: the user names these files, and predict reads nothing else.
+    """
     size = int(model.image_size)
     results = [Prediction(str(p)) for p in paths]
     for chunk in _chunks(results, batch_size):

@@ -57,6 +57,7 @@ from ds_trainer.report_figures import (
     build_figures,
     confusion_counts,
     confusion_figure,
+    plain_text,
     pr_figure,
     pyplot,
     roc_figure,
@@ -81,6 +82,7 @@ __all__ = [
     "log_to_tensorboard",
     "metrics_table_html",
     "mistakes_html",
+    "plain_text",
     "pr_figure",
     "predictions_block",
     "provenance_html",
@@ -117,15 +119,16 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     pngs: dict[str, bytes] = {}
-    figures = build_figures(runs, threshold)
-    for name, fig in figures.items():
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        pngs[name] = buf.getvalue()
-        paths[name] = out / f"{name}.png"
-        paths[name].write_bytes(pngs[name])
-    if tensorboard is not None:
-        log_to_tensorboard(runs, tensorboard, threshold=threshold, figures=figures)
+    with plain_text():  # names are data: drawn as written, never parsed as mathtext
+        figures = build_figures(runs, threshold)
+        for name, fig in figures.items():
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110)
+            pngs[name] = buf.getvalue()
+            paths[name] = out / f"{name}.png"
+            paths[name].write_bytes(pngs[name])
+        if tensorboard is not None:
+            log_to_tensorboard(runs, tensorboard, threshold=threshold, figures=figures)
     for fig in figures.values():
         plt.close(fig)
     mistakes = [confident_mistakes(run, threshold) for run in runs]
@@ -363,8 +366,9 @@ def log_to_tensorboard(
             add_pr_curves(writer, at, run.scores, run.labels, run.generators,
                           prefix=f"pr/{run.name}" if len(runs) > 1 else "pr")  # fmt: skip
         at = int(step if step is not None else runs[0].result.get("global_step") or 0)
-        for name, fig in (figures if figures is not None else build_figures(runs, threshold)).items():
-            writer.add_figure(f"report/{name}", fig, global_step=at, close=figures is None)
+        with plain_text():
+            for name, fig in (figures if figures is not None else build_figures(runs, threshold)).items():
+                writer.add_figure(f"report/{name}", fig, global_step=at, close=figures is None)
     finally:
         writer.close()
         if figures is None:

@@ -22,6 +22,16 @@ def pyplot() -> Any:
     return plt
 
 
+def plain_text() -> Any:
+    """A context in which every text matplotlib makes is drawn as written, never parsed as mathtext.
+
+    Generator and run names are user data: `sd$\\frac$` would otherwise be parsed (and crash),
+    `a$b$c` lose its dollars. Text objects take the setting when they are made, and tick labels are
+    made while a figure is drawn, so building *and* saving a figure both belong inside it.
+    """
+    return pyplot().rc_context({"text.parse_math": False})
+
+
 def _panels(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 4):
     plt = pyplot()
     cols = min(n, max_cols)
@@ -350,7 +360,12 @@ def _curve_generators(runs: Sequence[EvalRun]) -> list[str]:
 
 
 def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, Any]:
-    """name → matplotlib figure, in the order the page shows them."""
+    """name → matplotlib figure, in the order the page shows them (draw or save them inside plain_text())."""
+    with plain_text():
+        return _build_figures(runs, threshold)
+
+
+def _build_figures(runs: Sequence[EvalRun], threshold: float) -> dict[str, Any]:
     figures = {
         "roc": roc_figure(runs),
         "pr": pr_figure(runs),

@@ -126,6 +126,20 @@ def eval_with(*flags: str) -> Callable[[Path, Path], list[str]]:
     return build
 
 
+def hostile_manifest(edit: Callable[[Path, dict], None]):
+    """A copy of the shard set whose manifest `edit(root, manifest)` changed, trained on."""
+
+    def build(tmp: Path, shards: Path) -> list[str]:
+        root = tmp / "hostile" / "shards"
+        shutil.copytree(shards, root)
+        manifest = json.loads((root / "manifest.json").read_text())
+        edit(root, manifest)
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        return train(data={"shards": str(root)})(tmp, shards)
+
+    return build
+
+
 def a_file_at(key: str, below: bool = False):
     """training.checkpoint_dir / logging.run_dir named where a regular file is (or below one)."""
 
@@ -201,6 +215,29 @@ def list_argv(text: str, name: str = "list.csv") -> Callable[[Path, Path], list[
         return shard_argv(tmp, "list", src / name)
 
     return build
+
+
+def _outside(root: Path, manifest: dict) -> None:
+    (root.parent / "outside").mkdir()
+    shutil.copy(root / manifest["shards"][0]["path"], root.parent / "outside" / "x.tar")
+    manifest["shards"][0]["path"] = "../outside/x.tar"
+
+
+def _absolute(root: Path, manifest: dict) -> None:
+    manifest["shards"][0]["path"] = str(root / manifest["shards"][0]["path"])
+
+
+def _entry(**change):
+    return lambda root, manifest: manifest["shards"][0].update(change)
+
+
+def _twice(root: Path, manifest: dict) -> None:
+    manifest["shards"].append(dict(manifest["shards"][0], path="./" + manifest["shards"][0]["path"]))
+
+
+def _disagrees(root: Path, manifest: dict) -> None:
+    entry = manifest["shards"][0]
+    entry.update(count=entry["count"] - 1, nature=entry["nature"] - 1)
 
 
 CASES = [
@@ -567,6 +604,49 @@ CASES = [
          r"score one shard set; give a single --shards",
          lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(tmp, shards)), "--shards", f"a={shards}",
                               "--shards", f"b={shards}", "--perturb", "jpeg:50"]),
+    # --- hostile shard manifests (issue 18)
+    Case(
+        "manifest-path-outside",
+        "a shard path in manifest.json that leads outside the shard folder",
+        3,
+        r"shards\[0\] path '\.\./outside/x\.tar' is a path that leads outside the shard folder",
+        hostile_manifest(_outside),
+    ),
+    Case(
+        "manifest-path-absolute",
+        "an absolute shard path in manifest.json",
+        3,
+        r"shards\[0\] path '/\S+' is an absolute path",
+        hostile_manifest(_absolute),
+    ),
+    Case(
+        "manifest-count-negative",
+        "a negative sample count in manifest.json",
+        3,
+        r"shards\[0\] \(\S+\): count -1 is not a whole number >= 0",
+        hostile_manifest(_entry(count=-1)),
+    ),
+    Case(
+        "manifest-count-impossible",
+        "a sample count no shard of its size can hold",
+        3,
+        r"count 1000000000000 is more than",
+        hostile_manifest(_entry(count=10**12, ai=10**12, nature=0)),
+    ),
+    Case(
+        "manifest-count-sidecar",
+        "a sample count that disagrees with the shard's sidecar",
+        3,
+        r"count \d+ disagrees with its sidecar shard-\d+\.json",
+        hostile_manifest(_disagrees),
+    ),
+    Case(
+        "manifest-shard-twice",
+        "a shard listed twice in manifest.json",
+        3,
+        r"shards\[\d+\] \(\./\S+\) is the shard of shards\[0\] again",
+        hostile_manifest(_twice),
+    ),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}

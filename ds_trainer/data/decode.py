@@ -1,7 +1,7 @@
 """Raw tar samples -> checked, decoded, preprocessed samples -> batches; bad samples are skipped and counted.
 
-Bad is: an image that does not decode, is smaller than MIN_IMAGE_SIDE or larger than
-MAX_IMAGE_PIXELS; a label missing or not 0/1; and every stand-in the tar reader put in the stream.
+Bad is: an image that does not decode or whose size is out of bounds (image_limits: MIN_IMAGE_SIDE,
+MAX_IMAGE_PIXELS, MAX_ASPECT_RATIO); a label missing or not 0/1; and every stand-in the tar reader put in the stream.
 """
 
 from __future__ import annotations
@@ -10,29 +10,30 @@ import functools
 import io
 import logging
 import random
-import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from PIL import Image
 
+from ds_trainer.data.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, open_checked
 from ds_trainer.data.scan import IMAGE_KEYS
 from ds_trainer.data.tar_stream import UNREADABLE
 from ds_trainer.data.transforms import clip_preprocess
 from ds_trainer.errors import DataError
 
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "MIN_IMAGE_SIDE",
+    "Preprocessor",
+    "clip_preprocessor",
+    "collate",
+    "decode_samples",
+    "open_checked",
+]
+
 # the name these lines had before decoding got its own module: train.log records it
 logger = logging.getLogger("ds_trainer.data.pipeline")
-
-# Images below this side are refused in training and evaluation alike: no detector input can be
-# made from them (GenImage's smallest are BigGAN's 128 x 128), and a 1 x 1 file is a broken export.
-MIN_IMAGE_SIDE = 8
-# Refused from the header, before any pixel is decoded: a PNG can declare 20,000 x 20,000 in a few
-# hundred bytes and take GiBs to decode. GenImage's largest images (ImageNet reals) are far below;
-# this is also below PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89.5 M), whose warning is refused too.
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class _StandIn(Exception):
@@ -67,27 +68,6 @@ def _open_image(sample: dict[str, Any]) -> Image.Image:
     if image_key is None:
         raise ValueError(f"no image member (one of .{', .'.join(sorted(IMAGE_KEYS))})")
     return open_checked(io.BytesIO(sample[image_key]))
-
-
-def open_checked(source: str | Path | IO[bytes]) -> Image.Image:
-    """An image (a path or a file object) with only its header read, refused if its size is out of bounds.
-
-    Checked before decoding, so a decompression bomb costs a header read. PIL refuses above twice
-    its own limit (DecompressionBombError) and only warns above it; the warning is made an error.
-    The streaming loader and GenImageDataset both open images here, so both refuse the same ones.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(source)
-    w, h = img.size
-    if w * h > MAX_IMAGE_PIXELS:
-        problem = f"over MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS}); not decoded"
-    elif min(w, h) < MIN_IMAGE_SIDE:
-        problem = f"a side is below MIN_IMAGE_SIDE ({MIN_IMAGE_SIDE})"
-    else:
-        return img
-    img.close()
-    raise ValueError(f"image is {w}x{h} pixels, {problem}")
 
 
 def decode_samples(

@@ -4,7 +4,7 @@ Fine for small subsets and debugging; for multi-GPU training the shards + stream
 are faster (no per-file opens on shared filesystems) and guarantee equal epoch lengths.
 
 Bad files are handled like the streaming loader's bad samples: an image that does not decode (a
-truncated JPEG), or is too small or too large (decode.open_checked), is logged with its path and
+truncated JPEG), is out of the size bounds (image_limits.open_checked) or no regular file, is logged with its path and
 comes back as a `BadSample`; `GenImageDataset.collate` leaves those out of the batch and counts them
 in its `bad_samples`, so the Trainer's count and its `data.max_bad_fraction` limit apply. Files that
 are no images at all (`.DS_Store`, `Thumbs.db`, `.txt`) are passed over by the scan, never opened.
@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from ds_trainer.data.decode import open_checked
+from ds_trainer.data.image_limits import open_checked
+from ds_trainer.data.regular_file import open_regular
 from ds_trainer.data.scan import SPLITS, ImageRecord, scan_tree
 from ds_trainer.data.transforms import clip_preprocess
 from ds_trainer.errors import DataError
@@ -91,9 +92,11 @@ class GenImageDataset(Dataset):
         rec = self.records[index]
         img: Image.Image | None = None
         try:
-            img = open_checked(rec.path)
-            # load() reads the pixels and closes the file, so a transform may keep the image
-            img.load()
+            # only a regular file is opened (a FIFO would block the worker), within the one size bound
+            with open_regular(rec.path) as fp:
+                img = open_checked(fp)
+                # load() reads the pixels, so a transform may keep the image after the file is closed
+                img.load()
             if self.transform is None:
                 return clip_preprocess(img, self.image_size, train=self.split == "train"), rec.label
         except Exception as exc:  # noqa: BLE001 - broken images raise many types; one bad file must not end the epoch

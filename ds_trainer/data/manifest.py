@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ds_trainer.data.manifest_checks import check_counts, check_unique, shard_url
 from ds_trainer.data.scan import LABELS, SKIP_KINDS, ScanResult
 from ds_trainer.data.shard_plan import ShardJob
 from ds_trainer.errors import DataError
@@ -168,7 +169,11 @@ def summary_line(manifest: dict[str, Any]) -> str:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Load `<dir>/manifest.json` (or the given manifest file) and check that its shards exist."""
+    """Load `<dir>/manifest.json` (or the given manifest file) and check its shard entries (manifest_checks).
+
+    Missing shards are warned about (their samples count as bad); a path leading outside the shard
+    folder, an impossible count or a shard listed twice is refused as a DataError naming the entry.
+    """
     p = Path(path)
     manifest_file = p / MANIFEST_NAME if p.is_dir() or not p.suffix else p
     root = manifest_file.parent
@@ -190,24 +195,32 @@ def load_manifest(path: str | Path) -> Manifest:
     root = root.resolve()
     shards: list[ShardInfo] = []
     missing: list[str] = []
+    if not isinstance(raw.get("shards"), list):
+        raise DataError(f"{manifest_file} has no list of shards; re-create the shards")
     try:
-        for entry in raw["shards"]:
-            url = root / entry["path"]
-            if not url.is_file():
+        for i, entry in enumerate(raw["shards"]):
+            if not isinstance(entry, dict):
+                raise TypeError(f"shards[{i}] is not an object")
+            url = shard_url(manifest_file, i, entry.get("path"))
+            check_counts(manifest_file, i, entry, url, raw.get("max_count"))
+            if not isinstance(entry["generator"], str) or not isinstance(entry["split"], str):
+                raise TypeError(f"shards[{i}]: generator and split must be strings")
+            if not os.path.isfile(url):
                 missing.append(entry["path"])
             shards.append(
                 ShardInfo(
-                    url=str(url),
+                    url=url,
                     path=entry["path"],
                     generator=entry["generator"],
                     split=entry["split"],
-                    count=int(entry["count"]),
-                    ai=int(entry["ai"]),
-                    nature=int(entry["nature"]),
+                    count=entry["count"],
+                    ai=entry["ai"],
+                    nature=entry["nature"],
                 )
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{manifest_file} has a malformed shard entry ({exc}); re-create the shards") from exc
+    check_unique(manifest_file, [s.url for s in shards], [s.path for s in shards])
     if missing and len(missing) == len(shards):
         raise DataError(f"all {len(missing)} shards listed in {manifest_file} are missing; re-create the shards")
     if missing:

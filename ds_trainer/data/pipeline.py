@@ -22,8 +22,8 @@ uninterrupted one would have.
 
 Bad samples are skipped and counted, never raised: each batch carries `bad_samples`, the skips
 since the previous batch of its worker, so the trainer can enforce `data.max_bad_fraction`. Bad is:
-an image that does not decode, is smaller than MIN_IMAGE_SIDE or larger than MAX_IMAGE_PIXELS; a
-label missing or not 0/1; a key repeated within its shard; and every sample the manifest counts in a
+an image that does not decode or is out of the size bounds (image_limits: sides, pixels, aspect
+ratio); a label missing or not 0/1; a key repeated within its shard; and every sample the manifest counts in a
 shard that could not be read (missing, empty or truncated tar), so the count says how much was lost.
 
 The stages: rank_plan (who reads which samples), tar_stream (raw samples and stand-ins), decode
@@ -145,7 +145,13 @@ class ShardLoader:
     `pin_memory`: on a GPU machine the DataLoader copies each batch's tensors into page-locked
     memory (its pin thread, off the training loop), so `.to(device, non_blocking=True)` overlaps
     the copy with compute; strings and counts pass through unchanged. Without CUDA it is off.
+
+    An eval loader may yield more batches than len() when a shard's tar holds more samples than its
+    manifest counts (each is read once, a warning names the shard); `may_exceed_len` tells
+    evaluation to read them all.
     """
+
+    may_exceed_len = True
 
     def __init__(
         self,
@@ -260,7 +266,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self.plan()
-        if self._len == 0:
+        if not any(plan.worker_parts):  # a shard counted 0 is still read: its tar may hold samples after all
             return
         resume, self._resume = self._resume, None
         produced = resume["batches"] if resume else 0
@@ -294,13 +300,9 @@ class ShardLoader:
         if self.train:
             raise DataError(f"{self.name}: stream of rank {self.rank} ended after {produced} of {self._len} batches")
         if produced != self._len:
-            logger.warning(
-                "%s: rank %d yielded %d batches, expected %d (undecodable samples were skipped)",
-                self.name,
-                self.rank,
-                produced,
-                self._len,
-            )
+            why = "undecodable samples were skipped" if produced < self._len else "a shard holds more than it counts"
+            logger.warning("%s: rank %d yielded %d batches, expected %d (%s)", self.name, self.rank, produced,
+                           self._len, why)  # fmt: skip
 
 
 def make_shard_loader(

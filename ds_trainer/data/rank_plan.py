@@ -88,7 +88,9 @@ def plan_rank(
         for p in sorted(parts, key=lambda p: p.offset):
             end = p.offset + p.count
             kept = _kept_below(end, rank, world_size) - _kept_below(p.offset, rank, world_size)
-            if kept:
+            # a shard counted 0 (a hand-edited manifest) is still read, by one rank: what its tar
+            # holds after all is scored (tar_stream._owner)
+            if kept or (p.count == 0 and p.offset % world_size == rank):
                 mine.append(replace(p, kept=kept))
 
     workers = min(num_workers, len(mine))

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds_trainer.data.regular_file import kind_of
 from ds_trainer.errors import DataError
 
 # the name these lines had before scanning got its own module: train.log records it
@@ -268,6 +269,10 @@ def _walk(
                 stat = entry.stat()
             except OSError as exc:
                 scan.skip(path, "unreadable", f"cannot stat file: {exc.strerror or exc}")
+                continue
+            kind = kind_of(stat.st_mode)
+            if kind is not None:  # a FIFO named x.png would block the reader forever, a device never end
+                scan.skip(path, "unreadable", f"{kind}, not a regular file; not read")
                 continue
             scan.records.append(ImageRecord(path, gen, split, label, stat.st_size, stat.st_mtime_ns))
 

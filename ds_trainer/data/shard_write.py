@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import webdataset as wds
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
+from ds_trainer.data.image_limits import open_checked
 from ds_trainer.data.manifest import atomic_write_json
+from ds_trainer.data.regular_file import NotRegularFile, read_regular
 from ds_trainer.data.scan import EXT_KEY, LABEL_NAMES, OUTSIDE_SRC_REASON, is_inside
 from ds_trainer.data.shard_plan import SIDECAR_FORMAT, SIDECAR_VERSION, PlannedSample, ShardJob
 from ds_trainer.errors import DataError
@@ -51,14 +53,15 @@ def _reason(exc: BaseException) -> str:
 def _verify(data: bytes, decode: bool = True) -> dict[str, Any]:
     """Decode every pixel (load(), since verify() passes truncated and corrupt image data).
 
-    Returns width/height/mode/format; any decoding problem raises _Unreadable. Truncated files
+    Returns width/height/mode/format; an image the loader would refuse (image_limits) or any decoding
+    problem raises _Unreadable, so the manifest counts only samples the loader can use. Truncated files
     must fail here even if some caller set ImageFile.LOAD_TRUNCATED_IMAGES, so it is forced off.
     decode=False reads the header only (shard_genimage(verify=False)).
     """
     tolerant = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_checked(io.BytesIO(data)) as img:  # the loader's bound on one image, from the header
             if decode:
                 img.load()
             return {"width": img.width, "height": img.height, "mode": img.mode, "format": img.format}
@@ -79,7 +82,9 @@ def _read_verified(
         if not is_inside(path, confine):
             raise _Unreadable(OUTSIDE_SRC_REASON, "symlink_outside_src")
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)  # a FIFO or device named x.png would block or never end
+    except NotRegularFile as exc:
+        raise _Unreadable(f"{exc.kind}, not a regular file; not read") from exc
     except OSError as exc:
         raise _Unreadable(f"cannot read file: {exc.strerror or exc}") from exc
     if not data:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ds_trainer.data.layouts import scan_layout
 from ds_trainer.data.manifest import MANIFEST_NAME, atomic_write_json, build_manifest, warn_about
+from ds_trainer.data.manifest_checks import MAX_SHARD_SAMPLES
 from ds_trainer.data.shard_plan import parse_size, plan_shards
 from ds_trainer.data.shard_write import clean_stale, default_workers, reusable_sidecar, run_jobs
 from ds_trainer.errors import DataError
@@ -77,8 +78,8 @@ def shard_genimage(
     verify=False only checks each file's header (the pre-verification behaviour): for tests of
     the loader's own handling of corrupt samples, never for training data.
     """
-    if max_count < 1:
-        raise DataError(f"max_count must be >= 1 (got {max_count})")
+    if not 1 <= max_count <= MAX_SHARD_SAMPLES:
+        raise DataError(f"max_count must be in [1, {MAX_SHARD_SAMPLES}] (got {max_count})")
     size_limit = parse_size(max_size)
     workers = default_workers() if workers is None else workers
     if workers < 1:

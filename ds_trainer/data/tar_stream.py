@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import webdataset as wds
 from webdataset import tariterators
 
 from ds_trainer.data.rank_plan import ShardPart
+from ds_trainer.data.regular_file import open_regular
 from ds_trainer.errors import DataError
 
 # the name these lines had before the reader got its own module: train.log records it
@@ -32,6 +33,22 @@ def _log_and_continue(url: str, exc: Exception) -> bool:
     # error cost is counted once the shard ends (_shard_samples compares with the manifest).
     logger.warning("unreadable tar data in %s: %s: %s", url, type(exc).__name__, exc)
     return True
+
+
+def _open_shard(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """The shard's stream for tar_file_expander (as webdataset's url_opener, local files only), closed after.
+
+    Only a regular file is opened: a FIFO put in a shard's place after load_manifest checked it
+    would block the reader forever.
+    """
+    try:
+        stream = open_regular(url)
+    except OSError as exc:
+        exc.args = (*exc.args, url)
+        handler(exc)
+        return
+    with stream:
+        yield {"url": url, "stream": stream}
 
 
 def _split_repeated_members(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -57,6 +74,40 @@ def _split_repeated_members(files: Iterator[dict[str, Any]]) -> Iterator[dict[st
         yield member
 
 
+# (shard, what) pairs already warned about in this process: a shard read every epoch, or by every
+# rank's stream, says once what is wrong with it
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_count(part: ShardPart, read: int, key: str | None) -> None:
+    """Warn, once per shard, that its tar holds fewer or more samples than the manifest counts."""
+    what = "short" if read < part.count else "long"
+    if (part.url, what) in _WARNED:
+        return
+    _WARNED.add((part.url, what))
+    if read < part.count:
+        logger.warning(
+            "shard %s gave %d of the %d samples its manifest counts (%s); the %d unread are counted as bad",
+            part.url, read, part.count, f"last read: {key}" if key else "none read", part.count - read,
+        )  # fmt: skip
+    else:
+        logger.warning(
+            "shard %s holds %d samples, more than the %d its manifest counts; all are read (evaluation scores "
+            "each once), but epoch lengths follow the manifest: re-create the shards", part.url, read, part.count,
+        )  # fmt: skip
+
+
+def _owner(part: ShardPart, i: int, stride: int) -> int:
+    """The rank that keeps sample `i` of `part` when every rank reads it (stride > 1).
+
+    Within the manifest's count: index modulo the stride, as rank_plan counts. A sample beyond it
+    (the tar holds more than counted) goes to a rank that reads this shard at all: the one keeping
+    its sample i % count (for a count of 0, the one rank_plan gives the shard to).
+    """
+    j = i if i < part.count else (i % part.count if part.count else 0)
+    return (part.offset + j) % stride
+
+
 def _unreadable(part: ShardPart, key: str) -> dict[str, Any]:
     return {"__key__": key, "__url__": part.url, "__generator__": part.generator, UNREADABLE: True}
 
@@ -67,14 +118,14 @@ def _shard_samples(parts: list[ShardPart], stride: int, rank: int) -> Iterator[d
     A repeated key is bad (its sample is not what the manifest counted). A shard that cannot be
     opened or ends early (missing, empty, truncated) yields a stand-in for each sample the manifest
     counts but the tar did not give, so the shortfall reaches `bad_samples` and the stride keeps
-    assigning the shard's indices to the same ranks.
+    assigning the shard's indices to the same ranks; load_manifest bounds that count by what a tar of
+    the recorded size can hold. A tar holding more samples than counted gives them all: with the
+    stride each still goes to exactly one rank, and evaluation reads every batch a loader yields.
     """
     for part in parts:
         # one reader per shard so the enumerate index is the index inside the shard
         handler = functools.partial(_log_and_continue, part.url)
-        files = tariterators.tar_file_expander(
-            tariterators.url_opener([{"url": part.url}], handler=handler), handler=handler
-        )
+        files = tariterators.tar_file_expander(_open_shard(part.url, handler), handler=handler)
         samples = tariterators.group_by_keys(_split_repeated_members(files), handler=handler)
         seen: set[str] = set()
         read, key = 0, None
@@ -82,20 +133,17 @@ def _shard_samples(parts: list[ShardPart], stride: int, rank: int) -> Iterator[d
             read, key = i + 1, sample["__key__"]
             repeated = key in seen
             seen.add(key)
-            if stride > 1 and (part.offset + i) % stride != rank:
+            if stride > 1 and _owner(part, i, stride) != rank:
                 continue
             if repeated:
                 logger.warning("skipping sample %s of %s: its key came earlier in the shard", key, part.url)
                 sample = _unreadable(part, key)
             sample["__generator__"] = part.generator
             yield sample
-        if read < part.count:
-            logger.warning(
-                "shard %s gave %d of the %d samples its manifest counts (%s); the %d unread are counted as bad",
-                part.url, read, part.count, f"last read: {key}" if key else "none read", part.count - read,
-            )  # fmt: skip
+        if read != part.count:
+            _warn_count(part, read, key)
         for i in range(read, part.count):
-            if stride == 1 or (part.offset + i) % stride == rank:
+            if stride == 1 or _owner(part, i, stride) == rank:
                 yield _unreadable(part, f"{Path(part.url).name}#{i}")
 
 

@@ -83,14 +83,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_shortest_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """The (width, height) resize_shortest makes of a w x h image: the shorter side becomes `size`."""
+    if min(w, h) == size:
+        return w, h
+    return (size, max(size, round(h * size / w))) if w <= h else (max(size, round(w * size / h)), size)
+
+
 def resize_shortest(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side equals `size` (bicubic); untouched when it already does."""
-    w, h = img.size
-    short = min(w, h)
-    if short == size:
-        return img
-    new = (size, max(size, round(h * size / w))) if w <= h else (max(size, round(w * size / h)), size)
-    return img.resize(new, Image.Resampling.BICUBIC)
+    new = resize_shortest_size(*img.size, size)
+    return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
 
 
 def _crop_box(w: int, h: int, size: int, rng: random.Random | None) -> tuple[int, int, int, int]:
