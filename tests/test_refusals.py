@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import REPO, write_config
 
-from ds_trainer import cli
+from ds_trainer import cli, integrity
 
 DOC = REPO / "docs" / "errors.md"
 
@@ -94,7 +94,7 @@ def saved_checkpoint(tmp: Path, shards: Path, **state) -> Path:
     dst = tmp / "saved"
     shutil.copytree(src, dst)
     marker = dst / "epoch_1" / "ds_trainer.json"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), **state}))
+    marker.write_text(integrity.seal({**json.loads(marker.read_text()), **state}))  # sealed again: an edit, not damage
     return dst
 
 
