@@ -363,7 +363,11 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
             ) from exc
         log.debug("ds_to_universal output:\n%s", chatter.getvalue())
         files = _file_sizes(out)
-        converted = {**read_marker(tag_dir), "files": files, integrity.DIGESTS: integrity.digests(out, sorted(files), collective=False)}
+        converted = {
+            **read_marker(tag_dir),
+            "files": files,
+            integrity.DIGESTS: integrity.digests(out, sorted(files), collective=False),
+        }
         _atomic_write(out / MARKER, integrity.seal(converted))
         log.info("converted %s to the universal format in %.0f s", tag_dir.name, time.perf_counter() - start)
     if dist.is_initialized():

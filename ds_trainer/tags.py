@@ -35,21 +35,23 @@ def check_name(tag: str, where: str) -> str:
     elif len(tag.encode("utf-8", "surrogateescape")) > NAME_MAX:
         why = f"is longer than {NAME_MAX} bytes"
     if why is not None:
-        raise CheckpointError(
-            f"{where}: tag {_shown(tag)} {why}; a tag is a plain name inside the checkpoint directory "
-            "(epoch_3, best), not a path: give the directory that holds it as --load-dir"
-        )
+        raise CheckpointError(f"{where}: tag {_shown(tag)} {why}; a tag is a plain name inside the checkpoint "
+                              f"directory (epoch_3, best), not a path: {_fix(where)}")  # fmt: skip
     return tag
+
+
+def _fix(where: str) -> str:
+    if where.endswith(LATEST):
+        return f"write a tag name into {LATEST}, or delete it (the newest complete tag is then used)"
+    return "give the directory that holds the checkpoint as --load-dir"
 
 
 def tag_dir(checkpoint_dir: Path, tag: str, where: str) -> Path:
     """`checkpoint_dir/tag`, refused unless `tag` is a plain name whose directory stays inside `checkpoint_dir`."""
     path = checkpoint_dir / check_name(tag, where)
     if not stays_inside(checkpoint_dir, path):
-        raise CheckpointError(
-            f"{where}: {path} is a symbolic link to {path.resolve()}, outside {checkpoint_dir}; a tag directory "
-            "stays inside its checkpoint directory (give the directory that holds it as --load-dir)"
-        )
+        raise CheckpointError(f"{where}: {path} is a symbolic link to {path.resolve()}, outside {checkpoint_dir}; a "
+                              f"tag directory stays inside its checkpoint directory: {_fix(where)}")  # fmt: skip
     return path
 
 

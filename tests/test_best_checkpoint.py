@@ -20,7 +20,10 @@ def fake_tag(root: Path, tag: str, step: int) -> Path:
     """A complete tag as checkpoint.save leaves it: two files and a sealed marker with their digests."""
     d = root / tag
     d.mkdir(parents=True)
-    files = {"mp_rank_00_model_states.pt": os.urandom(3000), "zero_pp_rank_0_mp_rank_00_optim_states.pt": os.urandom(9000)}
+    files = {
+        "mp_rank_00_model_states.pt": os.urandom(3000),
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt": os.urandom(9000),
+    }
     for name, data in files.items():
         (d / name).write_bytes(data)
     digests = integrity.digests(d, sorted(files))

@@ -119,6 +119,41 @@ def eval_without_val(tmp: Path, shards: Path) -> list[str]:
     return ["eval", "--config", str(cfg), "--load-dir", str(tmp / "ckpt")]
 
 
+# --- checkpoint integrity and tags (issue 18, families 2 and 3)
+def flipped_checkpoint_file(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    model = ckpt / "epoch_1" / "mp_rank_00_model_states.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    return ["export", "--load-dir", str(ckpt), "--out", str(tmp / "exported")]
+
+
+def edited_marker(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    marker = ckpt / "epoch_1" / "ds_trainer.json"
+    marker.write_text(marker.read_text().replace('"epoch": 1', '"epoch": 7'))  # no longer what was sealed
+    return ["eval", "--load-dir", str(ckpt), "--out", str(tmp / "eval.json")]
+
+
+def latest_outside(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    (ckpt / "latest").write_text("/srv/other_run/ckpt/epoch_1")  # short: the message cuts a long one
+    return train(extra=("--load-dir", str(ckpt)))(tmp, shards)
+
+
+def tag_path(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    return ["export", "--load-dir", str(ckpt), "--tag", "../other/epoch_1", "--out", str(tmp / "exported")]
+
+
+def tag_symlink_outside(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    (tmp / "elsewhere").mkdir()
+    (ckpt / "linked").symlink_to(tmp / "elsewhere", target_is_directory=True)
+    return ["export", "--load-dir", str(ckpt), "--tag", "linked", "--out", str(tmp / "exported")]
+
+
 CASES = [
     # --- the YAML file itself
     Case(
@@ -376,6 +411,41 @@ CASES = [
         2,
         r"no such file",
         lambda tmp, shards: ["report", "--eval", str(tmp / "none.json"), "--out", str(tmp / "rep")],
+    ),
+    Case(
+        "checkpoint-file-changed",
+        "a checkpoint file changed after it was saved (one flipped byte)",
+        4,
+        r"epoch_1 is damaged: mp_rank_00_model_states\.pt does not match the sha256",
+        flipped_checkpoint_file,
+    ),
+    Case(
+        "checkpoint-marker-changed",
+        "a checkpoint's ds_trainer.json edited or damaged after the save",
+        4,
+        r"epoch_1/ds_trainer\.json is damaged: its content does not match",
+        edited_marker,
+    ),
+    Case(
+        "tag-path",
+        "--tag names a path, not a tag",
+        4,
+        r"--tag: tag '\.\./other/epoch_1' holds a path separator",
+        tag_path,
+    ),
+    Case(
+        "latest-outside",
+        "a checkpoint's latest file names a path outside it",
+        4,
+        r"saved/latest: tag '/srv/other_run/ckpt/epoch_1' is an absolute path",
+        latest_outside,
+    ),
+    Case(
+        "tag-symlink-outside",
+        "a tag directory is a symbolic link leading out of the checkpoint directory",
+        4,
+        r"saved/linked is a symbolic link to .*elsewhere, outside",
+        tag_symlink_outside,
     ),
 ]
 
