@@ -46,7 +46,9 @@ def file_digest(path: Path) -> str:
 
 
 def _content_digest(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    canonical = json.dumps(
+        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )  # NaN/Infinity as json writes them
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

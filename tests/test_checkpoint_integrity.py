@@ -182,3 +182,15 @@ def test_a_checkpoint_from_before_digests_loads_after_one_warning(saved, tmp_pat
     assert len(unverified) == 3
     integrity.verify(ckpt / "epoch_2")  # and what it saves next has digests
     assert "sha256" in json.loads((ckpt / "epoch_2" / MARKER).read_text())
+
+
+@pytest.mark.unit
+def test_a_seal_covers_content_with_non_finite_values_whatever_the_formatting(tmp_path):
+    # A plateau or a one-class validation set leaves Infinity/NaN in the marker (json writes them as such).
+    state = {"version": 3, "epoch": 1, "global_step": 4, "best_metric": float("inf"), "val": float("nan"),
+             "files": {}, "sha256": {}}  # fmt: skip
+    raw = json.loads(integrity.seal(state))
+    integrity.check_seal(raw, tmp_path / MARKER)
+    integrity.check_seal(json.loads(json.dumps(raw)), tmp_path / MARKER)  # compact: same content, same seal
+    with pytest.raises(CheckpointError, match="is damaged"):
+        integrity.check_seal({**raw, "best_metric": 1.0}, tmp_path / MARKER)
