@@ -307,6 +307,7 @@ def link_best(checkpoint_dir: str | Path, tag: str, rank: int) -> Path:
             best.rename(old)
         partial.rename(best)
         shutil.rmtree(old, ignore_errors=True)
+        log.info("best is now %s (its files linked, not saved again)", tag)
     if dist.is_initialized():
         dist.barrier()
     return best

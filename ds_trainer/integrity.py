@@ -122,8 +122,9 @@ def digests(root: Path, names: list[str], collective: bool = True) -> dict[str, 
     return found
 
 
-def verify(tag_dir: Path) -> None:
-    """Collective when a process group exists (the ranks share the hashing); alone otherwise.
+def verify(tag_dir: Path, collective: bool = False) -> None:
+    """Check `tag_dir` against its marker. `collective`: every rank calls it and the ranks share the hashing
+    (resume); otherwise this process checks alone (export and eval, which need no process group).
 
     Refuses, naming the file, a checkpoint whose marker or any listed file differs from what was saved,
     and a `.pt` file the marker does not list (DeepSpeed loads its files by pattern, so an added one
@@ -134,7 +135,7 @@ def verify(tag_dir: Path) -> None:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} is not a ds_trainer checkpoint record; nothing was loaded")
     sizes, recorded = raw.get("files"), raw.get(DIGESTS)
-    rank, world = _world()
+    rank, world = _world() if collective else (0, 1)
     if recorded is None:
         if rank == 0:
             log.warning("%s was saved by an older ds_trainer (layout version %s) and records no file digests: its "
@@ -143,10 +144,14 @@ def verify(tag_dir: Path) -> None:
         return
     if not isinstance(sizes, dict) or not isinstance(recorded, dict):
         raise CheckpointError(f"{path} is damaged: its file list is not a mapping; nothing was loaded")
-    listing = _gather(_listing_problems(tag_dir, sizes, recorded) if rank == 0 else [])
+    outside = [n for n in recorded if Path(n).is_absolute() or ".." in Path(n).parts]
+    if outside:
+        raise CheckpointError(f"{path} is damaged: it lists {outside[0]!r:.80}, outside {tag_dir}; nothing was loaded")
+    gather = _gather if collective else list
+    listing = gather(_listing_problems(tag_dir, sizes, recorded) if rank == 0 else [])
     names = sorted(n for n in recorded if (tag_dir / n).is_file() and (tag_dir / n).stat().st_size == sizes.get(n))
     mine = [n for n in names[rank::world] if file_digest(tag_dir / n) != recorded[n]]
-    changed = sorted(_gather(mine))
+    changed = sorted(gather(mine))
     problems = listing + [f"{n} does not match the sha256 recorded when it was saved (the file changed on disk)"
                           for n in changed]  # fmt: skip
     if problems:

@@ -188,16 +188,16 @@ class Trainer:
             env = init_distributed(self.cfg.distributed.timeout_s)
             micro = getattr(self.train_loader, "batch_size", None) or self.t.batch_size
             self._plan = resume.plan(meta, env.world_size, micro, self.t.grad_accumulation_steps)
-            integrity.verify(meta.tag_dir)  # collective; before anything unpickles the files
+            integrity.verify(meta.tag_dir, collective=True)  # before anything unpickles the files
             if self._plan.universal:
-                integrity.verify(checkpoint.to_universal(meta.tag_dir, env.is_main))
+                integrity.verify(checkpoint.to_universal(meta.tag_dir, env.is_main), collective=True)
         elif meta.world_size and self.env is not None and meta.world_size != self.env.world_size:
             raise CheckpointError(
                 f"{meta.tag_dir} was saved by {meta.world_size} ranks, this job has {self.env.world_size}: call "
                 "resume_from_checkpoint() before train()/evaluate(), so the engine is built for it"
             )
         else:
-            integrity.verify(meta.tag_dir)
+            integrity.verify(meta.tag_dir, collective=True)
         self.setup()
         self._require_training("resume_from_checkpoint()")
         assert self.env is not None

@@ -140,6 +140,12 @@ def test_a_marker_without_its_seal_a_missing_file_and_an_added_file_are_refused(
     with pytest.raises(CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt is not listed"):
         integrity.verify(tag)
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    for name in ("../../outside.pt", "/etc/hostname"):  # a listed name never leads out of the tag
+        listed = {**state, "files": {name: 1}, "sha256": {name: "0" * 64}}
+        (tag / MARKER).write_text(integrity.seal(listed))
+        with pytest.raises(CheckpointError, match=r"is damaged: it lists .*, outside"):
+            integrity.verify(tag)
+    (tag / MARKER).write_text(integrity.seal(state))
     (tag / MODEL).unlink()
     with pytest.raises(CheckpointError, match=rf"missing {MODEL}"):
         integrity.verify(tag)
