@@ -2,11 +2,13 @@
 
 Layout: `checkpoint_dir/<tag>/` as written by `engine.save_checkpoint` on every rank, plus
 `<tag>/ds_trainer.json` written by rank 0 once every rank has finished: the manifest (epoch,
-step, world size, config hash, every file with its size) and the completeness marker. Then
+step, world size, config hash, every file with its size and sha256, sealed with its own digest: see
+integrity.py) and the completeness marker. Then
 `checkpoint_dir/latest` names the newest complete tag. DeepSpeed writes its own `latest` before
 the other ranks' ZeRO files are known to be on disk, so we write it ourselves, after the
 barrier, atomically. A tag whose manifest is missing, or whose files do not match it, is skipped
-on resume with a warning.
+on resume with a warning. A tag is a plain name inside its directory (tags.py). `best` is hard links
+to the improving epoch's files (`link_best`), so an improving epoch is written once.
 
 Resuming on a different world size goes through DeepSpeed's universal checkpoint format:
 `<tag>/universal/` is converted once (by rank 0, with `ds_to_universal`), cached with its own
@@ -31,12 +33,13 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ds_trainer import integrity, tags
 from ds_trainer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-MARKER = "ds_trainer.json"
-LATEST = "latest"
+MARKER = integrity.MARKER
+LATEST = tags.LATEST
 BEST = "best"
 UNIVERSAL = "universal"
 # ds_to_universal refuses a checkpoint without this client-state key; its content only matters
@@ -79,6 +82,7 @@ def save(engine: Any, checkpoint_dir: str | Path, tag: str, state: dict[str, Any
         shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(_no_space_message(checkpoint_dir, tag)) from exc
     # save_checkpoint ends with a barrier, so every rank's files are written by now.
+    digests = integrity.digests(partial, sorted(_file_sizes(partial)))
     faults.before_marker(tag, rank)
     if rank == 0:
         if tag_dir.exists():
@@ -86,8 +90,8 @@ def save(engine: Any, checkpoint_dir: str | Path, tag: str, state: dict[str, Any
                 shutil.rmtree(old)
             tag_dir.rename(old)
         partial.rename(tag_dir)
-        manifest = dict(state, files=_file_sizes(tag_dir))
-        _atomic_write(tag_dir / MARKER, json.dumps(manifest, indent=2, sort_keys=True))
+        manifest = dict(state, files=_file_sizes(tag_dir), **{integrity.DIGESTS: digests})
+        _atomic_write(tag_dir / MARKER, integrity.seal(manifest))
         if old.exists():
             shutil.rmtree(old)
         if update_latest:
@@ -114,8 +118,8 @@ def _no_space_message(checkpoint_dir: Path, tag: str) -> str:
         else "the model's and optimizer's state"
     )
     free = _human(shutil.disk_usage(checkpoint_dir).free)
-    latest = checkpoint_dir / LATEST
-    kept = f"; {latest.read_text().strip()} is intact" if latest.is_file() else ""
+    latest = tags.latest_text(checkpoint_dir)
+    kept = f"; {latest} is intact" if latest else ""
     return (
         f"no space left on the device of {checkpoint_dir} while saving {tag}: a checkpoint needs {need}, {free} is "
         f"free{kept}. Free space (training.keep_last prunes old epochs) or set training.checkpoint_dir elsewhere"
@@ -180,7 +184,8 @@ def resolve(path: str | Path) -> tuple[Path, str]:
     """(checkpoint_dir, tag) for a checkpoint directory, a tag directory, or the seed's `epoch_N.pth`.
 
     A checkpoint directory resolves to the tag `latest` names when that one is complete, else to
-    the newest complete tag (by global step).
+    the newest complete tag (by global step). A `latest` that names a path, or a tag directory that links
+    outside, is refused before anything it names is opened.
     """
     p = Path(path).expanduser()
     if not p.exists() and p.suffix == ".pth" and p.with_suffix("").is_dir():
@@ -190,13 +195,15 @@ def resolve(path: str | Path) -> tuple[Path, str]:
     if not p.is_dir():
         raise CheckpointError(f"checkpoint {path} is a file; give the checkpoint directory (or one of its tags)")
     if (p / MARKER).is_file():
+        integrity.read_sealed(p / MARKER)
         bad = problems(p)
         if bad:
             raise CheckpointError(f"checkpoint {p} is damaged: {'; '.join(bad[:5])}")
         return p.parent, p.name
-    latest = p / LATEST
-    if latest.is_file():
-        tag = latest.read_text().strip()
+    tag = tags.read_latest(p)
+    if tag is not None:
+        if (p / tag / MARKER).is_file():
+            integrity.read_sealed(p / tag / MARKER)  # damaged, not incomplete: refused, never passed over
         bad = problems(p / tag)
         if not bad:
             return p, tag
@@ -206,7 +213,8 @@ def resolve(path: str | Path) -> tuple[Path, str]:
             tag,
             "; ".join(bad[:3]),
         )
-    complete = [d for d in p.iterdir() if d.is_dir() and (d / MARKER).is_file() and is_complete(d)]
+    complete = [d for d in p.iterdir()
+                if tags.stays_inside(p, d) and d.is_dir() and (d / MARKER).is_file() and is_complete(d)]  # fmt: skip
     if not complete:
         found = ", ".join(sorted(d.name for d in p.iterdir())[:10]) or "nothing"
         damaged = sorted(d for d in p.iterdir() if d.is_dir() and (d / MARKER).is_file())[:2]
@@ -248,8 +256,7 @@ def step_tag(step: int) -> str:
 def drop_preemption_tags(checkpoint_dir: str | Path, before_step: int) -> list[Path]:
     """Delete `step_N` tags older than `before_step` (rank 0): an epoch checkpoint supersedes them."""
     checkpoint_dir = Path(checkpoint_dir)
-    latest_file = checkpoint_dir / LATEST
-    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    latest = tags.latest_text(checkpoint_dir)
     doomed = [
         d for d in checkpoint_dir.iterdir()
         if d.is_dir() and (m := _STEP_TAG.match(d.name)) and int(m.group(1)) < before_step and d.name != latest
@@ -268,8 +275,7 @@ def prune(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
     Returns the deleted tag directories.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    latest_file = checkpoint_dir / LATEST
-    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    latest = tags.latest_text(checkpoint_dir)
     epochs = sorted(
         (int(m.group(1)), d)
         for d in checkpoint_dir.iterdir()
@@ -284,10 +290,67 @@ def prune(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def link_best(checkpoint_dir: str | Path, tag: str, rank: int) -> Path:
+    """Collective: `best` becomes hard links to the complete tag `tag`'s files, written once, not saved again.
+
+    A link shares the epoch's bytes: pruning `tag` later (keep_last) removes a name, not the data
+    `best` still uses. Built in `best.partial` and swapped in like a save, so a crash leaves the
+    previous `best` whole. The marker is copied, not linked (4 KB, and one tag's marker is never
+    another's). Where the filesystem has no hard links, the files are copied, with a warning.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    src, best = checkpoint_dir / tag, checkpoint_dir / BEST
+    partial, old = checkpoint_dir / (BEST + PARTIAL), checkpoint_dir / (BEST + OLD)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            _link_tree(src, partial)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise CheckpointError(_no_space_message(checkpoint_dir, BEST)) from exc
+        if best.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            best.rename(old)
+        partial.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("best is now %s (its files linked, not saved again)", tag)
+    if dist.is_initialized():
+        dist.barrier()
+    return best
+
+
+_NO_LINKS = (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    copied = False
+    for name in _file_sizes(src):
+        target = dst / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not copied:
+            try:
+                os.link(src / name, target)
+                continue
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                log.warning("%s: no hard links on this filesystem (%s); best is a full copy", dst.parent, exc.strerror)
+                copied = True
+        shutil.copyfile(src / name, target)
+    shutil.copyfile(src / MARKER, dst / MARKER)
+
+
 def to_universal(tag_dir: Path, is_main: bool) -> Path:
-    """`<tag>/universal`, converted by rank 0 on first use (collective: every rank calls it)."""
+    """`<tag>/universal`, converted by rank 0 on first use (collective: every rank calls it).
+
+    Its marker records the converted files' digests (resume verifies them before loading); a cache
+    from before digests is converted again.
+    """
     out = tag_dir / UNIVERSAL
-    if is_main and not (out / MARKER).is_file():
+    if is_main and not _has_digests(out):
         shutil.rmtree(out, ignore_errors=True)  # a conversion cut short
         log.info("converting %s to DeepSpeed's universal format (once; cached in %s)", tag_dir, out)
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -309,10 +372,23 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
                 f"could not convert {tag_dir} to the universal format for a different world size: {exc}"
             ) from exc
         log.debug("ds_to_universal output:\n%s", chatter.getvalue())
-        _atomic_write(out / MARKER, (tag_dir / MARKER).read_text())
+        files = _file_sizes(out)
+        converted = {
+            **read_marker(tag_dir),
+            "files": files,
+            integrity.DIGESTS: integrity.digests(out, sorted(files), collective=False),
+        }
+        _atomic_write(out / MARKER, integrity.seal(converted))
         log.info("converted %s to the universal format in %.0f s", tag_dir.name, time.perf_counter() - start)
     if dist.is_initialized():
         dist.barrier()
     if not (out / MARKER).is_file():
         raise CheckpointError(f"{out} was not written; is {tag_dir.parent} on a filesystem every rank sees?")
     return out
+
+
+def _has_digests(tag_dir: Path) -> bool:
+    try:
+        return integrity.DIGESTS in read_marker(tag_dir)
+    except (OSError, ValueError):
+        return False

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_trainer import checkpoint, resume
+from ds_trainer import checkpoint, integrity, resume, tags
 from ds_trainer.errors import CheckpointError
 from ds_trainer.resume import CheckpointMeta
 
@@ -51,11 +51,15 @@ def resolve_source(load_dir: str | Path, tag: str | None = None) -> Source:
     if tag is None:
         ckpt_dir, tag = checkpoint.resolve(load_dir)
     else:
+        tags.check_name(tag, "--tag")  # before anything is opened
         ckpt_dir = Path(load_dir).expanduser()
         if not ckpt_dir.is_dir():
             raise CheckpointError(f"checkpoint {load_dir} does not exist")
-        if bad := checkpoint.problems(ckpt_dir / tag):
-            what, why = ("an incomplete", f"{bad[0]}; ") if (ckpt_dir / tag).is_dir() else ("no", "")
+        tag_dir = tags.tag_dir(ckpt_dir, tag, "--tag")
+        if (tag_dir / checkpoint.MARKER).is_file():
+            integrity.read_sealed(tag_dir / checkpoint.MARKER)
+        if bad := checkpoint.problems(tag_dir):
+            what, why = ("an incomplete", f"{bad[0]}; ") if tag_dir.is_dir() else ("no", "")
             raise CheckpointError(
                 f"{what} checkpoint {tag!r} in {ckpt_dir} ({why}complete tags: {_complete_tags(ckpt_dir)}); "
                 "a checkpoint is complete once ds_trainer.json is written next to DeepSpeed's files"
@@ -66,8 +70,9 @@ def resolve_source(load_dir: str | Path, tag: str | None = None) -> Source:
 
 
 def _complete_tags(ckpt_dir: Path) -> str:
-    tags = sorted(d.name for d in ckpt_dir.iterdir() if d.is_dir() and checkpoint.is_complete(d))
-    return ", ".join(tags) or "none"
+    names = sorted(d.name for d in ckpt_dir.iterdir()
+                   if tags.stays_inside(ckpt_dir, d) and d.is_dir() and checkpoint.is_complete(d))  # fmt: skip
+    return ", ".join(names) or "none"
 
 
 def consolidated_state_dict(source: Source, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,6 +86,7 @@ def consolidated_state_dict(source: Source, model: nn.Module) -> dict[str, torch
       `fp32_groups_flat`, one flat tensor per parameter group (see `_unflatten_masters`).
     """
     tag_dir = source.tag_dir
+    integrity.verify(tag_dir)  # before anything unpickles the files
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         return _from_zero_partitions(source)
     model_file = tag_dir / MODEL_STATES

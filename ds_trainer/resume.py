@@ -1,10 +1,12 @@
 """The checkpoint's metadata (`<tag>/ds_trainer.json`): its one writer, its one reader, and the resume plan.
 
 `metadata()` builds what rank 0 writes next to DeepSpeed's files (checkpoint.save adds the file
-sizes); `read()` is the only place that interprets it, for resume, `export` and `eval` alike. The
-layout is versioned: version 1 (ds_trainer up to the component split) held the interrupted epoch's
-totals as a positional list and, before merged parameter groups, no `param_groups`; `read()`
-upgrades it, so such checkpoints still resume and export.
+sizes and digests, and seals it: integrity.py); `read()` is the only place that interprets it, for
+resume, `export` and `eval` alike, after checking its seal. The layout is versioned: version 1
+(ds_trainer up to the component split) held the interrupted epoch's totals as a positional list and,
+before merged parameter groups, no `param_groups`; version 2 had no digests (version 3 records a
+sha256 per file and of the marker). `read()` upgrades both, so such checkpoints still resume and
+export (unverified, after one warning: integrity.verify).
 
 `plan()` decides, before any engine exists, how a checkpoint saved on another world size resumes:
 the global batch stays what it was (the LR schedule and the optimizer's statistics depend on it), so
@@ -22,12 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from ds_trainer import checkpoint
+from ds_trainer import checkpoint, integrity
 from ds_trainer.errors import CheckpointError, ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = integrity.LAYOUT
 _REQUIRED = ("epoch", "global_step")
 
 
@@ -122,7 +124,7 @@ class CheckpointMeta:
 
 
 def upgrade(state: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 record in the current layout."""
+    """A version-1 or version-2 record in the current layout."""
     state = dict(state)
     version = int(state.get("version") or 1)
     if version == 1:
@@ -132,7 +134,8 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
             state["partial_epoch"] = {n: float(v) for n, v in zip(names, partial)}
         # No recorded groups: written before groups were merged, when backbone and head were always apart.
         state.setdefault("param_groups", None)
-        state["version"] = VERSION
+    if version < VERSION:
+        state["version"] = VERSION  # version 2 differs only in recording no digests (integrity.verify warns)
     elif version > VERSION:
         raise CheckpointError(
             f"{checkpoint.MARKER} has layout version {version}; this ds_trainer reads up to {VERSION}: upgrade ds_trainer"
@@ -148,6 +151,8 @@ def read(tag_dir: str | Path) -> CheckpointMeta:
         raw = checkpoint.read_marker(tag_dir)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} cannot be read: {exc}") from None
+    if isinstance(raw, dict):
+        integrity.check_seal(raw, path)  # first: a flipped byte in a key name is damage, not another format
     if not isinstance(raw, dict) or any(key not in raw for key in _REQUIRED):
         raise CheckpointError(
             f"{path} is not a ds_trainer checkpoint record (it needs {', '.join(_REQUIRED)}); "

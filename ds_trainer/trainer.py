@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_trainer import checkpoint, loaders, optim, resume
+from ds_trainer import checkpoint, integrity, loaders, optim, resume
 from ds_trainer import engine as engines
 from ds_trainer.config import Config
 from ds_trainer.distributed import DistEnv, init_distributed, torch_device
@@ -218,8 +218,9 @@ class Trainer:
             try:
                 micro = getattr(self.train_loader, "batch_size", None) or self.t.batch_size
                 self._plan = resume.plan(meta, env.world_size, micro, self.t.grad_accumulation_steps)
+                integrity.verify(meta.tag_dir, collective=True)  # before anything unpickles the files
                 if self._plan.universal:
-                    checkpoint.to_universal(meta.tag_dir, env.is_main)
+                    integrity.verify(checkpoint.to_universal(meta.tag_dir, env.is_main), collective=True)
             except BaseException:
                 self._release_own_locks()
                 raise
@@ -228,6 +229,8 @@ class Trainer:
                 f"{meta.tag_dir} was saved by {meta.world_size} ranks, this job has {self.env.world_size}: call "
                 "resume_from_checkpoint() before train()/evaluate(), so the engine is built for it"
             )
+        else:
+            integrity.verify(meta.tag_dir, collective=True)
         self.setup()
         self._require_training("resume_from_checkpoint()")
         assert self.env is not None
@@ -300,14 +303,17 @@ class Trainer:
         if self.val_loader is not None:
             self.sinks.pr_curves(row["step"], self.last_predictions)
         self.history.append(row)
+        saved = None
         if epoch_checkpoint_due(epoch, self.t.num_epochs, self.t.save_frequency, verdict.stop):
-            self.save_checkpoint(checkpoint.epoch_tag(epoch))
-            if self.env.is_main:
-                checkpoint.drop_preemption_tags(self.t.checkpoint_dir, before_step=row["step"])
-                if self.t.keep_last is not None:
-                    checkpoint.prune(self.t.checkpoint_dir, self.t.keep_last)
-        if verdict.improved:
+            saved = self.save_checkpoint(checkpoint.epoch_tag(epoch))
+        if verdict.improved and saved is not None:  # best: the epoch's files again, linked, not written twice
+            checkpoint.link_best(self.t.checkpoint_dir, saved.name, self.env.rank)
+        elif verdict.improved:
             self.save_checkpoint(checkpoint.BEST, update_latest=False)
+        if saved is not None and self.env.is_main:  # after best links them: pruning never takes what best uses
+            checkpoint.drop_preemption_tags(self.t.checkpoint_dir, before_step=row["step"])
+            if self.t.keep_last is not None:
+                checkpoint.prune(self.t.checkpoint_dir, self.t.keep_last)
         if verdict.stop:
             console().info("Early stopping: %s has not improved for %d epochs (best %.4f)", monitor,
                            self.state.best.epochs_without_improvement, self.state.best.best_metric)  # fmt: skip

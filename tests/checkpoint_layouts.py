@@ -28,7 +28,7 @@ def rewrite_as_v1(tag_dir: Path, *, merged_groups: bool = True, training: dict[s
     """
     marker = tag_dir / "ds_trainer.json"
     state = json.loads(marker.read_text())
-    assert state["version"] == 2, state.get("version")
+    assert state["version"] == 3, state.get("version")  # the layout this helper starts from
     old = {k: state[k] for k in V1_KEYS if k in state}
     old["version"] = 1
     if isinstance(old.get("partial_epoch"), dict):

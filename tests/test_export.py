@@ -16,7 +16,7 @@ from conftest import REPO, launch_env, run_cmd, write_config
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from ds_trainer import cli
+from ds_trainer import cli, integrity
 from ds_trainer.config import build_config
 from ds_trainer.data.transforms import clip_preprocess
 from ds_trainer.errors import CheckpointError, ConfigError
@@ -300,7 +300,7 @@ def test_old_checkpoint_without_config_is_refused_with_a_hint(fine_tuned, tmp_pa
     marker = old / "epoch_1" / "ds_trainer.json"
     state = json.loads(marker.read_text())
     del state["config"]
-    marker.write_text(json.dumps(state))
+    marker.write_text(integrity.seal(state))  # sealed again: what an older version wrote, not damage
     with pytest.raises(CheckpointError, match="no run config.*older.*train --load-dir"):
         export_checkpoint(old, tmp_path / "out")
 
@@ -314,7 +314,7 @@ def test_config_that_does_not_describe_the_model_is_a_checkpoint_error(fine_tune
     marker = bad / "epoch_1" / "ds_trainer.json"
     state = json.loads(marker.read_text())
     state["config"]["model"]["lora"]["enabled"] = True
-    marker.write_text(json.dumps(state))
+    marker.write_text(integrity.seal(state))
     with pytest.raises(CheckpointError, match="does not match the model"):
         export_checkpoint(bad, tmp_path / "out")
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import REPO, write_config
 
-from ds_trainer import cli
+from ds_trainer import cli, integrity
 
 DOC = REPO / "docs" / "errors.md"
 
@@ -94,7 +94,7 @@ def saved_checkpoint(tmp: Path, shards: Path, **state) -> Path:
     dst = tmp / "saved"
     shutil.copytree(src, dst)
     marker = dst / "epoch_1" / "ds_trainer.json"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), **state}))
+    marker.write_text(integrity.seal({**json.loads(marker.read_text()), **state}))  # sealed again: an edit, not damage
     return dst
 
 
@@ -238,6 +238,41 @@ def _twice(root: Path, manifest: dict) -> None:
 def _disagrees(root: Path, manifest: dict) -> None:
     entry = manifest["shards"][0]
     entry.update(count=entry["count"] - 1, nature=entry["nature"] - 1)
+
+
+# --- checkpoint integrity and tags (issue 18, families 2 and 3)
+def flipped_checkpoint_file(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    model = ckpt / "epoch_1" / "mp_rank_00_model_states.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    return ["export", "--load-dir", str(ckpt), "--out", str(tmp / "exported")]
+
+
+def edited_marker(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    marker = ckpt / "epoch_1" / "ds_trainer.json"
+    marker.write_text(marker.read_text().replace('"epoch": 1', '"epoch": 7'))  # no longer what was sealed
+    return ["eval", "--load-dir", str(ckpt), "--out", str(tmp / "eval.json")]
+
+
+def latest_outside(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    (ckpt / "latest").write_text("/srv/other_run/ckpt/epoch_1")  # short: the message cuts a long one
+    return train(extra=("--load-dir", str(ckpt)))(tmp, shards)
+
+
+def tag_path(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    return ["export", "--load-dir", str(ckpt), "--tag", "../other/epoch_1", "--out", str(tmp / "exported")]
+
+
+def tag_symlink_outside(tmp: Path, shards: Path) -> list[str]:
+    ckpt = saved_checkpoint(tmp, shards)
+    (tmp / "elsewhere").mkdir()
+    (ckpt / "linked").symlink_to(tmp / "elsewhere", target_is_directory=True)
+    return ["export", "--load-dir", str(ckpt), "--tag", "linked", "--out", str(tmp / "exported")]
 
 
 CASES = [
@@ -646,6 +681,41 @@ CASES = [
         3,
         r"shards\[\d+\] \(\./\S+\) is the shard of shards\[0\] again",
         hostile_manifest(_twice),
+    ),
+    Case(
+        "checkpoint-file-changed",
+        "a checkpoint file changed after it was saved (one flipped byte)",
+        4,
+        r"epoch_1 is damaged: mp_rank_00_model_states\.pt does not match the sha256",
+        flipped_checkpoint_file,
+    ),
+    Case(
+        "checkpoint-marker-changed",
+        "a checkpoint's ds_trainer.json edited or damaged after the save",
+        4,
+        r"epoch_1/ds_trainer\.json is damaged: its content does not match",
+        edited_marker,
+    ),
+    Case(
+        "tag-path",
+        "--tag names a path, not a tag",
+        4,
+        r"--tag: tag '\.\./other/epoch_1' holds a path separator",
+        tag_path,
+    ),
+    Case(
+        "latest-outside",
+        "a checkpoint's latest file names a path outside it",
+        4,
+        r"saved/latest: tag '/srv/other_run/ckpt/epoch_1' is an absolute path",
+        latest_outside,
+    ),
+    Case(
+        "tag-symlink-outside",
+        "a tag directory is a symbolic link leading out of the checkpoint directory",
+        4,
+        r"saved/linked is a symbolic link to .*elsewhere, outside",
+        tag_symlink_outside,
     ),
 ]  # fmt: skip
 
