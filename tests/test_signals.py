@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, launch_env
+from conftest import REPO, launch_env, write_config
 
 from ds_trainer import cli
 from ds_trainer.launcher import INTERRUPTED, LAUNCHED_ENV
@@ -164,3 +164,25 @@ def test_ctrl_c_under_the_deepspeed_launcher_is_one_line_and_exit_130(tmp_path):
     assert err.count(INTERRUPTED) == 1
     # The one line: the launcher's own INFO chatter ("Killing subprocess ...") stays off the console.
     assert [line for line in (out + err).splitlines() if "Unable to find hostfile" not in line] == [INTERRUPTED]
+
+
+@pytest.mark.distributed
+def test_ctrl_c_to_a_real_two_rank_launch_is_one_line_and_exit_130(tmp_path, tiny_shards):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 40, "warmup_epochs": 0},
+                       logging={"log_every_n_steps": 1})  # fmt: skip
+    proc = subprocess.Popen(["./launch.sh", "--config", str(cfg)], cwd=REPO, env=launch_env(DS_TRAINER_CPU_RANKS="2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    steps = tmp_path / "run" / "steps.jsonl"
+    try:
+        assert wait_for(lambda: steps.is_file() and len(steps.read_text().splitlines()) >= 3, 300)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: launcher, launch and both ranks
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert [line for line in out.splitlines() if "interrupt" in line.lower()] == [INTERRUPTED]
+    assert out.strip().splitlines()[-1] == INTERRUPTED
