@@ -11,7 +11,7 @@
 # launcher on this file; the launcher then runs it once per rank with Python (as it does
 # any script unless given --no_python), which skips this string and runs the Python part.
 # Arguments before a `--` (and the words of DS_LAUNCHER_ARGS, first) go to the deepspeed launcher
-# (python -m deepspeed.launcher.runner): --hostfile/--include/--exclude replace the default
+# (python -m deepspeed.launcher.runner, via ds_trainer/launcher.py): --hostfile/--include/--exclude replace the default
 # --num_gpus, so a hostfile's slots= decide the ranks per node.
 # Slurm: as a task of a multi-task srun step (SLURM_STEP_ID set, more than one task), this file
 # is that one rank and runs the trainer directly; ds_trainer.distributed maps SLURM_PROCID/LOCALID/
@@ -87,7 +87,9 @@ case " ${launcher_args[*]} " in
   *) defaults+=(--num_gpus "$ranks") ;;
 esac
 port="${MASTER_PORT:-$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
-exec "$py" -m deepspeed.launcher.runner "${defaults[@]}" --master_port "$port" "${launcher_args[@]}" "$here/launch.sh" "$@"
+# deepspeed.launcher.runner, through ds_trainer/launcher.py: Ctrl-C is one line and exit 130, not its traceback.
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m ds_trainer.launcher "${defaults[@]}" --master_port "$port" \
+  "${launcher_args[@]}" "$here/launch.sh" "$@"
 ":"""
 # Python: one rank of the job (the deepspeed launcher runs this file with its Python).
 import os

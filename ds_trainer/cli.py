@@ -6,11 +6,14 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
+from ds_trainer.child_processes import Terminated
 from ds_trainer.errors import DsTrainerError, PeerLostError, Preempted, first_line
+from ds_trainer.launcher import LAUNCHED_ENV
 from ds_trainer.sinks.logs import for_console, route_deepspeed_logs
 
 log = logging.getLogger(__name__)
@@ -388,8 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ds-trainer {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        # Under launch.sh the launcher says it once for the job; each rank saying it too would be noise.
+        if os.environ.get(LAUNCHED_ENV) != "1":
+            print(f"ds-trainer {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:  # SIGTERM while a command's own workers ran: they were stopped
+        print(f"ds-trainer {args.command}: {exc}, stopped", file=sys.stderr)
+        return exc.exit_code
     except RuntimeError as exc:
         if args.debug or not _is_peer_failure(exc):
             raise

@@ -2,21 +2,38 @@
 
 Loaded into a typed, validated pydantic tree. Every error names the dotted key; an unknown
 key also names the closest valid one, because a typo in a YAML key would otherwise silently
-fall back to a default and waste a multi-day run.
+fall back to a default and waste a multi-day run. Every number is finite and bounded by what
+its consumer accepts (numpy's seed range, timedelta's, DeepSpeed's batch sizes), every string
+and list is bounded, and error messages show at most a short prefix of a value
+(`config_yaml.echo`). Reading the YAML itself (size, aliases, repeated keys) is `config_yaml`'s.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ds_trainer.config_yaml import (
+    apply_override,
+    cut,
+    echo,
+    empty_config_error,
+    parse_yaml,
+    read_config_text,
+)
 from ds_trainer.errors import ConfigError
+
+# Bounds shared by several keys: far beyond any real run, well inside what the consumers accept.
+MAX_COUNT = 100_000  # epochs, patience, save/step intervals, kept checkpoints
+MAX_BATCH = 65_536  # per-rank samples of one step (DeepSpeed's train_batch_size is an int32 product)
+MAX_PATH = 4096  # PATH_MAX: every string key that is not bounded more tightly
+MAX_ITEMS = 1000  # list keys (generators, target modules)
+Tag = Annotated[str, Field(max_length=64)]  # W&B refuses longer tags
 
 
 class Section(BaseModel):
@@ -25,7 +42,8 @@ class Section(BaseModel):
     The mapping protocol is what lets the seed's `Trainer(..., **config.training)` work.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN/Inf anywhere (`.inf` would pass a `gt=0` bound and print as `Infinity`, not JSON).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, str_max_length=MAX_PATH)
 
     def keys(self) -> list[str]:
         return list(type(self).model_fields)
@@ -44,9 +62,9 @@ class LoraSection(Section):
 
     enabled: bool = False
     r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16, gt=0)
+    alpha: float = Field(16, gt=0, le=4096)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64)
 
 
 class ModelSection(Section):
@@ -57,9 +75,14 @@ class ModelSection(Section):
         "prompt-tuning: zero-shot with learnable prompt context (CoOp)",
     )
     freeze_backbone: bool = Field(False, description="fine-tune only: train the head alone (linear probe)")
-    num_classes: int = Field(2, ge=2)
-    real_prompt: str = Field("a real photo", description="zero-shot/prompt-tuning text for class 0 (nature)")
-    ai_prompt: str = Field("an AI-generated image", description="zero-shot/prompt-tuning text for class 1 (ai)")
+    num_classes: int = Field(2, ge=2, le=MAX_COUNT)
+    # CLIP's tokenizer keeps 77 tokens; 1000 characters is well past that.
+    real_prompt: str = Field(
+        "a real photo", max_length=1000, description="zero-shot/prompt-tuning text for class 0 (nature)"
+    )
+    ai_prompt: str = Field(
+        "an AI-generated image", max_length=1000, description="zero-shot/prompt-tuning text for class 1 (ai)"
+    )
     prompt_length: int = Field(10, ge=1, le=64, description="prompt-tuning: learnable context tokens")
     lora: LoraSection = Field(default_factory=LoraSection)
     # --- speed switches (benchmarks/RESULTS.md measures each)
@@ -95,14 +118,14 @@ class ModelSection(Section):
 
 class DataSection(Section):
     shards: str = Field("data_shards/demo", description="shard directory holding manifest.json")
-    train_split: str = "train"
-    val_split: str | None = "val"
-    train_generators: list[str] | None = None
-    eval_generators: list[str] | None = None
+    train_split: str = Field("train", max_length=255)  # a directory name
+    val_split: str | None = Field("val", max_length=255)
+    train_generators: list[str] | None = Field(None, max_length=MAX_ITEMS)
+    eval_generators: list[str] | None = Field(None, max_length=MAX_ITEMS)
     image_size: int = Field(224, ge=32, le=1024)
     num_workers: int = Field(2, ge=0, le=64)
-    shuffle_buffer: int = Field(1000, ge=0)
-    eval_batch_size: int | None = Field(None, ge=1)
+    shuffle_buffer: int = Field(1000, ge=0, le=MAX_COUNT, description="decoded samples held per loader worker")
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
     # --- robustness and the benchmark protocol
     max_bad_fraction: float = Field(
         0.01,
@@ -146,6 +169,8 @@ class DataSection(Section):
             low, high = getattr(self, name)
             if low > high or low < 0:
                 raise ValueError(f"{name} must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
+        if self.blur_sigma[1] > 100:
+            raise ValueError(f"blur_sigma must stay at most 100 px, got {self.blur_sigma[1]:g}")
         if not (self.jpeg_quality[0] >= 1 and self.jpeg_quality[1] <= 100):
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {list(self.jpeg_quality)}")
         return self
@@ -162,39 +187,47 @@ class TrainingSection(Section):
 
     # --- the seed's keys
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    learning_rate: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    learning_rate: float = Field(1e-4, gt=0, le=10)
+    weight_decay: float = Field(0.01, ge=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     scheduler: Literal["cosine", "step", "plateau", "none"] = "cosine"
     warmup_epochs: float = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
-    num_epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    grad_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: int = Field(10, ge=1, le=MAX_COUNT)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    grad_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)
     checkpoint_dir: str = "results/saved_models"
-    save_frequency: int = Field(1, ge=0, description="save every N epochs; 0 = only the last")
+    save_frequency: int = Field(1, ge=0, le=MAX_COUNT, description="save every N epochs; 0 = only the last")
     early_stopping: bool = False
-    patience: int = Field(3, ge=1)
+    patience: int = Field(3, ge=1, le=MAX_COUNT)
     mixed_precision: bool = True
-    clip_grad_norm: float | None = Field(1.0, gt=0)
+    clip_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
     # --- beyond the seed
     backbone_lr_scale: float = Field(
         1.0, gt=0, le=1000, description="backbone LR = learning_rate x this; head gets learning_rate"
     )
-    step_size: int = Field(1, ge=1, description="scheduler step: epochs between LR drops")
+    step_size: int = Field(1, ge=1, le=MAX_COUNT, description="scheduler step: epochs between LR drops")
     gamma: float = Field(0.1, gt=0, le=1, description="scheduler step: LR factor at each drop")
     plateau_factor: float = Field(0.1, gt=0, lt=1, description="scheduler plateau: LR factor on a plateau")
-    plateau_patience: int = Field(1, ge=0, description="scheduler plateau: epochs without improvement before a drop")
+    plateau_patience: int = Field(
+        1, ge=0, le=MAX_COUNT, description="scheduler plateau: epochs without improvement before a drop"
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/Inf loss: stop (naming the step and samples) or skip that batch's update"
     )
-    max_nonfinite_steps: int = Field(10, ge=1, description="on_nonfinite skip: fail after this many in a row")
-    monitor: str = Field("val_auc", description="metric for early stopping, best and plateau (a metrics.jsonl key)")
+    max_nonfinite_steps: int = Field(
+        10, ge=1, le=1_000_000, description="on_nonfinite skip: fail after this many in a row"
+    )
+    monitor: str = Field(
+        "val_auc", max_length=64, description="metric for early stopping, best and plateau (a metrics.jsonl key)"
+    )
     min_delta: float = Field(
-        0.0, ge=0, description="smallest change of the monitored metric that counts as improvement"
+        0.0, ge=0, le=1e6, description="smallest change of the monitored metric that counts as improvement"
     )
     monitor_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for *loss, max otherwise")
-    keep_last: int | None = Field(None, ge=1, description="keep the K newest epoch checkpoints (never best/latest)")
+    keep_last: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="keep the K newest epoch checkpoints (never best/latest)"
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> TrainingSection:
@@ -240,18 +273,18 @@ class DeepSpeedSection(Section):
 
 class WandbSection(Section):
     enabled: bool = False
-    project: str = "ds_trainer"
-    run_name: str | None = Field(None, description="default: the config's name")
-    entity: str | None = None
+    project: str = Field("ds_trainer", max_length=128)
+    run_name: str | None = Field(None, max_length=128, description="default: the config's name")
+    entity: str | None = Field(None, max_length=128)
     mode: Literal["offline", "online", "disabled"] | None = Field(
         None, description="default: online when WANDB_API_KEY is set, else offline"
     )
-    tags: list[str] = Field(default_factory=list)
+    tags: list[Tag] = Field(default_factory=list, max_length=64)
 
 
 class LoggingSection(Section):
     run_dir: str = Field("runs/default", description="where config, metrics.jsonl and train.log go")
-    log_every_n_steps: int = Field(10, ge=1)
+    log_every_n_steps: int = Field(10, ge=1, le=1_000_000)
     tensorboard: bool = Field(True, description="scalars under <run_dir>/tensorboard")
     progress_bar: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: a bar when stderr is a terminal, else plain progress lines"
@@ -260,6 +293,7 @@ class LoggingSection(Section):
     peak_tflops: float | None = Field(
         None,
         gt=0,
+        le=1e6,
         description="per-device peak for mfu; default: the GPU's bf16/fp32 table value, or a measured matmul rate on CPU",
     )
     wandb: WandbSection = Field(default_factory=WandbSection)
@@ -267,13 +301,16 @@ class LoggingSection(Section):
 
 class DistributedSection(Section):
     timeout_s: float = Field(
-        1800.0, gt=0, description="collective timeout: a rank that stops answering fails the others after this long"
+        1800.0,
+        ge=1,
+        le=7 * 24 * 3600,  # a collective waiting a week is a hang; timedelta overflows far beyond
+        description="collective timeout: a rank that stops answering fails the others after this long",
     )
 
 
 class Config(Section):
-    name: str = "run"
-    seed: int = 0
+    name: str = Field("run", max_length=128, description="copied into every checkpoint and the W&B run")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seed range")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -286,36 +323,6 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string. Users write learning rates
-# exactly like that (the seed does), so resolve YAML 1.2 style floats as floats.
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str, source: str = "<string>") -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{source}:{where}: YAML syntax error: {problem}") from None
 
 
 def _section_at(path: Sequence[str | int]) -> type[BaseModel] | None:
@@ -331,13 +338,13 @@ def _section_at(path: Sequence[str | int]) -> type[BaseModel] | None:
 
 
 def _unknown_key_message(path: Sequence[str | int]) -> str:
-    dotted = ".".join(str(p) for p in path)
+    dotted = cut(".".join(str(p) for p in path))
     model = _section_at(path)
     if model is None:
         return f"unknown key {dotted}"
     prefix = ".".join(str(p) for p in path[:-1])
     valid = list(model.model_fields)
-    close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(path[-1])[:100], valid, n=1, cutoff=0.6)
     if close:
         full = f"{prefix}.{close[0]}" if prefix else close[0]
         return f"unknown key {dotted} — did you mean {full}?"
@@ -349,7 +356,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         loc = list(err["loc"])
-        dotted = ".".join(str(p) for p in loc)
+        dotted = cut(".".join(str(p) for p in loc))
         if err["type"] == "extra_forbidden":
             lines.append(_unknown_key_message(loc))
             continue
@@ -359,28 +366,9 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         if err["type"] == "value_error" or not dotted:
             lines.append(f"{dotted or 'config'}: {msg}" if dotted else msg)
         else:
-            lines.append(f"{dotted}: {msg} (got {err.get('input')!r})")
-    body = "\n".join(f"  {line}" for line in lines)
+            lines.append(f"{dotted}: {msg} (got {echo(err.get('input'), loc)})")
+    body = "\n".join(f"  {line}" for line in lines)  # each value in it already cut by echo()
     return f"invalid configuration in {source}:\n{body}"
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Apply one `--set a.b.c=value` to a raw config dict (value parsed as YAML)."""
-    key, sep, raw = assignment.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set training.learning_rate=3e-5")
-    parts = key.split(".")
-    node: dict[str, Any] = tree
-    for i, part in enumerate(parts[:-1]):
-        # An unknown section is created here and reported by validation with a suggestion.
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = parse_yaml(raw, source=f"--set {key}") if raw.strip() else None
 
 
 def build_config(tree: Any, overrides: Sequence[str] = (), source: str = "<config>") -> Config:
@@ -399,9 +387,10 @@ def build_config(tree: Any, overrides: Sequence[str] = (), source: str = "<confi
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found (see ds_configs/ for examples)")
-    tree = parse_yaml(path.read_text(), source=str(path))
+    text = read_config_text(path)
+    tree = parse_yaml(text, source=str(path)) if text.strip() else None
+    if tree is None:  # blank, or only comments
+        raise empty_config_error(path)
     return build_config(tree, overrides, source=str(path))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import shutil
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_trainer import checkpoint
+from ds_trainer import checkpoint, export_files
 from ds_trainer.consolidate import Source, rebuild_model, resolve_source, some_keys
 from ds_trainer.errors import CheckpointError, ConfigError, DataError, first_line
 
@@ -58,14 +57,12 @@ def export_checkpoint(
     model = rebuild_model(source)
     probe = _probe_batch(model) if verify else None
     reference = _logits(model, probe) if probe is not None else None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = export_files.staging_dir(out)  # removes what killed exports to `out` left behind
     try:
         _write_export(model, source, tmp)
         if probe is not None:
             _verify(tmp, probe, reference)
-        _replace(tmp, out)
+        export_files.publish(tmp, out)  # one mode for every file (export_files.py), then the rename
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%s, epoch %s, step %s) to %s", source.tag_dir, _mode(model),
@@ -84,14 +81,6 @@ def _check_out(out: Path, force: bool) -> None:
     if not (out / EXPORT_FILE).is_file():
         raise ConfigError(f"--out {out} is not empty and not a ds-trainer export (no {EXPORT_FILE}); --force "
                           "only replaces a previous export, so nothing else gets deleted by mistake")  # fmt: skip
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _mode(model: nn.Module) -> str:

@@ -126,6 +126,17 @@ def eval_with(*flags: str) -> Callable[[Path, Path], list[str]]:
     return build
 
 
+def appended(extra: str):
+    """The valid config with `extra` YAML appended: its last section is training, so indented lines go there."""
+
+    def build(tmp: Path, shards: Path) -> list[str]:
+        cfg = config_with(tmp, shards)
+        cfg.write_text(cfg.read_text() + extra)
+        return ["train", "--config", str(cfg)]
+
+    return build
+
+
 def hostile_manifest(edit: Callable[[Path, dict], None]):
     """A copy of the shard set whose manifest `edit(root, manifest)` changed, trained on."""
 
@@ -273,6 +284,16 @@ def tag_symlink_outside(tmp: Path, shards: Path) -> list[str]:
     (tmp / "elsewhere").mkdir()
     (ckpt / "linked").symlink_to(tmp / "elsewhere", target_is_directory=True)
     return ["export", "--load-dir", str(ckpt), "--tag", "linked", "--out", str(tmp / "exported")]
+
+
+# A "billion laughs": 9 aliases on each of 9 levels (81 in all) in ~750 bytes; and 4 on each of 8 levels
+# (32, within the alias bound) that would expand to 4**8 values.
+ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
+WIDE_ALIASES = "a0: &a0 [x, x, x, x]\n" + "".join(
+    f"a{i + 1}: &a{i + 1} [*a{i}, *a{i}, *a{i}, *a{i}]\n" for i in range(7)
+)
 
 
 CASES = [
@@ -716,6 +737,114 @@ CASES = [
         4,
         r"saved/linked is a symbolic link to .*elsewhere, outside",
         tag_symlink_outside,
+    ),
+    # --- bounds on the YAML itself and on every value (issue 18, family 7)
+    Case(
+        "yaml-alias-bomb",
+        "a YAML alias bomb (81 aliases in 750 bytes)",
+        2,
+        r"more than 32 aliases",
+        train(text=ALIAS_BOMB),
+    ),
+    Case(
+        "yaml-alias-expansion",
+        "YAML aliases that would expand to 65,536 values",
+        2,
+        r"holds more than 10,000 values once aliases are followed",
+        train(text=WIDE_ALIASES + "name: *a7\n"),
+    ),
+    Case(
+        "yaml-duplicate-key",
+        "a key given twice in one section",
+        2,
+        r"cfg\.yaml: line \d+, column 3: key 'batch_size' appears twice \(first at line \d+\)",
+        appended("  batch_size: 16\n"),
+    ),
+    Case(
+        "yaml-duplicate-section",
+        "a section (training:) given twice",
+        2,
+        r"section 'training' appears twice",
+        appended("training:\n  num_epochs: 2\n"),
+    ),
+    Case("config-empty", "an empty config file", 2, r"cfg\.yaml is empty", train(text="")),
+    Case(
+        "config-blank",
+        "a config file of blank lines and comments",
+        2,
+        r"is empty",
+        train(text="\n  \n# all defaults?\n"),
+    ),
+    Case(
+        "config-too-large",
+        "a config file over 256 KiB (a 1 MB run name)",
+        2,
+        r"cfg\.yaml is 1,000,006 bytes; a config is at most 262,144",
+        train(text="name: " + "x" * 1_000_000),
+    ),
+    Case(
+        "name-too-long",
+        "a run name of 100,000 characters",
+        2,
+        r"name: String should have at most 128 characters \(got 'x+\.\.\.x+'\)$",
+        train(tree={"name": "x" * 100_000}),
+    ),
+    Case(
+        "lr-inf",
+        "learning_rate .inf",
+        2,
+        r"training\.learning_rate: Input should be a finite number",
+        train(training={"learning_rate": float("inf")}),
+    ),
+    Case(
+        "min-lr-minus-inf",
+        "min_lr -.inf",
+        2,
+        r"training\.min_lr: Input should be a finite number",
+        train(training={"min_lr": float("-inf")}),
+    ),
+    Case(
+        "gamma-nan",
+        "a NaN (.nan) factor",
+        2,
+        r"training\.gamma: Input should be a finite number",
+        train(training={"gamma": float("nan")}),
+    ),
+    Case(
+        "blur-sigma-inf",
+        "an infinite blur_sigma bound",
+        2,
+        r"data\.blur_sigma\.1: Input should be a finite number",
+        train(data={"blur_sigma": [0.0, float("inf")]}),
+    ),
+    Case("seed-negative", "seed -1", 2, r"seed: Input should be greater than or equal to 0", train(tree={"seed": -1})),
+    Case(
+        "seed-too-large",
+        "seed 2**32 (numpy's seeds end at 2**32 - 1)",
+        2,
+        r"seed: Input should be less than or equal to 4294967295",
+        train(tree={"seed": 2**32}),
+    ),
+    Case(
+        "timeout-huge",
+        "distributed.timeout_s 1e300",
+        2,
+        r"distributed\.timeout_s: Input should be less than or equal to",
+        train(distributed={"timeout_s": 1e300}),
+    ),
+    Case(
+        "set-inf",
+        "--set of .inf",
+        2,
+        r"training\.weight_decay: Input should be a finite number",
+        train(extra=("--set", "training.weight_decay=.inf")),
+    ),
+    Case(
+        "set-duplicate-key",
+        "--set of a mapping with a repeated key",
+        2,
+        r"--set model\.lora: line 1, .*key 'r' appears twice",
+        train(extra=("--set", "model.lora={r: 4, r: 8}")),
     ),
 ]  # fmt: skip
 

@@ -177,8 +177,7 @@ def test_launch_sh_in_an_sbatch_script_without_srun_starts_the_launcher(stub_pyt
     out = _launch(stub_python, ["--config", "c.yaml"], **BATCH_ENV)
     assert out.returncode == 0, out.stderr
     assert (
-        f"EXEC -m deepspeed.launcher.runner --num_gpus 2 --master_port 23456 {REPO}/launch.sh --config c.yaml"
-        in out.stdout
+        f"EXEC -m ds_trainer.launcher --num_gpus 2 --master_port 23456 {REPO}/launch.sh --config c.yaml" in out.stdout
     )
 
 
@@ -198,7 +197,7 @@ def test_launch_sh_passes_launcher_args_before_a_double_dash(stub_python, tmp_pa
     assert out.returncode == 0, out.stderr
     # A hostfile sizes the job: no --num_gpus to override its slots.
     assert out.stdout.strip() == (
-        f"EXEC -m deepspeed.launcher.runner --master_port 23456 --master_addr 127.0.0.1 --hostfile {hostfile} "
+        f"EXEC -m ds_trainer.launcher --master_port 23456 --master_addr 127.0.0.1 --hostfile {hostfile} "
         f"--no_ssh --node_rank 1 {REPO}/launch.sh --config c.yaml"
     )
 
@@ -210,7 +209,7 @@ def test_launch_sh_node_mode_starts_one_launcher_per_node(stub_python, tmp_path)
     hostfile = tmp_path / "ds_trainer-3.0.1.hostfile"
     assert hostfile.read_text() == "n1 slots=2\nn2 slots=2\n"
     assert out.stdout.strip() == (
-        f"EXEC -m deepspeed.launcher.runner --master_port 23456 --hostfile {hostfile} --no_ssh --node_rank 1 "
+        f"EXEC -m ds_trainer.launcher --master_port 23456 --hostfile {hostfile} --no_ssh --node_rank 1 "
         f"--master_addr 127.0.0.1 --master_port 23456 {REPO}/launch.sh --config c.yaml"  # MASTER_PORT given
     )
     out = _launch(stub_python, ["--config", "c.yaml"], **(env | {"DS_TRAINER_SLURM_MODE": "bogus"}))

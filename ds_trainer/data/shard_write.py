@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
+from ds_trainer.child_processes import die_with_parent, sigterm_raises, terminate_workers
 from ds_trainer.data.image_limits import open_checked
 from ds_trainer.data.manifest import atomic_write_json
 from ds_trainer.data.regular_file import NotRegularFile, read_regular
@@ -210,7 +211,8 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     # needs no `if __name__ == "__main__"` guard, which spawn/forkserver would require because
     # they re-import the main module. Workers only use PIL and tarfile, never torch's threads.
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                               initializer=die_with_parent, initargs=(os.getpid(),))  # fmt: skip
 
 
 def run_jobs(jobs: list[ShardJob], workers: int, bar: tqdm) -> dict[str, dict[str, Any]]:
@@ -230,17 +232,21 @@ def run_jobs(jobs: list[ShardJob], workers: int, bar: tqdm) -> dict[str, dict[st
         return done
     pool = _pool(min(workers, len(jobs)))
     try:
-        pending: set[Future] = {pool.submit(_write_one_shard, job) for job in jobs}
-        while pending:
-            ready, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in ready:
-                finished(fut.result())  # re-raises a worker's error here
+        with sigterm_raises():  # SIGTERM: the workers are stopped below, not orphaned (child_processes.py)
+            pending: set[Future] = {pool.submit(_write_one_shard, job) for job in jobs}
+            while pending:
+                ready, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in ready:
+                    finished(fut.result())  # re-raises a worker's error here
     except BrokenProcessPool as exc:
         raise DataError(
             f"a shard worker died while writing to {jobs[0].out} (out of memory on a huge image?); "
             "re-run with fewer --workers: finished shards are kept"
         ) from exc
+    except BaseException:
+        # an error, Ctrl-C or SIGTERM: stop the running shards too (their .tmp goes on the next run)
+        terminate_workers(pool)
+        raise
     finally:
-        # on error or Ctrl-C: drop queued shards; running ones finish or die, the next run redoes them
         pool.shutdown(wait=True, cancel_futures=True)
     return done
