@@ -162,6 +162,30 @@ def test_an_images_logits_are_the_mean_of_its_crops_scored_alone(k: int) -> None
         assert torch.equal(forward_crops(net, plain), net(plain))
 
 
+class _ShortLoader:
+    """Promises 3 batches and yields 2 (a rank whose last batch held only undecodable files)."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches) + 1
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@pytest.mark.unit
+def test_the_padding_step_of_a_short_rank_feeds_the_model_one_plain_crop() -> None:
+    seen: list[tuple[int, ...]] = []
+    net = _TinyNet()
+    net.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    batches = [{"pixel_values": torch.randn(2, 5, 3, S, S), "labels": torch.tensor([0, 1])} for _ in range(2)]
+    row = evaluate(net, _ShortLoader(batches), epoch=0, zero_stage=3, dtype=torch.float32,
+                   loss_fn=lambda o, t: F.cross_entropy(o, t), image_size=S, max_bad_fraction=0.0)  # fmt: skip
+    assert seen == [(10, 3, S, S), (10, 3, S, S), (1, 3, S, S)] and row.row["val_samples"] == 4
+
+
 # ---------------------------------------------------------------- images of several sizes, one eval
 
 
