@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score this shard set instead of data.shards, all its generators, on SPLIT (default "
                         "data.val_split); repeat for a cross-dataset table (a row per set and generator, each set's "
                         "mean, the mean over sets); NAME defaults to the directory's name")  # fmt: skip
+    p.add_argument("--eval-crops", default=None, metavar="K",
+                   help="with data.crop native: score each image by the mean logits of K crops at its native "
+                        "resolution: 1 centre, 5 corners + centre, 10 those mirrored too (= --set data.eval_crops=K)")  # fmt: skip
     _add_track_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -229,14 +232,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ds_trainer.run import run_evaluation
 
     tracks = tracks_from_args(args.perturb, args.align_jpeg, args.align_classes, args.size_matched)
+    # last, so the flag wins over a --set of the same key; validated with the rest of the config
+    overrides = [*args.overrides, *([f"data.eval_crops={args.eval_crops}"] if args.eval_crops is not None else [])]
     if args.config is not None:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     else:
         from ds_trainer.consolidate import resolve_source
 
         # The run's own data and run_dir: `eval --load-dir X` scores what that run validated on.
         source = resolve_source(args.load_dir, args.tag)
-        cfg = build_config(source.config, args.overrides, source=f"the config saved in {source.tag_dir}")
+        cfg = build_config(source.config, overrides, source=f"the config saved in {source.tag_dir}")
     datasets = None
     if args.datasets:
         from ds_trainer.eval_datasets import parse_datasets

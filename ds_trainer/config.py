@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ds_trainer.config_yaml import (
     apply_override,
@@ -116,6 +116,15 @@ class ModelSection(Section):
         return self
 
 
+# data.eval_crops' choices; the placements are ds_trainer.data.native's (not imported here: the data
+# package pulls in webdataset), and a test checks that the two agree.
+EVAL_CROPS = {
+    1: "centre",
+    5: "four corners + centre, FiveCrop",
+    10: "those of the image and of its mirror image, TenCrop",
+}
+
+
 class DataSection(Section):
     shards: str = Field("data_shards/demo", description="shard directory holding manifest.json")
     train_split: str = Field("train", max_length=255)  # a directory name
@@ -144,6 +153,11 @@ class DataSection(Section):
         "resize",
         description="resize: shortest side to image_size, then crop; native: crop without resizing (tile small images)",
     )
+    eval_crops: int = Field(
+        1,
+        description="crop native only: score every eval image by the mean logits of K native crops: "
+        "1 centre, 5 four corners + centre (FiveCrop), 10 those of the image and of its mirror image (TenCrop)",
+    )
     align_jpeg_quality: int | None = Field(
         None,
         ge=1,
@@ -163,8 +177,22 @@ class DataSection(Section):
         True, description="on a GPU: page-locked batches, copied to the device without blocking (no effect on CPU)"
     )
 
+    @field_validator("eval_crops")
+    @classmethod
+    def _check_eval_crops(cls, k: int) -> int:
+        if k not in EVAL_CROPS:
+            choices = ", ".join(f"{n} ({what})" for n, what in EVAL_CROPS.items())
+            raise ValueError(f"{k} crops is not a supported placement; use {choices}")
+        return k
+
     @model_validator(mode="after")
     def _check_ranges(self) -> DataSection:
+        if self.eval_crops > 1 and self.crop != "native":
+            raise ValueError(
+                f"eval_crops {self.eval_crops} places crops on the image at its native resolution; "
+                f"set crop: native (crop {self.crop} resizes the shortest side to the crop, so its corners "
+                "would repeat the centre)"
+            )
         for name in ("blur_sigma", "jpeg_quality"):
             low, high = getattr(self, name)
             if low > high or low < 0:

@@ -49,6 +49,22 @@ def _steps(
         yield batch
 
 
+def forward_crops(engine: Any, inputs: torch.Tensor) -> torch.Tensor:
+    """The model's outputs per image; [B, K, 3, S, S] (data.eval_crops K) gives each image its K crops' mean logits.
+
+    The K crops of every image go through the model as one batch of B x K, so the forward pass sees
+    K times the eval batch. Logits, not probabilities, are averaged: the mean is again a logit vector,
+    so the loss, the score (softmax / sigmoid) and a temperature fitted on it apply unchanged, and
+    it is the mean torchvision's TenCrop recipe takes (`.view(bs, ncrops, -1).mean(1)`); one crop's
+    confident logit weighs more than in a mean of probabilities, which saturate at 0 and 1.
+    """
+    if inputs.ndim != 5:
+        return engine(inputs)
+    b, k = inputs.shape[:2]
+    outputs = engine(inputs.flatten(0, 1))
+    return outputs.float().view(b, k, *outputs.shape[1:]).mean(dim=1)
+
+
 @torch.no_grad()
 def evaluate(
     engine: Any,
@@ -84,8 +100,8 @@ def evaluate(
             engine(dummy)
             continue
         inputs, targets = batches.unpack(batch, device, dtype)
-        dummy = inputs[:1]
-        outputs = engine(inputs)
+        dummy = inputs.flatten(0, 1)[:1] if inputs.ndim == 5 else inputs[:1]
+        outputs = forward_crops(engine, inputs)
         loss_sum += loss_fn(outputs, targets).detach().float() * targets.shape[0]
         scores.append(ai_scores(outputs))
         labels.append(targets)

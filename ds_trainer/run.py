@@ -187,6 +187,8 @@ def run_evaluation(
         # where the scored images are: the report pulls its thumbnails of mistakes from there by key
         "shards": str(Path(cfg.data.shards).resolve()),
         "split": cfg.data.val_split, "samples": metrics["val_samples"], "bad_samples": metrics["val_bad_samples"],
+        # how each image was cropped: the checkpoint's config below is the training run's, not this eval's
+        "crop": cfg.data.crop, "eval_crops": cfg.data.eval_crops,
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
         **extra, "config": source.config,
@@ -216,7 +218,8 @@ def run_evaluation(
             from ds_trainer.eval_tracks import format_tracks
 
             console().info("%s", format_tracks(extra))
-        console().info("%d samples of split %s; written to %s", result["samples"], result["split"], path)
+        crops = f", {cfg.data.eval_crops} native crops each" if cfg.data.eval_crops > 1 else ""
+        console().info("%d samples of split %s%s; written to %s", result["samples"], result["split"], crops, path)
         if report_dir is not None:
             _write_report(cfg, path, report_dir)
     return result

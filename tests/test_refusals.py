@@ -846,6 +846,17 @@ CASES = [
         r"--set model\.lora: line 1, .*key 'r' appears twice",
         train(extra=("--set", "model.lora={r: 4, r: 8}")),
     ),
+    # --- native multi-crop evaluation: K must be a supported placement, and only with crop native
+    Case("config-eval-crops-unsupported", "data.eval_crops is not 1, 5 or 10", 2,
+         r"data\.eval_crops: 3 crops is not a supported placement; use 1 \(centre\), 5", train(data={"eval_crops": 3})),
+    Case("config-eval-crops-resize", "data.eval_crops above 1 with data.crop resize", 2,
+         r"data: eval_crops 5 .* set crop: native", train(data={"eval_crops": 5})),
+    Case("eval-crops-flag-unsupported", "ds-trainer eval --eval-crops with an unsupported count", 2,
+         r"data\.eval_crops: 7 crops is not a supported placement",
+         lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(tmp, shards)), "--eval-crops", "7"]),
+    Case("eval-crops-flag-resize", "ds-trainer eval --eval-crops 10 on a checkpoint trained with crop resize", 2,
+         r"data: eval_crops 10 .* set crop: native",
+         lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(tmp, shards)), "--eval-crops", "10"]),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}

@@ -138,7 +138,8 @@ class _RankStream(IterableDataset):
 class ShardLoader:
     """Iterable of dict batches for one rank; build it with make_shard_loader.
 
-    Batches: {"pixel_values": float [B,3,S,S], "labels": long [B], "generator": list[str],
+    Batches: {"pixel_values": float [B,3,S,S] ([B,K,3,S,S] at eval with data.eval_crops K > 1: the
+    K crops of each image stay together in its row), "labels": long [B], "generator": list[str],
     "key": list[str]}. Call set_epoch(e) before each epoch; the same (seed, epoch, rank,
     world_size, num_workers) always gives the same batches.
 

@@ -20,10 +20,13 @@ section). Per image, in this order:
    re-encoding with probability `jpeg_prob` (CNNSpot's Blur+JPEG(0.5), Wang et al. 2020).
 4. geometry -- `crop="resize"`: shortest side to `image_size`, then a random (train) or center
    (eval) crop; `crop="native"`: no resampling at all, a random / center crop of the pixels as
-   they are, small images tiled (wrapped) up to `image_size` first. Train adds a random
-   horizontal flip in both modes.
+   they are, small images tiled (wrapped) up to `image_size` first (`ds_trainer.data.native`). Train adds a
+   random horizontal flip in both modes. Eval with `crop="native"` and `eval_crops` K > 1: the
+   K windows of `native.native_crops` (FiveCrop / TenCrop placement), stacked.
 5. CLIP mean/std normalisation.
 
+Output: [3, S, S], or [K, 3, S, S] for an eval image with eval_crops K > 1 (a batch of them is
+[B, K, 3, S, S]; `evaluation` scores each image by the mean of its crops' logits).
 Eval never draws from an rng, so it is deterministic.
 """
 
@@ -37,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from PIL import Image, ImageCms, ImageFilter
+
+from ds_trainer.data.native import EVAL_CROPS, native_crop, native_crops
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -135,40 +140,6 @@ def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def _native_offset(length: int, size: int, rng: random.Random | None) -> int:
-    """Start of a `size` window along an axis of `length` px; a shorter axis wraps around.
-
-    Eval uses the center-crop rounding of `_crop_box`; on a shorter axis that formula goes
-    negative and, taken modulo `length`, puts the original image in the middle of the tiling.
-    Train draws any start (a shorter axis: any phase of the tiling).
-    """
-    if rng is None:
-        return round((length - size) / 2.0) % length
-    return rng.randint(0, length - size if length >= size else length - 1)
-
-
-def _wrap_take(arr: np.ndarray, start: int, size: int, axis: int) -> np.ndarray:
-    """`size` entries from `start` along `axis`, wrapping (= tiling the image) when it is shorter."""
-    if start + size <= arr.shape[axis]:
-        return arr[start : start + size] if axis == 0 else arr[:, start : start + size]
-    return np.take(arr, np.arange(start, start + size), axis=axis, mode="wrap")
-
-
-def native_crop(img: Image.Image, size: int, rng: random.Random | None) -> np.ndarray:
-    """A `size` x `size` uint8 window of `img`'s pixels, never resampled: tiled if smaller.
-
-    Resampling smooths away exactly the pixel-level traces (upsampling grids, JPEG blocks) a
-    detector may learn, and its strength depends on the source size; a crop keeps them as they
-    are. Tiling repeats the image (np.take with mode="wrap") instead of padding, so no constant
-    border becomes a size-dependent feature. rng draws: left, then top (as `_crop_box`).
-    """
-    arr = np.asarray(img)
-    h, w = arr.shape[:2]
-    left = _native_offset(w, size, rng)
-    top = _native_offset(h, size, rng)
-    return _wrap_take(_wrap_take(arr, top, size, axis=0), left, size, axis=1)
-
-
 Crop = Literal["resize", "native"]
 CROP_MODES = ("resize", "native")
 AlignClasses = Literal["fakes", "both"]
@@ -188,6 +159,9 @@ class Preprocess:
     not identical with, the full decode. It only acts on an image that is not loaded yet, and
     only on JPEG files: in GenImage that is the real class alone, so turn it off when even a
     small class-correlated processing difference matters.
+
+    eval_crops: with crop="native", eval returns that many crops per image, [K, 3, S, S] (1, 5 or
+    10; placement in `ds_trainer.data.native`); training always takes its one random crop.
     """
 
     image_size: int = 224
@@ -200,6 +174,7 @@ class Preprocess:
     draft: bool = True
     align_classes: AlignClasses = "fakes"
     perturb: Perturbation | None = None
+    eval_crops: int = 1
 
     def __post_init__(self) -> None:
         # tuples (not lists from YAML) keep the instance hashable and the rng draws typed
@@ -207,6 +182,10 @@ class Preprocess:
         object.__setattr__(self, "jpeg_quality", tuple(int(v) for v in self.jpeg_quality))
         _check(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
         _check(self.crop in CROP_MODES, f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        _check(self.eval_crops in EVAL_CROPS,
+               f"eval_crops must be one of {', '.join(map(str, EVAL_CROPS))}, got {self.eval_crops!r}")  # fmt: skip
+        _check(self.eval_crops == 1 or self.crop == "native",
+               f"eval_crops {self.eval_crops} needs crop 'native', got {self.crop!r}")  # fmt: skip
         q = self.align_jpeg_quality
         _check(q is None or 1 <= q <= 100, f"align_jpeg_quality must be None or in [1, 100], got {q}")
         _check(self.align_classes in ALIGN_CLASSES,
@@ -230,6 +209,7 @@ class Preprocess:
             jpeg_prob=data.jpeg_prob,
             jpeg_quality=tuple(data.jpeg_quality),
             draft=draft,
+            eval_crops=data.eval_crops,
         )
 
     def __call__(
@@ -268,6 +248,8 @@ class Preprocess:
     def _geometry(self, img: Image.Image, rng: random.Random | None) -> torch.Tensor:
         """Crop to image_size (random + flip with `rng`, center without) and normalise."""
         size = self.image_size
+        if self.crop == "native" and rng is None and self.eval_crops > 1:
+            return torch.stack([to_normalized_tensor(c) for c in native_crops(img, size, self.eval_crops)])
         if self.crop == "native":
             arr = native_crop(img, size, rng)
             if rng is not None and rng.random() < 0.5:
