@@ -13,7 +13,9 @@ the fraction of the epoch spent waiting for data.
   `stream` streams WebDataset shards of synthetic 256² JPEGs (GenImage's reals are JPEG) through the
   real `make_shard_loader` with `--workers` decode processes.
 
-Each model × loader runs in its own process so that one run's memory cannot inflate the next's peak.
+Each model × loader runs in its own process so that one run's memory cannot inflate the next's peak
+(`--row-timeout` caps each). The order is every model with device batches, then every model with the
+streaming loader; the JSON is rewritten after each run, so a run that is stopped keeps the rows before it.
 
     python benchmarks/gpu_bench.py                                  # on a GPU: b32, l14 × memory, stream
     python benchmarks/gpu_bench.py --models tiny --loaders memory,stream --steps 4 --cpu   # smoke test
@@ -69,6 +71,8 @@ def stream_shards(root: Path, images: int, workers: int) -> Path:
     shards = root / "shards"
     if not (shards / "manifest.json").is_file():
         write_tree(root / "src", shards, sizes=[256], formats=["jpeg"], per_set=images, workers=workers)
+    elif sum(sc["count"] for sc in json.loads((shards / "manifest.json").read_text())["shards"]) < images:
+        raise RuntimeError(f"{shards} holds fewer than the {images} images this run needs")
     return shards
 
 
@@ -90,7 +94,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         loader: Any = [(torch.randn(bs, 3, 224, 224, generator=g).to(device, dtype), torch.randint(0, 2, (bs,)).to(device))
                        for _ in range(steps)]  # fmt: skip
     else:
-        loader = make_shard_loader(stream_shards(work, bs * steps, spec["workers"]), "train", batch_size=bs, train=True,
+        loader = make_shard_loader(stream_shards(work, spec["stream_images"], spec["workers"]), "train", batch_size=bs, train=True,
                                    num_workers=spec["workers"], image_size=224, shuffle_buffer=0,
                                    pin_memory=cuda)  # fmt: skip
     if cuda:
@@ -132,6 +136,37 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def write_rows(args: argparse.Namespace, argv: list[str] | None, rows: list[dict[str, Any]], planned: int, cuda: bool,
+               precision: str, torch_adam: bool) -> None:  # fmt: skip
+    """The result file for the runs so far (of `planned`)."""
+    ok = [r for r in rows if "error" not in r]
+    table = md_table(
+        ["model", "loader", "batch", "img/s", "GFLOP/img", "MFU", "peak memory, GiB", "data wait"],
+        [[NAMES[r["model"]], r["loader"], r["batch_size"], f"{r['images_per_s']:.0f}",
+          f"{r['gflop_per_image']:.1f}" if r["gflop_per_image"] else "-", f"{r['mfu']:.1%}" if r["mfu"] else "-",
+          f"{r['peak_memory_gib']:.2f}", f"{r['data_wait_fraction']:.1%}"] for r in ok]
+        + [[NAMES[r["model"]], r["loader"], r["batch_size"], f"failed: {r['error']}", "", "", "", ""]
+           for r in rows if "error" in r],
+    )  # fmt: skip
+    device = ok[0]["device"] if ok else ("GPU" if cuda else "cpu")
+    markdown = table + (
+        f"\n\n{device}, {precision}, ZeRO {args.zero_stage}, {args.steps} timed steps after {args.skip}, one rank; "
+        f"optimizer {'torch fused AdamW via DeepSpeed (torch_adam)' if cuda and torch_adam else 'DeepSpeed default'}; "
+        f"MFU against {ok[0]['peak_source'] if ok else '?'}. Memory: {ok[0]['peak_memory_kind'] if ok else '?'}. "
+        "Data wait: the fraction of the epoch's wall time spent waiting for the next batch. "
+        "Reference: timm trains ViT-B/32 at 224 px at about 1,700 img/s on an RTX 3090 with AMP."
+    )
+    if len(rows) < planned:
+        markdown += f" Partial: {len(rows)} of {planned} runs so far."
+    summary = "; ".join(f"{NAMES[r['model']]} {r['loader']} {r['images_per_s']:.0f} img/s MFU {r['mfu'] or 0:.1%}"
+                        for r in ok) or "all runs failed"  # fmt: skip
+    if len(rows) < planned:
+        summary += f" ({len(rows)} of {planned} runs)"
+    write_result("gpu_suite", args.out, argv, summary, markdown, rows=rows, planned_runs=planned,
+                 settings={**{k: v for k, v in vars(args).items() if k != "one"}, "precision": precision,
+                           "torch_adam": torch_adam})  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
@@ -151,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch's fused AdamW instead of DeepSpeed's FusedAdam (default: when nvcc is missing)",
     )
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU (smoke test)")
+    p.add_argument("--row-timeout", type=float, default=0, help="seconds each model × loader run may take (0: no cap)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/gpu_suite.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec (JSON) in this process
@@ -170,51 +206,42 @@ def main(argv: list[str] | None = None) -> int:
     for m in models:
         if m not in ARCHITECTURES:
             p.error(f"unknown model {m!r}; choose from {', '.join(ARCHITECTURES)}")
-    rows = []
+    specs = [{"model": m, "loader": loader, "batch_size": int(sizes.get(m, 32)), "steps": args.steps,
+              "skip": args.skip, "workers": args.workers, "zero_stage": args.zero_stage, "precision": precision,
+              "gradient_checkpointing": args.gradient_checkpointing, "torch_adam": torch_adam, "cpu": args.cpu}
+             for loader in loaders for m in models]  # fmt: skip
+    # One shard set for every streaming run: as many images as the largest epoch needs.
+    stream_images = max(s["batch_size"] * (s["steps"] + s["skip"]) for s in specs)
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ds_trainer_gpu_") as tmp:
         work = Path(args.work or tmp)
-        for m in models:
-            for loader in loaders:
-                spec = {"model": m, "loader": loader, "batch_size": int(sizes.get(m, 32)), "steps": args.steps,
-                        "skip": args.skip, "workers": args.workers, "zero_stage": args.zero_stage,
-                        "precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
-                        "torch_adam": torch_adam, "cpu": args.cpu, "work": str(work)}  # fmt: skip
-                t0 = time.perf_counter()
+        for spec in specs:
+            spec.update(work=str(work), stream_images=stream_images)
+            m, loader = spec["model"], spec["loader"]
+            t0 = time.perf_counter()
+            try:
                 proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True,
-                                      text=True, check=False)  # fmt: skip
+                                      text=True, check=False, timeout=args.row_timeout or None)  # fmt: skip
+            except subprocess.TimeoutExpired as exc:
+                rows.append({**spec, "error": f"over its {args.row_timeout:.0f} s cap (--row-timeout)"})
+                print(str(exc.stderr or "")[-3000:], file=sys.stderr)
+            else:
                 found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode != 0 or not found:
                     print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
                     rows.append({**spec, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
-                    print(f"{m} {loader}: FAILED ({rows[-1]['error']})", flush=True)
-                    continue
-                row = json.loads(found[-1][len("RESULT ") :])
-                row["wall_s"] = time.perf_counter() - t0
-                rows.append(row)
+                else:
+                    rows.append({**json.loads(found[-1][len("RESULT ") :]), "wall_s": time.perf_counter() - t0})
+            row = rows[-1]
+            if "error" in row:
+                print(f"{m} {loader}: FAILED ({row['error']})", flush=True)
+            else:
                 print(f"{NAMES[m]} {loader}: {row['images_per_s']:.0f} img/s, MFU {row['mfu'] or 0:.1%}, peak "
                       f"{row['peak_memory_gib']:.1f} GiB, data wait {row['data_wait_fraction']:.1%} "
                       f"({row['wall_s']:.0f} s)", flush=True)  # fmt: skip
+            # After every run, so that a suite stopped at its cap keeps what finished.
+            write_rows(args, argv, rows, len(specs), cuda, precision, torch_adam)
     ok = [r for r in rows if "error" not in r]
-    table = md_table(
-        ["model", "loader", "batch", "img/s", "GFLOP/img", "MFU", "peak memory, GiB", "data wait"],
-        [[NAMES[r["model"]], r["loader"], r["batch_size"], f"{r['images_per_s']:.0f}",
-          f"{r['gflop_per_image']:.1f}" if r["gflop_per_image"] else "-", f"{r['mfu']:.1%}" if r["mfu"] else "-",
-          f"{r['peak_memory_gib']:.2f}", f"{r['data_wait_fraction']:.1%}"] for r in ok]
-        + [[NAMES[r["model"]], r["loader"], r["batch_size"], f"failed: {r['error']}", "", "", "", ""]
-           for r in rows if "error" in r],
-    )  # fmt: skip
-    device = ok[0]["device"] if ok else ("GPU" if cuda else "cpu")
-    markdown = table + (
-        f"\n\n{device}, {precision}, ZeRO {args.zero_stage}, {args.steps} timed steps after {args.skip}, one rank; "
-        f"optimizer {'torch fused AdamW via DeepSpeed (torch_adam)' if cuda and torch_adam else 'DeepSpeed default'}; "
-        f"MFU against {ok[0]['peak_source'] if ok else '?'}. Memory: {ok[0]['peak_memory_kind'] if ok else '?'}. "
-        "Reference: timm trains ViT-B/32 at 224 px at about 1,700 img/s on an RTX 3090 with AMP."
-    )
-    summary = "; ".join(f"{NAMES[r['model']]} {r['loader']} {r['images_per_s']:.0f} img/s MFU {r['mfu'] or 0:.1%}"
-                        for r in ok) or "all runs failed"  # fmt: skip
-    write_result("gpu_suite", args.out, argv, summary, markdown, rows=rows,
-                 settings={**{k: v for k, v in vars(args).items() if k != "one"}, "precision": precision,
-                           "torch_adam": torch_adam})  # fmt: skip
     return 0 if ok and len(ok) == len(rows) else 1
 
 

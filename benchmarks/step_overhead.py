@@ -8,7 +8,14 @@ the same pre-loaded batches and the same DeepSpeed JSON (the one the Trainer der
   (b) trainer: ds_trainer.Trainer(...).train() for one epoch over the batches, with its default
                logging (TensorBoard, steps.jsonl, MFU); timed from the wall-clock `time` of each
                optimizer step's steps.jsonl row
-  (c) torch:   the model, torch.optim.AdamW (same groups) and clip_grad_norm_, no DeepSpeed
+  (c) torch:   the model, torch.optim.AdamW (same groups) and clip_grad_norm_, no DeepSpeed; in bf16
+               the usual PyTorch way: fp32 weights under torch.autocast(bfloat16)
+
+Precision: bf16 on a GPU by default (`--precision`), fp32 on the CPU. fp32 on a GPU allows TF32
+matmuls unless `--no-tf32` (the MFU peak follows: flops.py takes the TF32 peak when it is allowed).
+On a GPU the batches are made on the device in the step's dtype, so no step copies its input.
+`--torch-adam` has DeepSpeed build torch's fused AdamW (and plain PyTorch use it too) instead of
+DeepSpeed's FusedAdam, which nvcc must JIT-build first (default: when nvcc is missing).
 
 Step time is the steady state: from the end of step `--skip` to the end of the last step, divided
 by the steps in between, the same for all three (the Trainer's one-off costs at its first step, such
@@ -56,10 +63,13 @@ def small_clip_dir(root: Path, image_size: int, hidden: int, layers: int) -> Pat
     return out
 
 
-def make_batches(n: int, batch: int, image_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch, 3, image_size, image_size, generator=g), torch.randint(0, 2, (batch,), generator=g))
-            for _ in range(n)]  # fmt: skip
+def make_batches(n: int, batch: int, image_size: int, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """`n` seeded batches; on `device` (made there) in `dtype` when given, else CPU fp32."""
+    device = device or torch.device("cpu")
+    g = torch.Generator(device=device).manual_seed(0)
+    return [(torch.randn(batch, 3, image_size, image_size, generator=g, device=device).to(dtype),
+             torch.randint(0, 2, (batch,), generator=g, device=device)) for _ in range(n)]  # fmt: skip
 
 
 def build_model(model_dir: Path) -> torch.nn.Module:
@@ -76,11 +86,20 @@ def run_trainer(model_dir: Path, batches: list, args: argparse.Namespace, work: 
     trainer = Trainer(build_model(model_dir), batches, None, device="cpu" if args.cpu else None,
                       checkpoint_dir=str(run_dir / "ckpt"), run_dir=run_dir, num_epochs=1, warmup_epochs=0,
                       batch_size=args.batch_size, learning_rate=1e-4, zero_stage=args.zero_stage,
-                      save_frequency=0, precision="fp32")  # fmt: skip
+                      save_frequency=0, precision=args.precision)  # fmt: skip
+    if args.torch_adam:
+        trainer.cfg.deepspeed.config_file = str(torch_adam_json(work))
     trainer.train()
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     times = [json.loads(line)["time"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
     return steady_step_time(times, args.skip), ds_config, trainer.mfu
+
+
+def torch_adam_json(work: Path) -> Path:
+    """A DeepSpeed JSON to merge: torch's fused AdamW instead of DeepSpeed's FusedAdam (no nvcc build)."""
+    path = work / "torch_adam.json"
+    path.write_text(json.dumps({"optimizer": {"params": {"torch_adam": True, "fused": True}}}))
+    return path
 
 
 def steady_step_time(step_ends: list[float], skip: int) -> float:
@@ -128,6 +147,7 @@ def run_engine(model_dir: Path, batches: list, ds_config: dict, skip: int) -> fl
 
 
 def run_torch(model_dir: Path, batches: list, ds_config: dict, skip: int) -> float:
+    """Plain PyTorch; the same optimizer kernel as DeepSpeed's (fused when its JSON says torch_adam fused)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not _FORCE_CPU else "cpu")
     model = build_model(model_dir).to(device)
     from ds_trainer.config import TrainingSection
@@ -136,11 +156,15 @@ def run_torch(model_dir: Path, batches: list, ds_config: dict, skip: int) -> flo
     params = [p for p in model.parameters() if p.requires_grad]
     opt_params = ds_config["optimizer"]["params"]
     t = TrainingSection(learning_rate=opt_params["lr"], weight_decay=opt_params.get("weight_decay", 0.0))
-    opt = torch.optim.AdamW(param_groups(model, t))
+    fused = bool(opt_params.get("torch_adam") and opt_params.get("fused"))
+    opt = torch.optim.AdamW(param_groups(model, t), fused=fused or None)
     clip = ds_config.get("gradient_clipping")
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
     ends = []
     for x, y in batches:
-        loss = F.cross_entropy(model(x.to(device)).float(), y.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x.to(device) if bf16 else x.to(device, torch.float32))
+        loss = F.cross_entropy(out.float(), y.to(device))
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
@@ -163,10 +187,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on a GPU, fp32 on CPU")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="fp32 on a GPU: allow TF32 matmuls (default on)")  # fmt: skip
+    p.add_argument("--torch-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch's fused AdamW via DeepSpeed instead of FusedAdam (default: when nvcc is missing)")  # fmt: skip
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/step_overhead.json)")
     args = p.parse_args(argv)
     global _FORCE_CPU
     _FORCE_CPU = args.cpu
+    import shutil
+
+    gpu = torch.cuda.is_available() and not args.cpu
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    if args.torch_adam is None:
+        args.torch_adam = gpu and shutil.which("nvcc") is None
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    device = torch.device("cuda") if gpu else None
+    dtype = torch.bfloat16 if gpu and args.precision == "bf16" else torch.float32
 
     from ds_trainer.distributed import init_distributed
 
@@ -175,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model_dir = small_clip_dir(work, args.image_size, args.hidden, args.layers)
         n_params = sum(p.numel() for p in build_model(model_dir).parameters())
-        batches = make_batches(args.steps, args.batch_size, args.image_size)
-        warm = make_batches(3, args.batch_size, args.image_size)
+        batches = make_batches(args.steps, args.batch_size, args.image_size, device, dtype)
+        warm = make_batches(3, args.batch_size, args.image_size, device, dtype)
         _, ds_config, _ = run_trainer(model_dir, warm, args, work)  # warm-up, and the JSON the others use
         run_engine(model_dir, warm, ds_config, 0)
         run_torch(model_dir, warm, ds_config, 0)
@@ -220,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     markdown += (
         f"\n\n{args.repeats} repeats × {args.steps} steps (first {args.skip} untimed), batch "
         f"{args.batch_size}, {args.image_size} px, random-init CLIP vision tower {args.hidden} wide × "
-        f"{args.layers} layers = {n_params / 1e6:.1f} M parameters, ZeRO {stage}, {precision}, one rank. "
+        f"{args.layers} layers = {n_params / 1e6:.1f} M parameters, ZeRO {stage}, {precision}"
+        f"{' (TF32 matmuls ' + ('allowed' if args.tf32 else 'off') + ')' if gpu and precision == 'fp32' else ''}, "
+        f"optimizer {'torch fused AdamW (DeepSpeed torch_adam; PyTorch the same)' if args.torch_adam else 'DeepSpeed default'}"
+        f"{', PyTorch under torch.autocast(bfloat16) with fp32 weights' if precision == 'bf16' else ''}, one rank. "
         f"MFU: {flops_per_sample / 1e9:.3g} GFLOP per sample (forward + backward, counted by the Trainer "
         f"with FlopCounterMode) × samples/s, over the {meters[0].peak.source} rate measured in the "
         f"same repeat (median {statistics.median(peaks) / 1e9:.0f} GFLOP/s)."
@@ -233,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                  settings={**vars(args), "parameters": n_params, "zero_stage": stage, "precision": precision},
                  step_time_s={k: spread(v) for k, v in times.items()}, trainer_over_engine=toe,
                  engine_over_torch=eot, raw=times, mfu=mfu, flops_per_sample=flops_per_sample,
-                 peak_flops=peaks)  # fmt: skip
+                 peak_flops=peaks, ds_optimizer=ds_config["optimizer"])  # fmt: skip
     return 0
 
 

@@ -28,6 +28,10 @@ SECTIONS = [
     ("speed_switches", "7. Speed switches", "run `make bench`"),
     ("gpu_suite", "8. GPU suite (`benchmarks/gpu_suite.sh`)",
      "not run: no GPU has been lent to this project's sessions; the script is ready for one H200"),
+    ("data_throughput_gpu", "8a. GPU machine: the loader against a no-op consumer (`gpu_suite.sh` part 1)",
+     "not run on a GPU machine yet"),
+    ("step_overhead_gpu", "8b. GPU: Trainer overhead in bf16 (`gpu_suite.sh` part 3)", "not run on a GPU yet"),
+    ("speed_switches_gpu", "8c. GPU: speed switches (`gpu_suite.sh` part 4)", "not run on a GPU yet"),
 ]  # fmt: skip
 
 HEADER = """# Benchmark results
@@ -51,7 +55,10 @@ def _machine(m: dict) -> str:
 def render(results_dir: Path, notes_dir: Path) -> str:
     out = [HEADER]
     known = {name for name, _, _ in SECTIONS}
-    extra = sorted(p.stem for p in results_dir.glob("*.json") if p.stem not in known)
+    # Other result files get a section of their own; files that are no benchmark's result (gpu_env.json:
+    # what the GPU suite installed and imported) have no summary and are left out.
+    extra = sorted(p.stem for p in results_dir.glob("*.json")
+                   if p.stem not in known and "summary" in json.loads(p.read_text()))  # fmt: skip
     for name, title, missing in [*SECTIONS, *((n, n, "") for n in extra)]:
         out.append(f"## {title}\n")
         path = results_dir / f"{name}.json"
