@@ -217,7 +217,9 @@ def resolve(path: str | Path) -> tuple[Path, str]:
                 if tags.stays_inside(p, d) and d.is_dir() and (d / MARKER).is_file() and is_complete(d)]  # fmt: skip
     if not complete:
         found = ", ".join(sorted(d.name for d in p.iterdir())[:10]) or "nothing"
-        damaged = sorted(d for d in p.iterdir() if d.is_dir() and (d / MARKER).is_file())[:2]
+        damaged = sorted(d for d in p.iterdir() if tags.stays_inside(p, d) and d.is_dir() and (d / MARKER).is_file())[
+            :2
+        ]
         why = "".join(f"; {d.name}: {b[0]}" for d in damaged if (b := problems(d)))
         raise CheckpointError(
             f"no complete checkpoint in {p} (found: {found}{why}); "
@@ -392,3 +394,16 @@ def _has_digests(tag_dir: Path) -> bool:
         return integrity.DIGESTS in read_marker(tag_dir)
     except (OSError, ValueError):
         return False
+
+
+def after_epoch_save(checkpoint_dir: str | Path, saved: str, improved: bool, step: int, keep_last: int | None,
+                     rank: int, is_main: bool) -> None:  # fmt: skip
+    """After epoch tag `saved` is written: `best` linked to its files when the epoch improved (written
+    once, not twice), then (rank 0) older preemption tags and, with `keep_last`, older epochs
+    dropped; pruning comes after the link, so it never takes what `best` uses."""
+    if improved:
+        link_best(checkpoint_dir, saved, rank)
+    if is_main:
+        drop_preemption_tags(checkpoint_dir, before_step=step)
+        if keep_last is not None:
+            prune(checkpoint_dir, keep_last)

@@ -155,6 +155,8 @@ class DataSection(Section):
     )
     eval_crops: int = Field(
         1,
+        ge=1,
+        le=10,
         description="crop native only: score every eval image by the mean logits of K native crops: "
         "1 centre, 5 four corners + centre (FiveCrop), 10 those of the image and of its mirror image (TenCrop)",
     )

@@ -190,6 +190,15 @@ def describe(s: RunSettings, dtype: torch.dtype, model: nn.Module, group_names: 
     )
 
 
+def ready(engine: Any, cfg: Any, device: torch.device, loader_workers: int) -> torch.dtype:
+    """The engine made ready to step: CPU tuning, `model.compile`; returns the inputs' dtype."""
+    if device.type == "cpu":
+        tune_cpu(loader_workers)
+    if cfg.model.compile:
+        engine.compile()  # nn.Module.compile() in place: state_dict keys (and checkpoints) do not change
+    return input_dtype(engine)
+
+
 def input_dtype(engine: Any) -> torch.dtype:
     if engine.bfloat16_enabled():
         return torch.bfloat16

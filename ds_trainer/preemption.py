@@ -14,10 +14,14 @@ import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from ds_trainer.loop import EpochResult
+    from ds_trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +84,33 @@ class PreemptionGuard:
     def signal_name(self) -> str:
         signum = self.signum if self.signum is not None else self.seen
         return signal.Signals(signum).name if signum is not None else "a peer rank's signal"
+
+
+def save_and_stop(trainer: Trainer, epoch: int, result: EpochResult) -> None:
+    """Every rank agreed to stop at this step: save where the run is, then raise `Preempted` (exit 75).
+
+    The checkpoint holds the interrupted epoch's totals so far and each rank's loader position; at
+    the epoch's last batch, the resume finishes the epoch (its row, evaluation, checkpoint) from them.
+    Rank 0 marks the checkpoint PREEMPTED (train.sbatch requeues on it) and says so once: the expected
+    end of a preempted job, not an error (the CLI prints nothing for it).
+    """
+    from ds_trainer import checkpoint
+    from ds_trainer.errors import Preempted
+    from ds_trainer.metrics import gather_objects
+    from ds_trainer.sinks import console
+
+    assert trainer.env is not None
+    positions = gather_objects([getattr(trainer.train_loader, "state_dict", lambda: None)()])
+    trainer.state.progress.preempted_at(result.batches_done, result.totals, positions)
+    step = int(trainer.engine.global_steps)
+    tag_dir = trainer.save_checkpoint(checkpoint.step_tag(step))
+    trainer.state.progress.start_epoch()
+    checkpoint_dir = trainer.cfg.training.checkpoint_dir
+    message = (
+        f"{trainer.preemption.signal_name} received: saved {tag_dir} at step {step} "
+        f"({result.batches_done} batches into epoch {epoch}); resume with --load-dir {checkpoint_dir}"
+    )
+    if trainer.env.is_main:
+        checkpoint.mark_preempted(checkpoint_dir, tag_dir.name, step)
+        console().info("%s (exit code %d)", message, Preempted.exit_code)
+    raise Preempted(message)

@@ -256,6 +256,24 @@ def plan(meta: CheckpointMeta, world_size: int, micro_batch: int, config_accumul
     return ResumePlan(grad_accumulation_steps=accumulation, universal=universal, split_groups=meta.split_groups)
 
 
+def verify_files(meta: CheckpointMeta) -> None:
+    """Every file of the checkpoint against the digest its marker records, by name (collective)."""
+    integrity.verify(meta.tag_dir, collective=True)
+
+
+def prepare(
+    meta: CheckpointMeta, world_size: int, micro_batch: int, config_accumulation: int, is_main: bool
+) -> ResumePlan:
+    """Before the engine is built: the plan for this world size, every file verified against its
+    digest (before anything unpickles it), and the universal copy made (and verified) when the world
+    size changed. Collective."""
+    resume_plan = plan(meta, world_size, micro_batch, config_accumulation)
+    verify_files(meta)
+    if resume_plan.universal:
+        integrity.verify(checkpoint.to_universal(meta.tag_dir, is_main), collective=True)
+    return resume_plan
+
+
 def load_engine(engine: Any, meta: CheckpointMeta, universal: bool) -> None:
     """Collective: DeepSpeed loads the model, optimizer and LR scheduler state of `meta`'s tag."""
     try:

@@ -241,3 +241,25 @@ class RunLocks:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:  # fmt: skip
         self.release()
+
+
+class LockHold:
+    """A Trainer's hold on its run's locks: the caller's (`run_training` holds them for the whole run),
+    or taken by `take` when none were given, before the set-up writes anything, and let go by
+    `release_own` (when `train()` ends or the set-up fails; or when the owner is dropped)."""
+
+    def __init__(self, given: RunLocks | None) -> None:
+        self.locks, self.own = given, False
+
+    def take(self, cfg: Any, is_main: bool, world_size: int, owner: object) -> None:
+        """Collective: rank 0 takes checkpoint_dir's and run_dir's locks if nobody holds them for us."""
+        if self.locks is None:
+            import weakref
+
+            self.locks, self.own = RunLocks.for_run(cfg).acquire(is_main, world_size), True
+            weakref.finalize(owner, self.locks.release)
+
+    def release_own(self) -> None:
+        if self.own and self.locks is not None:
+            self.locks.release()
+            self.locks, self.own = None, False

@@ -84,6 +84,10 @@ class Progress:
         self.start_epoch()
         return start
 
+    def preempted_at(self, batches_done: int, totals: EpochTotals | None, data: list[Any] | None) -> None:
+        """The run stopped `batches_done` batches into epoch + 1: what a resume needs to go on from there."""
+        self.batches_done, self.partial, self.data = batches_done, totals, data
+
     def start_epoch(self) -> None:
         """The interrupted epoch is being trained again: its preemption record is used up."""
         self.batches_done, self.partial, self.data = 0, None, None

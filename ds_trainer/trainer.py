@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,19 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_trainer import checkpoint, integrity, loaders, optim, resume
+from ds_trainer import checkpoint, loaders, optim, resume
 from ds_trainer import engine as engines
 from ds_trainer.config import Config
 from ds_trainer.distributed import DistEnv, init_distributed, torch_device
-from ds_trainer.errors import CheckpointError, ConfigError, Preempted
+from ds_trainer.errors import CheckpointError, ConfigError
 from ds_trainer.evaluation import evaluate
 from ds_trainer.flops import MfuMeter
 from ds_trainer.hooks import Hook, Hooks, for_training
-from ds_trainer.loop import EpochResult, EpochStart, TrainLoop
-from ds_trainer.metrics import gather_objects
+from ds_trainer.loop import EpochStart, TrainLoop
 from ds_trainer.nonfinite import NonFiniteGuard
-from ds_trainer.preemption import PreemptionGuard
-from ds_trainer.run_lock import RunLocks
+from ds_trainer.preemption import PreemptionGuard, save_and_stop
+from ds_trainer.run_lock import LockHold, RunLocks
 from ds_trainer.seed_api import config_from_keywords
 from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_mode, write_run_config
 from ds_trainer.state import BestTracker, TrainState, epoch_checkpoint_due
@@ -76,9 +74,7 @@ class Trainer:
         self._plan = resume.ResumePlan()
         self.plateau: optim.PlateauScale | None = None
         self._loop: TrainLoop | None = None
-        # checkpoint_dir's and run_dir's locks: held by the caller (run_training), or taken here before the
-        # set-up writes anything and released when train() ends (`_own_locks`)
-        self.locks, self._own_locks = locks, False
+        self.hold = LockHold(locks)  # checkpoint_dir's and run_dir's locks: the caller's, or taken here
 
     @property
     def epoch(self) -> int:  # the last finished epoch
@@ -96,23 +92,15 @@ class Trainer:
         try:
             self._build(env)
         except BaseException:
-            self._release_own_locks()
+            self.hold.release_own()
             raise
 
     def _trains(self) -> bool:
         return self.train_loader is not None and any(p.requires_grad for p in self.model.parameters())
 
     def _hold_locks(self, env: DistEnv) -> None:
-        """A training Trainer takes its directories' locks itself when no caller holds them (collective)."""
-        if self.locks is None and self._trains():
-            self.locks = RunLocks.for_run(self.cfg).acquire(env.is_main, env.world_size)
-            self._own_locks = True
-            weakref.finalize(self, self.locks.release)  # a Trainer that never trains lets go when it is dropped
-
-    def _release_own_locks(self) -> None:
-        if self._own_locks and self.locks is not None:
-            self.locks.release()
-            self.locks, self._own_locks = None, False
+        if self._trains():  # a training Trainer holds its directories' locks (collective)
+            self.hold.take(self.cfg, env.is_main, env.world_size, owner=self)
 
     def _build(self, env: DistEnv) -> None:
         configure_logging(env.rank, self.run_dir)
@@ -131,11 +119,8 @@ class Trainer:
         self.state.best = BestTracker.for_training(self.t, s.monitor)
         self.device = torch_device(env)
         self.nonfinite = NonFiniteGuard(self.t.on_nonfinite, self.t.max_nonfinite_steps, self.device, env.world_size)
-        if self.device.type == "cpu":
-            engines.tune_cpu(max(loaders.workers(self.train_loader), loaders.workers(self.val_loader)))
-        self.input_dtype = engines.input_dtype(self.engine)
-        if self.cfg.model.compile:
-            self.engine.compile()  # nn.Module.compile() in place: state_dict keys (and checkpoints) do not change
+        workers = max(loaders.workers(self.train_loader), loaders.workers(self.val_loader))
+        self.input_dtype = engines.ready(self.engine, self.cfg, self.device, workers)
         if self.cfg.logging.mfu and self.engine.optimizer is not None:
             self.mfu = MfuMeter.for_device(self.device, self.input_dtype, self.cfg.logging.peak_tflops, env.world_size)
         if env.is_main and self.train_loader is not None:
@@ -214,15 +199,12 @@ class Trainer:
         if self.engine is None:
             engines.select_device(self.device_request)
             env = init_distributed(self.cfg.distributed.timeout_s)
-            self._hold_locks(env)  # before the conversion below writes into the checkpoint
+            self._hold_locks(env)  # before the conversion writes into the checkpoint
+            micro = getattr(self.train_loader, "batch_size", None) or self.t.batch_size
             try:
-                micro = getattr(self.train_loader, "batch_size", None) or self.t.batch_size
-                self._plan = resume.plan(meta, env.world_size, micro, self.t.grad_accumulation_steps)
-                integrity.verify(meta.tag_dir, collective=True)  # before anything unpickles the files
-                if self._plan.universal:
-                    integrity.verify(checkpoint.to_universal(meta.tag_dir, env.is_main), collective=True)
+                self._plan = resume.prepare(meta, env.world_size, micro, self.t.grad_accumulation_steps, env.is_main)
             except BaseException:
-                self._release_own_locks()
+                self.hold.release_own()
                 raise
         elif meta.world_size and self.env is not None and meta.world_size != self.env.world_size:
             raise CheckpointError(
@@ -230,7 +212,7 @@ class Trainer:
                 "resume_from_checkpoint() before train()/evaluate(), so the engine is built for it"
             )
         else:
-            integrity.verify(meta.tag_dir, collective=True)
+            resume.verify_files(meta)
         self.setup()
         self._require_training("resume_from_checkpoint()")
         assert self.env is not None
@@ -254,7 +236,7 @@ class Trainer:
     def train(self) -> list[dict[str, Any]]:
         """Train from the epoch after the last finished one to `num_epochs`; returns the metric rows."""
         with contextlib.ExitStack() as lifetime:  # released in reverse order, however the epochs end
-            lifetime.callback(self._release_own_locks)
+            lifetime.callback(self.hold.release_own)
             self.setup()
             self._require_training("train()")
             assert self.env is not None and self._loop is not None
@@ -264,7 +246,7 @@ class Trainer:
                 return self.history
             lifetime.enter_context(self.preemption.installed())
             lifetime.enter_context(self.sinks)
-            lock = self.locks if self.env.is_main else None
+            lock = self.hold.locks if self.env.is_main else None
             self._loop.hooks = for_training(
                 self.engine, self.model, self.sinks, self.settings, self.cfg.logging.log_every_n_steps,
                 self.group_names, self.nonfinite, self.mfu, lock, self.env.rank, self.preemption, self.user_hooks,
@@ -275,7 +257,7 @@ class Trainer:
                 start = EpochStart(*self.state.progress.take_start(self.env.rank, self.env.world_size))
                 result = self._loop.run_epoch(epoch, start)
                 if result.preempted:
-                    self._save_preempted(epoch, result)
+                    save_and_stop(self, epoch, result)  # raises Preempted (exit 75)
                 if self._end_epoch(epoch, result.row or {}):
                     break
             if (best := self.state.best).best_row is not None:
@@ -303,38 +285,13 @@ class Trainer:
         if self.val_loader is not None:
             self.sinks.pr_curves(row["step"], self.last_predictions)
         self.history.append(row)
-        saved = None
         if epoch_checkpoint_due(epoch, self.t.num_epochs, self.t.save_frequency, verdict.stop):
-            saved = self.save_checkpoint(checkpoint.epoch_tag(epoch))
-        if verdict.improved and saved is not None:  # best: the epoch's files again, linked, not written twice
-            checkpoint.link_best(self.t.checkpoint_dir, saved.name, self.env.rank)
-        elif verdict.improved:
+            saved = self.save_checkpoint(checkpoint.epoch_tag(epoch)).name
+            checkpoint.after_epoch_save(self.t.checkpoint_dir, saved, verdict.improved, row["step"], self.t.keep_last,
+                                        self.env.rank, self.env.is_main)  # fmt: skip
+        elif verdict.improved:  # no epoch tag to link: best in full
             self.save_checkpoint(checkpoint.BEST, update_latest=False)
-        if saved is not None and self.env.is_main:  # after best links them: pruning never takes what best uses
-            checkpoint.drop_preemption_tags(self.t.checkpoint_dir, before_step=row["step"])
-            if self.t.keep_last is not None:
-                checkpoint.prune(self.t.checkpoint_dir, self.t.keep_last)
         if verdict.stop:
             console().info("Early stopping: %s has not improved for %d epochs (best %.4f)", monitor,
                            self.state.best.epochs_without_improvement, self.state.best.best_metric)  # fmt: skip
         return verdict.stop
-
-    def _save_preempted(self, epoch: int, result: EpochResult) -> None:
-        """Every rank agreed to stop at this step: save where we are, then exit with code 75. At the epoch's
-        last batch, the resume finishes the epoch (its row, evaluation, checkpoint) from the saved totals."""
-        assert self.env is not None
-        p = self.state.progress
-        p.batches_done, p.partial = result.batches_done, result.totals
-        p.data = gather_objects([self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None])
-        step = int(self.engine.global_steps)
-        tag_dir = self.save_checkpoint(checkpoint.step_tag(step))
-        p.start_epoch()
-        message = (
-            f"{self.preemption.signal_name} received: saved {tag_dir} at step {step} "
-            f"({result.batches_done} batches into epoch {epoch}); resume with --load-dir {self.t.checkpoint_dir}"
-        )
-        if self.env.is_main:
-            checkpoint.mark_preempted(self.t.checkpoint_dir, tag_dir.name, step)
-            # The expected end of a preempted job, not an error: said once, by rank 0 (the CLI prints nothing for it).
-            console().info("%s (exit code %d)", message, Preempted.exit_code)
-        raise Preempted(message)
