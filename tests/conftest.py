@@ -55,6 +55,23 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def ops_log():
+    """Records of ds_trainer.ops at every level, whatever configure_logging did to propagation."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ds_trainer.ops")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
 def write_config(path: Path, shards: Path, **sections) -> Path:
     cfg = {
         "name": "test",

@@ -23,21 +23,6 @@ from conftest import REPO, launch_env
 from ds_trainer import ops
 
 
-@pytest.fixture
-def ops_log():
-    """Records of ds_trainer.ops at every level, whatever configure_logging did to propagation."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("ds_trainer.ops")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
-
-
 def messages(records, level=logging.INFO):
     return [r.getMessage() for r in records if r.levelno >= level]
 

@@ -108,20 +108,6 @@ def test_a_live_builder_is_waited_for_with_one_line_naming_the_lock(extensions):
 # ------------------------------------------------------------------ without /proc, only the lock's age tells
 
 
-@pytest.fixture
-def ops_log():
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("ds_trainer.ops")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old)
-
-
 @pytest.mark.unit
 def test_without_proc_an_old_lock_is_stale_and_a_young_one_is_waited_for(tmp_path, monkeypatch, ops_log):
     monkeypatch.setattr(ops, "live_builders", lambda build_dir, lock: None)
