@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "names, i.e. the last save; if that one is incomplete, the newest complete tag)")  # fmt: skip
     p.add_argument("--out", default=None, help="JSON output (default: <run_dir>/eval_<tag>.json)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the report (PNGs + report.html) here")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples for the 95%% percentile bootstrap intervals of every metric and mean, "
+                        "each class resampled within each generator (default: 1000; 0: no intervals)")  # fmt: skip
+    p.add_argument("--bootstrap-seed", type=int, default=0, metavar="SEED", help="seed of those resamples (default: 0)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("report", help="plots and a self-contained HTML page from one or more `eval` results")
@@ -190,9 +194,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ds_trainer.bootstrap import MAX_RESAMPLES
     from ds_trainer.config import build_config, load_config
+    from ds_trainer.errors import ConfigError
     from ds_trainer.run import run_evaluation
 
+    if not 0 <= args.bootstrap <= MAX_RESAMPLES:
+        raise ConfigError(
+            f"--bootstrap {args.bootstrap}: give a number of resamples from 0 (no intervals) to {MAX_RESAMPLES:,} "
+            "(1000 is plenty for 95 % intervals)"
+        )
+    if args.bootstrap_seed < 0:
+        raise ConfigError(f"--bootstrap-seed {args.bootstrap_seed}: a seed is a whole number from 0")
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
     else:
@@ -201,7 +214,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # The run's own data and run_dir: `eval --load-dir X` scores what that run validated on.
         source = resolve_source(args.load_dir, args.tag)
         cfg = build_config(source.config, args.overrides, source=f"the config saved in {source.tag_dir}")
-    run_evaluation(cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug, report_dir=args.report)
+    run_evaluation(cfg, args.load_dir, tag=args.tag, out=args.out, debug=args.debug, report_dir=args.report,
+                   bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed)  # fmt: skip
     return 0
 
 

@@ -110,8 +110,12 @@ def run_evaluation(
     out: str | Path | None = None,
     debug: bool = False,
     report_dir: str | Path | None = None,
+    bootstrap: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
-    """The benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and their mean.
+    """The benchmark protocol on a checkpoint: per generator acc, real/fake acc, AP, AUC and the
+    metrics beyond accuracy (`detection_metrics`), their means over all generators and over those the
+    checkpoint was not trained on, and (`bootstrap` resamples, 0 = none) their 95 % intervals.
 
     The model is rebuilt from the checkpoint's own config and its consolidated fp32 weights (any
     ZeRO stage, any world size the checkpoint was saved with); the data comes from `cfg`
@@ -134,6 +138,7 @@ def run_evaluation(
     _check_image_size(cfg, model)
     _, val_loader = _loaders(cfg, env, train=False)
     trainer = Trainer(model, None, val_loader, config=cfg)
+    trainer.trained_generators = trained = _trained_generators(source.config)
     metrics = trainer.evaluate()
     result = {
         "checkpoint": str(source.tag_dir), "epoch": source.meta.epoch, "global_step": source.meta.global_step,
@@ -142,23 +147,50 @@ def run_evaluation(
         "split": cfg.data.val_split, "samples": metrics["val_samples"], "bad_samples": metrics["val_bad_samples"],
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
-        "config": source.config,
+        "config": source.config, "trained_generators": trained,
     }  # fmt: skip
     if env.is_main:
         from ds_trainer.provenance import provenance
 
         result["provenance"] = provenance()
         pred = trainer.last_predictions or {}
+        if result["generators"] and bootstrap:
+            from ds_trainer.bootstrap import bootstrap_intervals, describe
+
+            result["bootstrap"] = describe(bootstrap, bootstrap_seed)
+            result["ci"] = bootstrap_intervals(pred["score"], pred["label"], pred["generator"], resamples=bootstrap,
+                                               seed=bootstrap_seed, trained=trained)  # fmt: skip
         result["predictions"] = predictions_block(pred["score"], pred["label"], pred["generator"], pred.get("key"))
         path = Path(out) if out is not None else Path(cfg.logging.run_dir) / f"eval_{source.tag_dir.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(_eval_json(_json_safe(result)))
         if result["generators"]:
-            console().info("%s", format_protocol_table(result["generators"]))
+            console().info("%s", format_protocol_table(result["generators"], result.get("ci")))
+            if "ci" in result:
+                console().info("[low, high]: 95 %% percentile bootstrap interval, %d resamples, seed %d", bootstrap,
+                               bootstrap_seed)  # fmt: skip
         console().info("%d samples of split %s; written to %s", result["samples"], result["split"], path)
         if report_dir is not None:
             _write_report(cfg, path, report_dir)
     return result
+
+
+def _trained_generators(config: dict[str, Any]) -> list[str] | None:
+    """What a checkpoint's run trained on, from its saved config: `data.train_generators`, else every
+    generator of its training split in its shard set (None when that set cannot be read here)."""
+    from ds_trainer.data.manifest import load_manifest
+    from ds_trainer.errors import DsTrainerError
+    from ds_trainer.evaluation import trained_generators
+
+    data, model = config.get("data") or {}, config.get("model") or {}
+    mode, listed = model.get("mode", "fine-tune"), data.get("train_generators")
+    if mode == "zero-shot" or listed is not None:
+        return trained_generators(mode, listed, None)
+    try:
+        shards = load_manifest(data.get("shards", "data_shards/demo")).select(data.get("train_split", "train"))
+    except DsTrainerError:
+        return None
+    return sorted({s.generator for s in shards})
 
 
 def _write_report(cfg: Config, eval_path: Path, report_dir: str | Path) -> None:
@@ -188,6 +220,8 @@ def _json_safe(value: Any) -> Any:
     """NaN (e.g. the AUC of a one-class generator) is not JSON: write null."""
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):  # a bootstrap interval [low, high]
+        return [_json_safe(v) for v in value]
     if isinstance(value, float) and value != value:
         return None
     return value

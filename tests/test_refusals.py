@@ -377,6 +377,20 @@ CASES = [
         r"no such file",
         lambda tmp, shards: ["report", "--eval", str(tmp / "none.json"), "--out", str(tmp / "rep")],
     ),
+    Case(
+        "eval-bootstrap-negative",
+        "ds-trainer eval --bootstrap with a negative number of resamples",
+        2,
+        r"--bootstrap -5: give a number of resamples from 0",
+        lambda tmp, shards: ["eval", "--load-dir", str(tmp / "ckpt"), "--bootstrap", "-5"],
+    ),
+    Case(
+        "eval-bootstrap-absurd",
+        "ds-trainer eval --bootstrap with more resamples than intervals need",
+        2,
+        r"--bootstrap 10000000: .* to 100,000",
+        lambda tmp, shards: ["eval", "--load-dir", str(tmp / "ckpt"), "--bootstrap", "10000000"],
+    ),
 ]
 
 RESULTS: dict[str, tuple[int, str]] = {}
