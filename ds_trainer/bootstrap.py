@@ -164,7 +164,9 @@ def _mean_of_draws(draws: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         stack = np.vstack([d[k] for d in draws])
         finite = ~np.isnan(stack)
         n = finite.sum(axis=0)
-        out[k] = np.divide(np.where(finite, stack, 0.0).sum(axis=0), n, out=np.full(stack.shape[1], np.nan), where=n > 0)
+        out[k] = np.divide(
+            np.where(finite, stack, 0.0).sum(axis=0), n, out=np.full(stack.shape[1], np.nan), where=n > 0
+        )
     return out
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ds_trainer.errors import ConfigError, DataError
 from ds_trainer import metrics
+from ds_trainer.errors import ConfigError, DataError
 
 # the table's rows that are not generators, named here for the report's modules
 MEAN, MEAN_UNSEEN, MEAN_ROWS = metrics.MEAN, metrics.MEAN_UNSEEN, metrics.MEAN_ROWS

@@ -119,7 +119,9 @@ def unseen_generators(names: Collection[str], trained: Collection[str] | None) -
     return unseen or None
 
 
-def add_means(table: dict[str, dict[str, float]], trained: Collection[str] | None = None) -> dict[str, dict[str, float]]:
+def add_means(
+    table: dict[str, dict[str, float]], trained: Collection[str] | None = None
+) -> dict[str, dict[str, float]]:
     """`table` (generator -> metrics) with its MEAN (and MEAN_UNSEEN) rows, computed from its cells."""
     cells = {g: row for g, row in table.items() if g not in MEAN_ROWS}
     if not cells:

@@ -48,7 +48,6 @@ from ds_trainer.eval_results import (
     load_eval,
     predictions_block,
     tell_apart,
-    union_generators,
 )
 from ds_trainer.metrics import ALL_METRICS, PROTOCOL_METRICS
 from ds_trainer.report_figures import (
@@ -62,8 +61,8 @@ from ds_trainer.report_figures import (
     score_figure,
     training_figure,
 )
-from ds_trainer.report_uncertainty import reliability_figure, table_rows
 from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes, find_samples
+from ds_trainer.report_uncertainty import reliability_figure, table_rows
 
 __all__ = [
     "MEAN",
@@ -322,7 +321,9 @@ def provenance_html(runs: Sequence[EvalRun]) -> str:
 def metrics_table_html(runs: Sequence[EvalRun]) -> str:
     e = html.escape
     multi = len(runs) > 1
-    keys = [k for k in ALL_METRICS if k in PROTOCOL_METRICS or any(k in row for r in runs for row in r.table().values())]
+    keys = [
+        k for k in ALL_METRICS if k in PROTOCOL_METRICS or any(k in row for r in runs for row in r.table().values())
+    ]
     head = "<tr><th>generator</th>" + ("<th class='run'>run</th>" if multi else "")
     head += "".join(f"<th>{e(METRIC_LABELS[k])}</th>" for k in keys) + "<th>images</th></tr>"
     rows = [f"<table id='metrics'>{head}"]

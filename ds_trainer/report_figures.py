@@ -351,7 +351,9 @@ def training_figure(runs: Sequence[EvalRun]):
 
 def _curve_generators(runs: Sequence[EvalRun]) -> list[str]:
     """Generators named in any run's val_generators rows, sorted, without the mean."""
-    return sorted({g for run in runs for r in run.curves for g in (r.get("val_generators") or {}) if g not in MEAN_ROWS})
+    return sorted(
+        {g for run in runs for r in run.curves for g in (r.get("val_generators") or {}) if g not in MEAN_ROWS}
+    )
 
 
 def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, Any]:

@@ -31,7 +31,14 @@ from ds_trainer.bootstrap import (
     weighted_metrics,
 )
 from ds_trainer.detection_metrics import ECE_BINS, EXTRA_METRICS, FPR_POINTS
-from ds_trainer.metrics import ALL_METRICS, MEAN, MEAN_UNSEEN, binary_metrics, format_protocol_table, per_generator_metrics
+from ds_trainer.metrics import (
+    ALL_METRICS,
+    MEAN,
+    MEAN_UNSEEN,
+    binary_metrics,
+    format_protocol_table,
+    per_generator_metrics,
+)
 
 
 def score_sets() -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import re
 import shutil
@@ -237,7 +238,9 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     assert len(re.findall(r"<tr>\s*<td>(adm|biggan|midjourney)</td>", dom.stdout)) == 6
     assert len(re.findall(r'<tr class="mean">', dom.stdout)) == 2
     # run a's unseen-generators mean and its intervals (every metric of every row of it), rendered
-    assert len(re.findall(r'<tr class="mean unseen">\s*<td>mean_unseen</td>\s*<td class="run">full</td>', dom.stdout)) == 1
+    assert (
+        len(re.findall(r'<tr class="mean unseen">\s*<td>mean_unseen</td>\s*<td class="run">full</td>', dom.stdout)) == 1
+    )
     assert len(re.findall(r'<small class="ci">\[[\d.]+, [\d.]+\]</small>', dom.stdout)) >= 5 * 11
 
     shot = tmp_path / "page.png"
@@ -577,7 +580,7 @@ def test_the_reliability_diagram_plots_the_ece_bins_of_each_generator(tmp_path):
             s, y = run.scores[run.generators == g], run.labels[run.generators == g]
             edges = np.linspace(0, 1, 16)
             want = [(s[(s >= lo) & (s < hi)].mean(), y[(s >= lo) & (s < hi)].mean())
-                    for lo, hi in zip(edges[:-1], edges[1:]) if ((s >= lo) & (s < hi)).any()]  # fmt: skip
+                    for lo, hi in itertools.pairwise(edges) if ((s >= lo) & (s < hi)).any()]  # fmt: skip
             x, share = line.get_data()
             assert np.c_[x, share].ravel().tolist() == pytest.approx(np.ravel(want).tolist())
     finally:
