@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import TextIO
 
 from ds_trainer.child_processes import Terminated
+from ds_trainer.cli_eval import add_eval_parser, cmd_eval
 from ds_trainer.errors import DsTrainerError, PeerLostError, Preempted, first_line
 from ds_trainer.launcher import LAUNCHED_ENV
 from ds_trainer.sinks.logs import for_console, route_deepspeed_logs
@@ -29,23 +30,6 @@ def _add_config_args(
     )  # fmt: skip
 
 
-def _add_track_args(p: argparse.ArgumentParser) -> None:
-    """eval's tables beside the clean one (ds_trainer/eval_tracks.py); checked before anything loads."""
-    # fmt: off
-    p.add_argument("--perturb", action="append", default=[], metavar="KIND:LEVELS",
-                   help="also score the val set degraded, both classes alike, a table per level (repeatable): "
-                        "jpeg:95,75,50,30 (quality), blur:1,3,5 (sigma px), resize:112,64 (shortest side px), "
-                        "downscale:0.5,0.25 (factor), or genimage-degraded (resize 112,64, jpeg 65,30, blur 3,5)")
-    p.add_argument("--align-jpeg", default=None, metavar="Q",
-                   help="debiased track: also score with the images re-encoded as JPEG at quality Q (e.g. 96)")
-    p.add_argument("--align-classes", default=None, choices=["both", "fakes"],
-                   help="which classes --align-jpeg re-encodes (default both; fakes: the AI-generated only)")
-    p.add_argument("--size-matched", action="store_true",
-                   help="debiased track: also score only the reals whose width and height lie within their "
-                        "generator's fakes' min..max width and height (and all the fakes)")
-    # fmt: on
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ds-trainer", description="DeepSpeed trainer for AI-generated image detectors"
@@ -59,30 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher appends --local_rank=N to the script's arguments.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    p = sub.add_parser(
-        "eval", help="the benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and the mean"
-    )
-    _add_config_args(
-        p, required=False,
-        what="YAML run config for what to score: data.shards, data.val_split, data.eval_generators, and run_dir "
-             "for the default --out (default: the config saved in the checkpoint). The model always comes from "
-             "the checkpoint",
-    )  # fmt: skip
-    p.add_argument("--load-dir", required=True, help="checkpoint directory or tag directory")
-    p.add_argument("--tag", default=None,
-                   help="tag inside --load-dir, e.g. best or epoch_3 (default: the tag the directory's `latest` file "
-                        "names, i.e. the last save; if that one is incomplete, the newest complete tag)")  # fmt: skip
-    p.add_argument("--out", default=None, help="JSON output (default: <run_dir>/eval_<tag>.json)")
-    p.add_argument("--report", default=None, metavar="DIR", help="also write the report (PNGs + report.html) here")
-    p.add_argument("--shards", dest="datasets", action="append", default=[], metavar="[NAME=]PATH[:SPLIT]",
-                   help="score this shard set instead of data.shards, all its generators, on SPLIT (default "
-                        "data.val_split); repeat for a cross-dataset table (a row per set and generator, each set's "
-                        "mean, the mean over sets); NAME defaults to the directory's name")  # fmt: skip
-    p.add_argument("--eval-crops", default=None, metavar="K",
-                   help="with data.crop native: score each image by the mean logits of K crops at its native "
-                        "resolution: 1 centre, 5 corners + centre, 10 those mirrored too (= --set data.eval_crops=K)")  # fmt: skip
-    _add_track_args(p)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_eval_parser(sub, _add_config_args)
 
     p = sub.add_parser("report", help="plots and a self-contained HTML page from one or more `eval` results")
     p.add_argument(
@@ -226,40 +187,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from ds_trainer.config import build_config, load_config
-    from ds_trainer.eval_tracks import tracks_from_args
-    from ds_trainer.run import run_evaluation
-
-    tracks = tracks_from_args(args.perturb, args.align_jpeg, args.align_classes, args.size_matched)
-    # last, so the flag wins over a --set of the same key; validated with the rest of the config
-    overrides = [*args.overrides, *([f"data.eval_crops={args.eval_crops}"] if args.eval_crops is not None else [])]
-    if args.config is not None:
-        cfg = load_config(args.config, overrides)
-    else:
-        from ds_trainer.consolidate import resolve_source
-
-        # The run's own data and run_dir: `eval --load-dir X` scores what that run validated on.
-        source = resolve_source(args.load_dir, args.tag)
-        cfg = build_config(source.config, overrides, source=f"the config saved in {source.tag_dir}")
-    datasets = None
-    if args.datasets:
-        from ds_trainer.eval_datasets import parse_datasets
-
-        datasets = parse_datasets(args.datasets, cfg.data.val_split)
-    run_evaluation(
-        cfg,
-        args.load_dir,
-        tag=args.tag,
-        out=args.out,
-        debug=args.debug,
-        report_dir=args.report,
-        tracks=tracks,
-        datasets=datasets,
-    )
-    return 0
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     from ds_trainer import report
     from ds_trainer.errors import ConfigError
@@ -374,7 +301,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"train": _cmd_train, "ds-config": _cmd_ds_config, "shard": _cmd_shard, "demo-data": _cmd_demo_data}
-_COMMANDS.update({"export": _cmd_export, "predict": _cmd_predict, "eval": _cmd_eval, "report": _cmd_report})
+_COMMANDS.update({"export": _cmd_export, "predict": _cmd_predict, "eval": cmd_eval, "report": _cmd_report})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

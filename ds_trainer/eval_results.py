@@ -12,10 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from ds_trainer import metrics
 from ds_trainer.errors import ConfigError, DataError
 
-MEAN = "mean"
-METRIC_LABELS = {"acc": "accuracy", "real_acc": "real accuracy", "fake_acc": "fake accuracy", "ap": "AP", "auc": "AUC"}
+# the table's rows that are not generators, named here for the report's modules
+MEAN, MEAN_UNSEEN, MEAN_ROWS = metrics.MEAN, metrics.MEAN_UNSEEN, metrics.MEAN_ROWS
+
+METRIC_LABELS = {"acc": "accuracy", "real_acc": "real accuracy", "fake_acc": "fake accuracy", "ap": "AP", "auc": "AUC",
+                 "bal_acc": "balanced accuracy", "eer": "EER", "tpr_at_fpr_1pct": "TPR at FPR 1%",
+                 "tpr_at_fpr_5pct": "TPR at FPR 5%", "ece": "ECE", "nll": "NLL"}  # fmt: skip
 
 
 @dataclass
@@ -42,6 +47,11 @@ class EvalRun:
         """Per-generator protocol metrics and their mean, as `ds-trainer eval` computed them."""
         table = self.result.get("generators") or {}
         return {g: {k: _num(v) for k, v in row.items()} for g, row in table.items()}
+
+    def intervals(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """row -> metric -> (low, high) of `ds-trainer eval --bootstrap`; empty without them."""
+        ci = self.result.get("ci") or {}
+        return {g: {k: (_num(v[0]), _num(v[1])) for k, v in row.items()} for g, row in ci.items()}
 
 
 def _num(value: Any) -> float:

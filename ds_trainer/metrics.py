@@ -7,11 +7,13 @@ validation set; everything here works on the gathered whole.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ds_trainer.detection_metrics import EXTRA_METRICS, extra_metrics
 
 
 def ai_scores(outputs: torch.Tensor) -> torch.Tensor:
@@ -25,12 +27,12 @@ def ai_scores(outputs: torch.Tensor) -> torch.Tensor:
 def binary_metrics(
     scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, threshold: float = 0.5
 ) -> dict[str, float]:
-    """acc, real/fake acc, ROC AUC and AP (NaN where a class is missing, e.g. a one-class batch)."""
+    """acc, real/fake acc, ROC AUC and AP, and EXTRA_METRICS (balanced accuracy, EER, TPR at FPR
+    1 % and 5 %, ECE, NLL; see detection_metrics); NaN where a class is missing (a one-class batch)."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if s.size == 0:
-        nan = math.nan
-        return {"acc": nan, "real_acc": nan, "fake_acc": nan, "auc": nan, "ap": nan}
+        return dict.fromkeys(ALL_METRICS, math.nan)
     # Imported here, not at module level: scikit-learn costs ~1 s of every launch's time to first step.
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -43,6 +45,7 @@ def binary_metrics(
         "fake_acc": float((pred[fake] == 1).mean()) if fake.any() else math.nan,
         "auc": float(roc_auc_score(y, s)) if both else math.nan,
         "ap": float(average_precision_score(y, s)) if both else math.nan,
+        **extra_metrics(s, y, pred),
     }
 
 
@@ -72,6 +75,11 @@ def all_reduce_max_int(value: int, device: torch.device) -> int:
 
 # The five numbers GenImage, UnivFD and NPR report per generator, in table order.
 PROTOCOL_METRICS = ("acc", "real_acc", "fake_acc", "ap", "auc")
+ALL_METRICS = (*PROTOCOL_METRICS, *EXTRA_METRICS)
+# The table's rows besides the generators: the unweighted mean over all of them, and over those the
+# model was not trained on (present only when the trained ones are known and some are not among them).
+MEAN, MEAN_UNSEEN = "mean", "mean_unseen"
+MEAN_ROWS = (MEAN, MEAN_UNSEEN)
 
 
 def gather_objects(items: list) -> list:
@@ -84,20 +92,51 @@ def gather_objects(items: list) -> list:
 
 
 def per_generator_metrics(
-    scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, generators: Sequence[str]
+    scores: Sequence[float] | np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    generators: Sequence[str],
+    trained: Collection[str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """The benchmark protocol's table: each generator's val split on its own, then the unweighted mean.
+    """The benchmark protocol's table: each generator's val split on its own, then the unweighted
+    means over all generators and over those not in `trained` (None: not known, no unseen mean).
 
     Each GenImage generator folder holds its own real images, so a generator's real accuracy
-    and AUC are computed against the reals that ship with it. The mean is over generators, not
-    samples, as the papers report it (a big generator must not dominate).
+    and AUC are computed against the reals that ship with it. The means are over generators, not
+    samples, as the papers report them (a big generator must not dominate), and always from the
+    cells (never pooled).
     """
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     g = np.asarray(generators)
     table = {name: binary_metrics(s[g == name], y[g == name]) for name in sorted(set(g.tolist()))}
-    if table:
-        table["mean"] = {k: _mean_ignoring_nan([row[k] for row in table.values()]) for k in PROTOCOL_METRICS}
-    return table
+    return add_means(table, trained)
+
+
+def unseen_generators(names: Collection[str], trained: Collection[str] | None) -> list[str] | None:
+    """The generators of `names` not in `trained`, sorted; None when there are none or `trained` is unknown."""
+    if trained is None:
+        return None
+    unseen = sorted(n for n in names if n not in set(trained) and n not in MEAN_ROWS)
+    return unseen or None
+
+
+def add_means(
+    table: dict[str, dict[str, float]], trained: Collection[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """`table` (generator -> metrics) with its MEAN (and MEAN_UNSEEN) rows, computed from its cells."""
+    cells = {g: row for g, row in table.items() if g not in MEAN_ROWS}
+    if not cells:
+        return dict(cells)
+    out = dict(cells)
+    out[MEAN] = mean_of_cells(cells.values())
+    unseen = unseen_generators(cells, trained)
+    if unseen:
+        out[MEAN_UNSEEN] = mean_of_cells([cells[g] for g in unseen])
+    return out
+
+
+def mean_of_cells(rows: Collection[Mapping[str, float]]) -> dict[str, float]:
+    keys = [k for k in ALL_METRICS if all(k in row for row in rows)]
+    return {k: _mean_ignoring_nan([row[k] for row in rows]) for k in keys}
 
 
 def _mean_ignoring_nan(values: list[float]) -> float:
@@ -105,14 +144,42 @@ def _mean_ignoring_nan(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def format_protocol_table(table: dict[str, dict[str, float]]) -> str:
-    """Fixed-width text table, percentages with one decimal, as the papers print them."""
+# Printed column heads of EXTRA_METRICS (the JSON keys are longer)
+_HEADS = {"tpr_at_fpr_1pct": "tpr@fpr1%", "tpr_at_fpr_5pct": "tpr@fpr5%"}
+
+
+def format_protocol_table(
+    table: dict[str, dict[str, float]], ci: Mapping[str, Mapping[str, Sequence[float | None]]] | None = None
+) -> str:
+    """Fixed-width text tables, percentages with one decimal as the papers print them (NLL in
+    nats): GenImage's five numbers, then the metrics beyond accuracy; with `ci` (row -> metric ->
+    [low, high]), each cell is followed by its interval."""
+    blocks = [_text_table(table, PROTOCOL_METRICS, ci)]
+    if any(k in row for row in table.values() for k in EXTRA_METRICS):
+        blocks.append(_text_table(table, EXTRA_METRICS, ci))
+    return "\n\n".join(blocks)
+
+
+def _text_table(table: Mapping[str, Mapping[str, float]], keys: Sequence[str], ci: Mapping | None) -> str:
     width = max([len(name) for name in table] + [9])
-    head = f"{'generator':<{width}}  " + "  ".join(f"{k:>8}" for k in PROTOCOL_METRICS)
+    cells = {name: [_cell(row.get(k, math.nan), k, ((ci or {}).get(name) or {}).get(k)) for k in keys]
+             for name, row in table.items()}  # fmt: skip
+    col = max([8, *(len(c) for row in cells.values() for c in row)])
+    head = f"{'generator':<{width}}  " + "  ".join(f"{_HEADS.get(k, k):>{col}}" for k in keys)
     lines = [head, "-" * len(head)]
-    for name, row in table.items():
-        if name == "mean":
+    for name, row in cells.items():
+        if name == MEAN:
             lines.append("-" * len(head))
-        cells = "  ".join(f"{100 * row[k]:8.1f}" if not math.isnan(row[k]) else f"{'n/a':>8}" for k in PROTOCOL_METRICS)
-        lines.append(f"{name:<{width}}  {cells}")
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>{col}}" for c in row))
     return "\n".join(lines)
+
+
+def _cell(value: float, key: str, interval: Sequence[float | None] | None) -> str:
+    def num(v: float | None) -> str:
+        if v is None or math.isnan(v):
+            return "n/a"
+        return f"{v:.3f}" if key == "nll" else f"{100 * v:.1f}"
+
+    if interval is None:
+        return num(value)
+    return f"{num(value)} [{num(interval[0])}, {num(interval[1])}]"

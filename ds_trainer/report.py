@@ -7,13 +7,16 @@ LoRA) and, optionally, the runs' `metrics.jsonl`/`steps.jsonl` into:
 - `roc.png`: ROC curves per generator plus the mean, AUC in the legend;
 - `pr.png`: precision-recall curves per generator, AP in the legend;
 - `scores.png`: histograms of P(AI) for real and fake images per generator, the threshold marked;
-- `accuracy.png`: accuracy, real accuracy and fake accuracy per generator, with the mean;
+- `accuracy.png`: accuracy, real accuracy and fake accuracy per generator, with the means and,
+  when `ds-trainer eval` computed them, 95 % bootstrap intervals as error bars;
 - `confusion.png`: the confusion matrix at the threshold;
 - `robustness.png` (eval with `--perturb`): accuracy and AUC against the degradation level, a
   panel per kind, per generator and the mean; the page adds the per-level tables and, with
   `--align-jpeg` / `--size-matched`, each debiased track's own table (`ds_trainer.report_robustness`);
 - a cross-dataset table (eval with several `--shards`): a row per shard set and generator, each
   set's mean and the mean over sets (`ds_trainer.report_datasets`);
+- `calibration.png`: reliability diagram per run (share of AI images against mean P(AI) in the
+  ECE's 15 bins, per generator);
 - `training.png`: losses (per logged step too), accuracy, val AUC overall and per generator, LR
   and samples/s against steps (when runs are given);
 - `report.html`: all of it with the metrics table, the most confident mistakes per generator (key,
@@ -37,20 +40,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ds_trainer.errors import ConfigError
 from ds_trainer.eval_results import (
     MEAN,
+    MEAN_UNSEEN,
     METRIC_LABELS,
     EvalRun,
     attach_run,
     load_eval,
     predictions_block,
     tell_apart,
-    union_generators,
 )
-from ds_trainer.metrics import PROTOCOL_METRICS
+from ds_trainer.metrics import ALL_METRICS, PROTOCOL_METRICS
 from ds_trainer.report_datasets import datasets_html, find_run_samples
 from ds_trainer.report_figures import (
     accuracy_figure,
@@ -66,6 +70,7 @@ from ds_trainer.report_figures import (
 )
 from ds_trainer.report_robustness import debiased_html, robustness_html
 from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes
+from ds_trainer.report_uncertainty import reliability_figure, table_rows
 
 __all__ = [
     "MEAN",
@@ -86,6 +91,7 @@ __all__ = [
     "pr_figure",
     "predictions_block",
     "provenance_html",
+    "reliability_figure",
     "render_html",
     "roc_figure",
     "score_figure",
@@ -148,6 +154,7 @@ FIGURE_TITLES = {
     "accuracy": "Accuracy per generator",
     "confusion": "Confusion matrix",
     "robustness": "Robustness: accuracy and AUC against the degradation level",
+    "calibration": "Calibration: reliability diagram",
     "training": "Training curves",
 }
 
@@ -159,7 +166,8 @@ table{border-collapse:collapse;font-size:.9rem}th,td{padding:.25rem .6rem;border
 th:first-child,td:first-child,th.run,td.run{text-align:left}tr.mean td{font-weight:600;border-top:2px solid #999}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:.8rem;
 overflow:auto;font-size:.8rem}.muted{color:#777}table.mistakes td{vertical-align:middle}
-table.mistakes td:first-child{vertical-align:top}img.thumb{max-width:112px;max-height:112px;display:block}
+table.mistakes td:first-child{vertical-align:top}small.ci{color:#777;white-space:nowrap}
+tr.unseen td{border-top:1px solid #ccc}img.thumb{max-width:112px;max-height:112px;display:block}
 """
 
 # Records, in the DOM, which embedded images decoded (the browser test reads it back).
@@ -203,8 +211,12 @@ def render_html(
     parts.append("</table>")
     parts.append(provenance_html(runs))
     parts.append(
-        f"<h2>Metrics per generator</h2><p class='muted'>threshold {threshold:g} on P(AI-generated); "
-        "the mean is the unweighted mean over generators (the GenImage protocol).</p>"
+        "<h2>Metrics per generator</h2><p class='muted'>Accuracies at P(AI-generated) &ge; 0.5, as "
+        "<code>ds-trainer eval</code> computed them; the mean is the unweighted mean of the generators' cells "
+        "(the GenImage protocol), <code>mean_unseen</code> the same over the generators the checkpoint was not "
+        "trained on. EER, ECE and NLL: lower is better. ECE over 15 equal-width bins of P(AI); NLL in nats. "
+        "Under a value, its 95&nbsp;% percentile bootstrap interval (each class resampled within each "
+        "generator) when the eval computed them.</p>"
     )
     parts.append(metrics_table_html(runs))
     parts.append(datasets_html(runs))
@@ -322,20 +334,26 @@ def provenance_html(runs: Sequence[EvalRun]) -> str:
 def metrics_table_html(runs: Sequence[EvalRun]) -> str:
     e = html.escape
     multi = len(runs) > 1
+    keys = [
+        k for k in ALL_METRICS if k in PROTOCOL_METRICS or any(k in row for r in runs for row in r.table().values())
+    ]
     head = "<tr><th>generator</th>" + ("<th class='run'>run</th>" if multi else "")
-    head += "".join(f"<th>{e(METRIC_LABELS[k])}</th>" for k in PROTOCOL_METRICS) + "<th>images</th></tr>"
+    head += "".join(f"<th>{e(METRIC_LABELS[k])}</th>" for k in keys) + "<th>images</th></tr>"
     rows = [f"<table id='metrics'>{head}"]
-    for g in [*union_generators(runs), MEAN]:
+    for g in table_rows(runs):
         for run in runs:
             metrics = run.table().get(g)
             if metrics is None:
                 continue
-            n = int((run.generators == g).sum()) if g != MEAN else len(run.scores)
-            cells = "".join(
-                f"<td>{'n/a' if math.isnan(metrics.get(k, math.nan)) else f'{100 * metrics[k]:.1f}'}</td>"
-                for k in PROTOCOL_METRICS
-            )
-            cls = " class='mean'" if g == MEAN else ""
+            ci = run.intervals().get(g, {})
+            if g == MEAN:
+                n = len(run.scores)
+            elif g == MEAN_UNSEEN:
+                n = int(np.isin(run.generators, (run.result.get("trained_generators") or []), invert=True).sum())
+            else:
+                n = int((run.generators == g).sum())
+            cells = "".join(f"<td>{_value(metrics.get(k, math.nan), k)}{_interval(ci.get(k), k)}</td>" for k in keys)
+            cls = {MEAN: " class='mean'", MEAN_UNSEEN: " class='mean unseen'"}.get(g, "")
             rows.append(
                 f"<tr{cls}><td>{e(g)}</td>"
                 + (f"<td class='run'>{e(run.name)}</td>" if multi else "")
@@ -343,6 +361,18 @@ def metrics_table_html(runs: Sequence[EvalRun]) -> str:
             )
     rows.append("</table>")
     return "".join(rows)
+
+
+def _value(v: float, key: str) -> str:
+    if math.isnan(v):
+        return "n/a"
+    return f"{v:.3f}" if key == "nll" else f"{100 * v:.1f}"
+
+
+def _interval(ci: tuple[float, float] | None, key: str) -> str:
+    if ci is None or math.isnan(ci[0]):
+        return ""
+    return f"<br><small class='ci'>[{_value(ci[0], key)}, {_value(ci[1], key)}]</small>"
 
 
 def log_to_tensorboard(

@@ -1,4 +1,5 @@
-"""The report's matplotlib figures: ROC, precision-recall, score histograms, accuracy bars, confusion matrix, training curves."""
+"""The report's matplotlib figures: ROC, precision-recall, score histograms, accuracy bars (with
+bootstrap error bars), confusion matrix, reliability diagram (report_uncertainty), training curves."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ds_trainer.eval_results import MEAN, METRIC_LABELS, EvalRun, union_generators
+from ds_trainer.eval_results import MEAN, MEAN_ROWS, MEAN_UNSEEN, METRIC_LABELS, EvalRun, union_generators
 from ds_trainer.report_robustness import has_robustness, robustness_figure
+from ds_trainer.report_uncertainty import error_bars, reliability_figure, table_rows
 
 
 def pyplot() -> Any:
@@ -179,8 +181,9 @@ def score_figure(runs: Sequence[EvalRun], threshold: float = 0.5):
 
 
 def accuracy_figure(runs: Sequence[EvalRun]):
-    """Accuracy, real accuracy and fake accuracy per generator and their mean; a bar per run."""
-    gens = [*union_generators(runs), MEAN]
+    """Accuracy, real accuracy and fake accuracy per generator and their means; a bar per run, with
+    its 95 % bootstrap interval as an error bar when the eval computed them."""
+    gens = table_rows(runs)
     fig, axes = _panels(3, width=max(4.5, 0.9 * len(gens) * max(1, len(runs)) ** 0.5 + 2), max_cols=1, height=3.0)
     width = 0.8 / len(runs)
     x = np.arange(len(gens))
@@ -189,13 +192,15 @@ def accuracy_figure(runs: Sequence[EvalRun]):
             table = run.table()
             # percent, as the labels on the bars and the metrics table give them
             values = [100 * table.get(g, {}).get(key, math.nan) for g in gens]
-            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, np.nan_to_num(values), width, label=run.name)
+            yerr = error_bars(run, key, gens, values)
+            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, np.nan_to_num(values), width, label=run.name,
+                          yerr=yerr, error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.2"})  # fmt: skip
             for bar, v in zip(bars, values):
                 if not math.isnan(v):
                     ax.annotate(
                         f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=6
                     )
-        ax.axvline(len(gens) - 1.5, color="0.6", lw=0.8)
+        ax.axvline(len(union_generators(runs)) - 0.5, color="0.6", lw=0.8)  # generators | means
         ax.set(ylim=(0, 112), ylabel=f"{METRIC_LABELS[key]} (%)", xticks=x)
         ax.set_xticklabels(gens, rotation=20, ha="right", fontsize=8)
         if len(runs) > 1:
@@ -327,13 +332,14 @@ def training_figure(runs: Sequence[EvalRun]):
             ]
             if pts:
                 ax.plot(*zip(*pts), color=color, marker="o", ms=3, lw=1.2, label=g)
-        pts = [
-            (r["step"], r["val_generators"][MEAN]["auc"])
-            for r in run.curves
-            if (r.get("val_generators") or {}).get(MEAN, {}).get("auc") is not None
-        ]
-        if pts:
-            ax.plot(*zip(*pts), "k--", marker="s", ms=3, lw=2, label=MEAN)
+        for mean, style in ((MEAN, "k--"), (MEAN_UNSEEN, "k:")):
+            pts = [
+                (r["step"], r["val_generators"][mean]["auc"])
+                for r in run.curves
+                if (r.get("val_generators") or {}).get(mean, {}).get("auc") is not None
+            ]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="s", ms=3, lw=2, label=mean)
         ax.set(title=f"validation AUC per generator: {run.name}")
     ax_acc.set(ylabel="%")
     for ax, title in (
@@ -356,7 +362,9 @@ def training_figure(runs: Sequence[EvalRun]):
 
 def _curve_generators(runs: Sequence[EvalRun]) -> list[str]:
     """Generators named in any run's val_generators rows, sorted, without the mean."""
-    return sorted({g for run in runs for r in run.curves for g in (r.get("val_generators") or {}) if g != MEAN})
+    return sorted(
+        {g for run in runs for r in run.curves for g in (r.get("val_generators") or {}) if g not in MEAN_ROWS}
+    )
 
 
 def build_figures(runs: Sequence[EvalRun], threshold: float = 0.5) -> dict[str, Any]:
@@ -372,6 +380,7 @@ def _build_figures(runs: Sequence[EvalRun], threshold: float) -> dict[str, Any]:
         "scores": score_figure(runs, threshold),
         "accuracy": accuracy_figure(runs),
         "confusion": confusion_figure(runs, threshold),
+        "calibration": reliability_figure(runs),
     }
     if has_robustness(runs):
         figures["robustness"] = robustness_figure(runs)

@@ -132,8 +132,12 @@ def run_evaluation(
     report_dir: str | Path | None = None,
     tracks: EvalTracks | None = None,
     datasets: Sequence[DatasetSpec] | None = None,
+    bootstrap: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
-    """The benchmark protocol on a checkpoint: per-generator acc, real/fake acc, AP, AUC and their mean.
+    """The benchmark protocol on a checkpoint: per generator acc, real/fake acc, AP, AUC and the
+    metrics beyond accuracy (`detection_metrics`), their means over all generators and over those the
+    checkpoint was not trained on, and (`bootstrap` resamples, 0 = none) their 95 % intervals.
 
     The model is rebuilt from the checkpoint's own config and its consolidated fp32 weights (any
     ZeRO stage, any world size the checkpoint was saved with); the data comes from `cfg`
@@ -166,6 +170,7 @@ def run_evaluation(
         cfg = _for_dataset(cfg, datasets[0])
     _, val_loader = _loaders(cfg, env, train=False)
     trainer = Trainer(model, None, val_loader, config=cfg)
+    trainer.trained_generators = trained = _trained_generators(source.config)
     if len(datasets or ()) > 1:
         rows, preds = score_datasets(datasets, trainer.evaluate, lambda: trainer.last_predictions or {},
                                      lambda spec: _loaders(_for_dataset(cfg, spec), env, train=False)[1])  # fmt: skip
@@ -191,7 +196,7 @@ def run_evaluation(
         "crop": cfg.data.crop, "eval_crops": cfg.data.eval_crops,
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
-        **extra, "config": source.config,
+        **extra, "config": source.config, "trained_generators": trained,
     }  # fmt: skip
     if sets:
         from ds_trainer.eval_datasets import datasets_block
@@ -204,12 +209,21 @@ def run_evaluation(
         from ds_trainer.provenance import provenance
 
         result["provenance"] = provenance()
+        if result["generators"] and bootstrap:
+            from ds_trainer.bootstrap import bootstrap_intervals, describe
+
+            result["bootstrap"] = describe(bootstrap, bootstrap_seed)
+            result["ci"] = bootstrap_intervals(clean["score"], clean["label"], clean["generator"], resamples=bootstrap,
+                                               seed=bootstrap_seed, trained=trained)  # fmt: skip
         result["predictions"] = predictions_block(clean["score"], clean["label"], clean["generator"], clean.get("key"))
         path = Path(out) if out is not None else Path(cfg.logging.run_dir) / f"eval_{source.tag_dir.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(_eval_json(_json_safe(result)))
         if result["generators"]:
-            console().info("%s", format_protocol_table(result["generators"]))
+            console().info("%s", format_protocol_table(result["generators"], result.get("ci")))
+            if "ci" in result:
+                console().info("[low, high]: 95 %% percentile bootstrap interval, %d resamples, seed %d", bootstrap,
+                               bootstrap_seed)  # fmt: skip
         if sets:
             from ds_trainer.eval_datasets import format_datasets
 
@@ -242,6 +256,24 @@ def _pooled(rows: dict[str, Any], preds: dict[str, Any]) -> tuple[dict[str, Any]
     return metrics, clean, rows
 
 
+def _trained_generators(config: dict[str, Any]) -> list[str] | None:
+    """What a checkpoint's run trained on, from its saved config: `data.train_generators`, else every
+    generator of its training split in its shard set (None when that set cannot be read here)."""
+    from ds_trainer.data.manifest import load_manifest
+    from ds_trainer.errors import DsTrainerError
+    from ds_trainer.evaluation import trained_generators
+
+    data, model = config.get("data") or {}, config.get("model") or {}
+    mode, listed = model.get("mode", "fine-tune"), data.get("train_generators")
+    if mode == "zero-shot" or listed is not None:
+        return trained_generators(mode, listed, None)
+    try:
+        shards = load_manifest(data.get("shards", "data_shards/demo")).select(data.get("train_split", "train"))
+    except DsTrainerError:
+        return None
+    return sorted({s.generator for s in shards})
+
+
 def _write_report(cfg: Config, eval_path: Path, report_dir: str | Path) -> None:
     """The report of one eval result, with the training curves of its run when they are there."""
     from ds_trainer import report
@@ -269,6 +301,8 @@ def _json_safe(value: Any) -> Any:
     """NaN (e.g. the AUC of a one-class generator) is not JSON: write null."""
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):  # a bootstrap interval [low, high]
+        return [_json_safe(v) for v in value]
     if isinstance(value, float) and value != value:
         return None
     return value

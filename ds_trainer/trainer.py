@@ -25,7 +25,7 @@ from ds_trainer import engine as engines
 from ds_trainer.config import Config
 from ds_trainer.distributed import DistEnv, init_distributed, torch_device
 from ds_trainer.errors import CheckpointError, ConfigError
-from ds_trainer.evaluation import evaluate
+from ds_trainer.evaluation import evaluate, trained_generators
 from ds_trainer.flops import MfuMeter
 from ds_trainer.hooks import Hook, Hooks, for_training
 from ds_trainer.loop import EpochStart, TrainLoop
@@ -70,6 +70,8 @@ class Trainer:
         self.user_hooks = list(hooks)
         self.history: list[dict[str, Any]] = []
         self.last_predictions: dict[str, Any] | None = None  # the last evaluate()'s per-image scores
+        # what the unseen-generators mean leaves out (None: not known); `ds-trainer eval` sets the checkpoint's
+        self.trained_generators = trained_generators(self.cfg.model.mode, self.cfg.data.train_generators, train_loader)
         self.mfu: MfuMeter | None = None  # logging.mfu: FLOPs per sample (counted at the first step) vs peak
         self._plan = resume.ResumePlan()
         self.plateau: optim.PlateauScale | None = None
@@ -157,7 +159,7 @@ class Trainer:
             raise ConfigError("evaluate(): no val_loader was given")
         result = evaluate(self.engine, loader, epoch=self.epoch, zero_stage=self.settings.zero_stage, dtype=self.input_dtype,
                           loss_fn=self.calculate_loss, image_size=int(getattr(self.model, "image_size", 224)),
-                          max_bad_fraction=self.cfg.data.max_bad_fraction)  # fmt: skip
+                          max_bad_fraction=self.cfg.data.max_bad_fraction, trained=self.trained_generators)  # fmt: skip
         self.last_predictions = result.predictions
         return result.row
 

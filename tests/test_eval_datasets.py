@@ -109,7 +109,14 @@ def test_eval_cli_over_two_shard_sets(tmp_path, tiny_shards, other_shards, monke
         "demo_nearest",
         "mean",
     }
-    assert sets["wild"]["samples"] == 18 and set(sets["wild"]["generators"]) == {"demo_nearest", "wild", "mean"}
+    # the checkpoint trained on the demo generators: `wild` is unseen, so that set has the unseen mean too
+    assert sets["wild"]["samples"] == 18 and set(sets["wild"]["generators"]) == {
+        "demo_nearest",
+        "wild",
+        "mean",
+        "mean_unseen",
+    }
+    assert sets["wild"]["generators"]["mean_unseen"] == sets["wild"]["generators"]["wild"]
     assert sets["wild"]["split"] == "val" and sets["wild"]["shards"] == str(other_shards.resolve())
     # the cells are those of the pooled predictions, by set; the mean over sets from the set means
     pred = result["predictions"]
@@ -134,7 +141,7 @@ def test_eval_cli_over_two_shard_sets(tmp_path, tiny_shards, other_shards, monke
     # the report: the cross-dataset table, and thumbnails found in each set's own shards
     page = (tmp_path / "rep" / "report.html").read_text()
     table = re.search(r"<table class='cross-dataset' id='cross-dataset-0'>(.*?)</table>", page).group(1)
-    assert len(re.findall(r"<tr", table)) == 1 + 3 + 3 + 1
+    assert len(re.findall(r"<tr", table)) == 1 + 3 + 4 + 1  # header, genimage (+mean), wild (+mean, unseen), over sets
     mean_row = re.search(r"<tr class='mean' id='cross-dataset-0-mean'>(.*?)</tr>", table).group(1)
     assert re.findall(r"<td>([^<]*)</td>", mean_row)[:5] == [
         f"{100 * result['datasets']['mean'][k]:.1f}" for k in PROTOCOL_METRICS
@@ -152,6 +159,7 @@ def test_eval_cli_over_two_shard_sets(tmp_path, tiny_shards, other_shards, monke
     assert cli.main([*base, "--out", str(one), "--shards", f"{other_shards}:val", "--size-matched"]) == 0
     single = json.loads(one.read_text())
     assert single["shards"] == str(other_shards.resolve()) and single["samples"] == 18
-    assert set(single["generators"]) == {"demo_nearest", "wild", "mean"} and "size-matched" in single["debiased"]
+    assert set(single["generators"]) == {"demo_nearest", "wild", "mean", "mean_unseen"}
+    assert "size-matched" in single["debiased"]
     assert list(single["datasets"]["sets"]) == ["wild"]
     assert single["datasets"]["mean"] == single["generators"]["mean"]

@@ -30,7 +30,7 @@ from ds_trainer.eval_tracks import (
     size_matched_mask,
     tracks_from_args,
 )
-from ds_trainer.metrics import PROTOCOL_METRICS, per_generator_metrics
+from ds_trainer.metrics import ALL_METRICS, PROTOCOL_METRICS, per_generator_metrics
 
 
 def photo(w: int = 200, h: int = 150, seed: int = 0) -> Image.Image:
@@ -301,7 +301,7 @@ def test_eval_cli_writes_robustness_and_debiased_tables(tmp_path, tiny_shards, m
     for name, block in result["robustness"].items():
         assert block["samples"] == 48 and block["bad_samples"] == 0, name
         assert set(block["generators"]) == {"demo_bicubic", "demo_nearest", "mean"}
-        assert set(block["generators"]["mean"]) == set(PROTOCOL_METRICS)
+        assert set(block["generators"]["mean"]) == set(ALL_METRICS)
         assert f"robustness {name}: " in text
     assert result["robustness"]["blur:4"]["level"] == 4 and result["robustness"]["blur:4"]["kind"] == "blur"
     # blurring the checkerboard away changes the scores

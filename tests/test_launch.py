@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cmd, write_config
 
 from ds_trainer.distributed import SHM_DIR, SHM_PREFIX
+from ds_trainer.metrics import ALL_METRICS
 
 pytestmark = pytest.mark.distributed
 
@@ -124,7 +125,8 @@ def test_two_ranks_each_zero_stage_trains_and_evaluates(tmp_path, tiny_shards, s
         tiny_shards,
         training={"num_epochs": 1, "warmup_epochs": 0},
         deepspeed={"zero_stage": stage},
-        data={"eval_batch_size": 5, "eval_generators": ["demo_nearest"]},
+        # trained on the other generator: the validation rows hold the unseen-generators mean too
+        data={"eval_batch_size": 5, "eval_generators": ["demo_nearest"], "train_generators": ["demo_bicubic"]},
     )  # val shards of 20 and 4
     port = str(free_port())
     out = run_cmd(["./launch.sh", "--config", str(cfg)], DS_TRAINER_CPU_RANKS="2", MASTER_PORT=port)
@@ -132,6 +134,9 @@ def test_two_ranks_each_zero_stage_trains_and_evaluates(tmp_path, tiny_shards, s
     # DeepSpeed's CPU all-reduce buffers (66 MiB of RAM per rank) are gone once the job ends.
     assert sorted(SHM_DIR.glob(f"{SHM_PREFIX}_*_{port}_*")) == []
     (row,) = rows_of(tmp_path / "run")
-    assert row["step"] == 8 and row["val_samples"] == 24
+    assert row["step"] == 4 and row["val_samples"] == 24  # demo_bicubic's 64 train images / (2 ranks x 8)
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"])
+    assert set(row["val_generators"]) == {"demo_nearest", "mean", "mean_unseen"}
+    for k in ALL_METRICS:  # every metric's means, computed from the one (unseen) cell
+        assert row[f"val_mean_{k}"] == row[f"val_mean_unseen_{k}"] == row["val_generators"]["demo_nearest"][k], k
     assert json.loads((tmp_path / "ckpt" / "epoch_1" / "ds_trainer.json").read_text())["zero_stage"] == stage

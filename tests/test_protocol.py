@@ -13,9 +13,10 @@ from conftest import run_cmd, write_config
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ds_trainer import CLIPModel, Trainer
+from ds_trainer.bootstrap import bootstrap_intervals
 from ds_trainer.data import make_shard_loader
 from ds_trainer.errors import DataError
-from ds_trainer.metrics import PROTOCOL_METRICS, format_protocol_table, per_generator_metrics
+from ds_trainer.metrics import ALL_METRICS, PROTOCOL_METRICS, format_protocol_table, per_generator_metrics
 
 
 @pytest.mark.unit
@@ -200,6 +201,12 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
     assert row["val_samples"] == 40 and row["step"] == (128 - 40) // 16
     assert set(row["val_generators"]) == {"demo_bicubic", "demo_nearest", "mean"}
     assert row["train_bad_samples"] == 0
+    # the means of every metric, from the cells; no intervals in validation rows (kept cheap), and no
+    # unseen mean: the holdout comes from the generators it trains on
+    for k in ALL_METRICS:
+        cells = [row["val_generators"][g][k] for g in ("demo_bicubic", "demo_nearest")]
+        assert row[f"val_mean_{k}"] == pytest.approx(np.nanmean([math.nan if c is None else c for c in cells])), k
+    assert not [key for key in row if "unseen" in key or "ci" in key]
 
     out = tmp_path / "eval.json"
     proc = run_cmd(
@@ -223,9 +230,14 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
     assert result["split"] == "val" and result["samples"] == 48 and result["epoch"] == 1
     assert set(result["generators"]) == {"demo_bicubic", "demo_nearest", "mean"}
     for g, metrics in result["generators"].items():
-        assert set(metrics) == set(PROTOCOL_METRICS), g
+        assert set(metrics) == set(ALL_METRICS), g
+    # trained on every generator of the train split (data.train_generators null): none unseen
+    assert result["trained_generators"] == ["demo_bicubic", "demo_nearest"]
+    assert result["bootstrap"]["resamples"] == 1000 and result["bootstrap"]["seed"] == 0
+    assert set(result["ci"]) == {"demo_bicubic", "demo_nearest", "mean"}
     table = proc.stdout
     assert "generator" in table and "demo_nearest" in table and "mean" in table and "auc" in table
+    assert "tpr@fpr5%" in table and "95 % percentile bootstrap interval, 1000 resamples" in proc.stdout + proc.stderr
 
     # Every image's score is in the result, and the table recomputed from them is the same.
     pred = result["predictions"]
@@ -233,15 +245,19 @@ def test_holdout_training_then_ds_trainer_eval_prints_the_protocol_table(tmp_pat
     names = [pred["generators"][i] for i in pred["generator"]]
     again = per_generator_metrics(np.asarray(pred["score"]), np.asarray(pred["label"]), names)
     for g in ("demo_bicubic", "demo_nearest", "mean"):
-        for k in PROTOCOL_METRICS:
+        for k in ALL_METRICS:
             assert again[g][k] == pytest.approx(result["generators"][g][k], abs=1e-4, nan_ok=True), (g, k)
+    redo = bootstrap_intervals(np.asarray(pred["score"]), np.asarray(pred["label"]), names, resamples=1000, seed=0)
+    for g in ("demo_bicubic", "demo_nearest", "mean"):
+        for k in ("auc", "acc", "eer"):  # from the 6-decimal scores of the JSON: nearly the same draws
+            assert result["ci"][g][k] == pytest.approx(redo[g][k], abs=0.02, nan_ok=True), (g, k)
     assert result["config"]["model"]["model_name"] == "tiny"
     assert sorted(pred["key"]) == sorted(shard_labels(tiny_shards, "val"))
     assert result["shards"] == str(tiny_shards.resolve())
     prov = result["provenance"]
     assert set(prov) == {"date", "git_commit", "git_dirty", "versions"} and prov["versions"]["torch"]
     # The report, with the training curves of the run the checkpoint came from.
-    for name in ("roc", "pr", "scores", "accuracy", "confusion", "training", "report"):
+    for name in ("roc", "pr", "scores", "accuracy", "confusion", "calibration", "training", "report"):
         assert (tmp_path / "report" / (name + (".html" if name == "report" else ".png"))).stat().st_size > 1000
     assert "report: " in proc.stdout + proc.stderr
 
@@ -274,13 +290,25 @@ def test_eval_without_config_scores_what_the_run_validated_on(tmp_path, tiny_sha
         tiny_shards,
         training={"num_epochs": 1, "warmup_epochs": 0},
         logging={"tensorboard": False},
+        data={"train_generators": ["demo_bicubic"]},
     )
     assert cli.main(["train", "--config", str(cfg)]) == 0
     cfg.unlink()  # the checkpoint alone is enough
     record = {p.name: p.read_bytes() for p in (tmp_path / "run" / "config.yaml", tmp_path / "run" / "ds_config.json")}
-    assert cli.main(["eval", "--load-dir", str(tmp_path / "ckpt"), "--set", "data.num_workers=0"]) == 0
+    argv = ["eval", "--load-dir", str(tmp_path / "ckpt"), "--set", "data.num_workers=0", "--bootstrap", "200"]
+    assert cli.main([*argv, "--bootstrap-seed", "3"]) == 0
     # The run's record is the training's, not the evaluation's (which changed data.num_workers).
     assert {name: (tmp_path / "run" / name).read_bytes() for name in record} == record
     result = json.loads((tmp_path / "run" / "eval_epoch_1.json").read_text())  # the saved run_dir
     assert result["split"] == "val" and result["samples"] == 48 and result["epoch"] == 1
-    assert set(result["generators"]) == {"demo_bicubic", "demo_nearest", "mean"}
+    # trained on demo_bicubic only: demo_nearest is unseen, and its mean is that cell's values
+    assert set(result["generators"]) == {"demo_bicubic", "demo_nearest", "mean", "mean_unseen"}
+    assert result["trained_generators"] == ["demo_bicubic"]
+    assert result["generators"]["mean_unseen"] == result["generators"]["demo_nearest"]
+    assert result["bootstrap"] == {**result["bootstrap"], "resamples": 200, "seed": 3}
+    assert result["ci"]["mean_unseen"] == result["ci"]["demo_nearest"]
+    # the same seed, the same intervals; without intervals, none written
+    assert cli.main([*argv, "--bootstrap-seed", "3", "--out", "again.json"]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["ci"] == result["ci"]
+    assert cli.main([*argv[:-2], "--bootstrap", "0", "--out", "none.json"]) == 0
+    assert "ci" not in json.loads((tmp_path / "none.json").read_text())

@@ -857,6 +857,20 @@ CASES = [
     Case("eval-crops-flag-resize", "ds-trainer eval --eval-crops 10 on a checkpoint trained with crop resize", 2,
          r"data: eval_crops 10 .* set crop: native",
          lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(tmp, shards)), "--eval-crops", "10"]),
+    Case(
+        "eval-bootstrap-negative",
+        "ds-trainer eval --bootstrap with a negative number of resamples",
+        2,
+        r"--bootstrap -5: give a number of resamples from 0",
+        lambda tmp, shards: ["eval", "--load-dir", str(tmp / "ckpt"), "--bootstrap", "-5"],
+    ),
+    Case(
+        "eval-bootstrap-absurd",
+        "ds-trainer eval --bootstrap with more resamples than intervals need",
+        2,
+        r"--bootstrap 10000000: .* to 100,000",
+        lambda tmp, shards: ["eval", "--load-dir", str(tmp / "ckpt"), "--bootstrap", "10000000"],
+    ),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import re
 import shutil
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 from ds_trainer import cli, report
+from ds_trainer.bootstrap import bootstrap_intervals
 from ds_trainer.errors import DataError
 from ds_trainer.metrics import per_generator_metrics
 from ds_trainer.report_figures import mean_roc
@@ -26,8 +28,11 @@ from ds_trainer.report_figures import mean_roc
 GENERATORS = ("adm", "biggan", "midjourney")
 
 
-def fake_eval(path: Path, shift: float, seed: int = 0, n: int = 60) -> Path:
-    """An eval result as `ds-trainer eval` writes it: the protocol table and every image's score.
+def fake_eval(
+    path: Path, shift: float, seed: int = 0, n: int = 60, trained: tuple[str, ...] | None = None, resamples: int = 0
+) -> Path:
+    """An eval result as `ds-trainer eval` writes it: the protocol table and every image's score
+    (with `trained`, the unseen-generators mean; with `resamples`, the bootstrap intervals).
 
     Real images score around 0.3, generated ones around 0.3 + shift (BigGAN harder: half the shift).
     """
@@ -40,13 +45,15 @@ def fake_eval(path: Path, shift: float, seed: int = 0, n: int = 60) -> Path:
             labels += [label] * n
             gens += [g] * n
     scores, labels = np.asarray(scores), np.asarray(labels)
-    table = per_generator_metrics(scores, labels, gens)
+    table = per_generator_metrics(scores, labels, gens, trained)
     result = {
         "checkpoint": str(path.parent / "ckpt" / "best"), "epoch": 3, "global_step": 24, "split": "val",
         "samples": len(scores), "bad_samples": 0, "generators": table, "overall": {},
         "config": {"model": {"model_name": "tiny", "mode": "fine-tune"}, "training": {"learning_rate": 0.001}},
-        "predictions": report.predictions_block(scores, labels, gens),
+        "predictions": report.predictions_block(scores, labels, gens), "trained_generators": trained,
     }  # fmt: skip
+    if resamples:
+        result["ci"] = bootstrap_intervals(scores, labels, gens, resamples=resamples, trained=trained)
     path.write_text(json.dumps(result))
     return path
 
@@ -81,12 +88,12 @@ def test_one_run_report_has_every_figure_and_the_table(tmp_path, capsys):
     assert cli.main(["report", "--eval", str(ev), "--run", str(run_dir), "--out", str(tmp_path / "rep")]) == 0
     page = tmp_path / "rep" / "report.html"
     assert capsys.readouterr().out.strip() == str(page)
-    for name in ("roc", "pr", "scores", "accuracy", "confusion", "training"):
+    for name in ("roc", "pr", "scores", "accuracy", "confusion", "calibration", "training"):
         w, h = png_size(tmp_path / "rep" / f"{name}.png")
         assert w > 300 and h > 200, name
     text = page.read_text()
     # Self-contained: every figure embedded, nothing fetched.
-    assert text.count("data:image/png;base64,") == 6
+    assert text.count("data:image/png;base64,") == 7
     assert not re.search(r"(src|href)=['\"]https?:", text)
     # The table: a row per generator and the mean, with the values eval computed.
     table = json.loads(ev.read_text())["generators"]
@@ -192,7 +199,7 @@ def run_chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(chromium() is None, reason="no chromium: `.ci/run` installs Debian's chromium for this test")
 def test_report_page_renders_in_headless_chromium(tmp_path):
-    a = fake_eval(tmp_path / "a.json", shift=0.45, seed=1)
+    a = fake_eval(tmp_path / "a.json", shift=0.45, seed=1, trained=("adm",), resamples=200)  # intervals, unseen mean
     b = fake_eval(tmp_path / "b.json", shift=0.15, seed=2)
     run_dir = write_metrics(tmp_path / "run")
     out = tmp_path / "rep"
@@ -226,10 +233,15 @@ def test_report_page_renders_in_headless_chromium(tmp_path):
     body = re.search(r"<body([^>]*)>", dom.stdout)
     assert body, dom.stdout[:2000]
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
-    assert attrs.get("data-images") == "6" and attrs.get("data-images-loaded") == "6", attrs
+    assert attrs.get("data-images") == "7" and attrs.get("data-images-loaded") == "7", attrs
     # The rendered table: a row per generator and run, plus the runs table.
     assert len(re.findall(r"<tr>\s*<td>(adm|biggan|midjourney)</td>", dom.stdout)) == 6
     assert len(re.findall(r'<tr class="mean">', dom.stdout)) == 2
+    # run a's unseen-generators mean and its intervals (every metric of every row of it), rendered
+    assert (
+        len(re.findall(r'<tr class="mean unseen">\s*<td>mean_unseen</td>\s*<td class="run">full</td>', dom.stdout)) == 1
+    )
+    assert len(re.findall(r'<small class="ci">\[[\d.]+, [\d.]+\]</small>', dom.stdout)) >= 5 * 11
 
     shot = tmp_path / "page.png"
     res = run_chromium([f"--screenshot={shot}", "--window-size=1280,2400", url], tmp_path / "profile2")
@@ -518,7 +530,7 @@ def test_most_confident_mistakes_are_listed_by_key_with_thumbnails_from_the_shar
     if chromium() is not None:  # the thumbnails decode in a browser as well
         dom = run_chromium(["--dump-dom", (tmp_path / "rep" / "report.html").as_uri()], tmp_path / "profile")
         attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom.stdout).group(1)))
-        n = 5 + len(wrong_keys)  # figures (no training curves here) and thumbnails
+        n = 6 + len(wrong_keys)  # figures (no training curves here) and thumbnails
         assert attrs.get("data-images") == str(n) and attrs.get("data-images-loaded") == str(n), attrs
 
 
@@ -564,7 +576,7 @@ def test_robustness_plot_and_debiased_tables_are_in_the_report(tmp_path):
     w, h = png_size(tmp_path / "rep" / "robustness.png")
     assert w > 600 and h > 300
     text = (tmp_path / "rep" / "report.html").read_text()
-    assert text.count("data:image/png;base64,") == 6 and "id='fig-robustness'" in text
+    assert text.count("data:image/png;base64,") == 7 and "id='fig-robustness'" in text  # a plain report's 6, and this
     result = json.loads(ev.read_text())
     # per kind, accuracy per generator: the clean result, then the levels mild to severe
     for kind, names in (("jpeg", ["jpeg:75", "jpeg:30"]), ("blur", ["blur:1", "blur:3"])):
@@ -616,9 +628,54 @@ def test_report_with_robustness_renders_in_headless_chromium(tmp_path):
     dom = run_chromium(["--dump-dom", (out / "report.html").as_uri()], tmp_path / "profile")
     assert dom.returncode == 0, dom.stderr[-2000:]
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom.stdout).group(1)))
-    # the five figures of a plain report, the robustness plot and the training curves
-    assert attrs.get("data-images") == "7" and attrs.get("data-images-loaded") == "7", attrs
+    # the six figures of a plain report, the robustness plot and the training curves
+    assert attrs.get("data-images") == "8" and attrs.get("data-images-loaded") == "8", attrs
     assert 'id="fig-robustness"' in dom.stdout
     for table in ("robustness-0-jpeg", "robustness-0-blur", "debiased-0-align-jpeg:96:both", "debiased-0-size-matched"):
         assert f'<table id="{table}">' in dom.stdout, table
     assert len(re.findall(r'<tr class="mean">', dom.stdout)) == 5  # metrics, 2 robustness, 2 debiased
+
+
+def test_intervals_are_error_bars_and_the_unseen_mean_is_a_bar_and_a_row(tmp_path):
+    from matplotlib.container import BarContainer
+
+    ev = fake_eval(tmp_path / "eval.json", shift=0.3, trained=("adm",), resamples=300)
+    run = report.load_eval(ev)
+    table, ci = run.table(), run.intervals()
+    rows = [*GENERATORS, "mean", "mean_unseen"]
+    assert table["mean_unseen"]["auc"] == pytest.approx((table["biggan"]["auc"] + table["midjourney"]["auc"]) / 2)
+    fig = report.accuracy_figure([run])
+    try:
+        for ax, key in zip(fig.axes, ("acc", "real_acc", "fake_acc")):
+            (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+            assert [b.get_height() for b in bars] == pytest.approx([100 * table[g][key] for g in rows])
+            # each error bar runs from the interval's low end to its high end, in percent
+            (segments,) = bars.errorbar.lines[2]
+            ends = [y for seg in segments.get_segments() for y in sorted(seg[:, 1])]
+            assert ends == pytest.approx([100 * v for g in rows for v in ci[g][key]])
+    finally:
+        report.pyplot().close(fig)
+    html = report.metrics_table_html([run])
+    row = re.search(r"<tr class='mean unseen'><td>mean_unseen</td>(.*?)</tr>", html).group(1)
+    lo, hi = ci["mean_unseen"]["eer"]
+    assert f"{100 * table['mean_unseen']['eer']:.1f}<br><small class='ci'>[{100 * lo:.1f}, {100 * hi:.1f}]" in row
+    assert row.endswith(f"<td>{2 * 2 * 60}</td>")  # images of the two unseen generators
+    assert "<th>TPR at FPR 1%</th>" in html and "<th>NLL</th>" in html
+
+
+def test_the_reliability_diagram_plots_the_ece_bins_of_each_generator(tmp_path):
+    run = report.load_eval(fake_eval(tmp_path / "eval.json", shift=0.3))
+    fig = report.reliability_figure([run])
+    try:
+        (ax,) = fig.axes
+        lines = _lines(ax)
+        assert list(lines) == [f"{g} (ECE {100 * run.table()[g]['ece']:.1f}%)" for g in GENERATORS]
+        for g, line in zip(GENERATORS, lines.values()):
+            s, y = run.scores[run.generators == g], run.labels[run.generators == g]
+            edges = np.linspace(0, 1, 16)
+            want = [(s[(s >= lo) & (s < hi)].mean(), y[(s >= lo) & (s < hi)].mean())
+                    for lo, hi in itertools.pairwise(edges) if ((s >= lo) & (s < hi)).any()]  # fmt: skip
+            x, share = line.get_data()
+            assert np.c_[x, share].ravel().tolist() == pytest.approx(np.ravel(want).tolist())
+    finally:
+        report.pyplot().close(fig)
