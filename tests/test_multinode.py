@@ -26,7 +26,8 @@ def test_hostfile_two_nodes_without_ssh_train_as_one_world(tmp_path, tiny_shards
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     port = str(_free_port())
     # One core per rank: the two launchers cannot see each other's ranks to share the CPU.
-    env = launch_env(OMP_NUM_THREADS="1")
+    # The launcher's INFO lines (quiet by default) say what world each node's launcher joined.
+    env = launch_env(OMP_NUM_THREADS="1", DS_LAUNCHER_ARGS="--log_level info")
     launcher = ["--hostfile", str(hostfile), "--no_ssh", "--master_addr", "127.0.0.1", "--master_port", port]
     nodes = [
         subprocess.Popen(
