@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,23 @@ def tiny_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "demo"
     make_demo_shards(out, train_per_class=32, val_per_class=12, max_count=20, progress=False)
     return out
+
+
+@contextlib.contextmanager
+def fail_after(seconds: int, why: str) -> Iterator[None]:
+    """SIGALRM after `seconds`: what would block forever fails the test instead of hanging the suite."""
+    import signal
+
+    def expired(*_: object) -> None:
+        raise TimeoutError(f"blocked for {seconds} s: {why}")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

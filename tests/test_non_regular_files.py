@@ -8,12 +8,12 @@ import json
 import os
 import re
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import fail_after
 from test_image_limits import TinyDetector, good_image
 
 from ds_trainer import cli
@@ -30,16 +30,8 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX F
 
 @pytest.fixture(autouse=True)
 def no_hang() -> Iterator[None]:
-    def expired(*_: Any) -> None:
-        raise TimeoutError("blocked for 60 s: a FIFO or device was opened")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(60)
-    try:
+    with fail_after(60, "a FIFO or device was opened"):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def odd_files(folder: Path) -> dict[str, tuple[Path, str]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import fail_after
 from PIL import Image
 
 from ds_trainer import cli
@@ -102,18 +102,8 @@ def tree(tmp_path: Path, make_tree) -> tuple[Path, Path]:
 
 @pytest.fixture(autouse=True)
 def no_hang() -> Iterator[None]:
-    """A scan that loops forever fails the test instead of hanging the suite."""
-
-    def expired(*_: Any) -> None:
-        raise TimeoutError("sharding did not finish in 60 s (a symlink loop?)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(60)
-    try:
+    with fail_after(60, "sharding did not finish (a symlink loop?)"):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _shard(src: Path, out: Path, *extra: str) -> dict[str, Any]:
