@@ -66,6 +66,10 @@ def start_shard(tmp_path: Path, make_tree) -> tuple[subprocess.Popen, Path, list
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # A terminal's foreground job has Ctrl-C's default handling; a job started in the background by
+        # a non-interactive shell (a CI script's `cmd &`) inherits SIGINT ignored, and Python then keeps
+        # it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip: its own group, as a terminal's foreground job
     assert wait_for(lambda: len(list(marks.iterdir())) >= 2), "the two workers never started writing"
     workers = [int(p.name) for p in marks.iterdir()]
