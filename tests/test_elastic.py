@@ -73,6 +73,8 @@ def test_resume_on_a_different_world_size(tmp_path, tiny_shards, stage):
     assert "config differs" not in c_out.replace("config differs from the checkpoint's: training.min_delta", "", 1)
 
 
+# make test-slow: the refusal itself is in make test (tests/test_refusals.py, indivisible-world); this is it after a real 2-rank save
+@pytest.mark.slow
 def test_indivisible_global_batch_is_refused_with_the_numbers(tmp_path, tiny_shards):
     cfg = write_config(
         tmp_path / "a.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0}, deepspeed={"zero_stage": 1}

@@ -103,6 +103,8 @@ def test_shm_allreduce_buffer_is_unlinked_after_init():
     assert out.stdout.split()[-2:] == ["True", "False"]  # our name matches DeepSpeed's, and it is gone
 
 
+# make test-slow: every refusal's code and message is in make test in-process (tests/test_refusals.py); this through a subprocess
+@pytest.mark.slow
 def test_cli_user_errors_exit_with_codes_and_no_traceback(tmp_path, tiny_shards):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "no-such-shards")
     out = run_cmd([sys.executable, "-m", "ds_trainer", "train", "--config", str(cfg)])
@@ -115,8 +117,9 @@ def test_cli_user_errors_exit_with_codes_and_no_traceback(tmp_path, tiny_shards)
     assert out.returncode == 4 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
-# ZeRO 2 and 3 (the short rank's dummy batches) in `make test`; ZeRO 0 in `make test-slow`.
-@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 2, 3])
+# ZeRO 3 (the short rank's dummy batches) in `make test`; ZeRO 0 and 2 in `make test-slow` (two-rank ZeRO 2
+# trains in make test's elastic, preemption and export tests).
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_two_ranks_each_zero_stage_trains_and_evaluates(tmp_path, tiny_shards, stage):
     # Eval shards are uneven across the ranks; under ZeRO-3 the short rank must keep joining
     # the parameter all-gathers with dummy batches or the job hangs.

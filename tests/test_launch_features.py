@@ -23,6 +23,8 @@ def launch(cfg):
     return proc
 
 
+# make test-slow: plateau, best, early stopping, keep_last and the sinks are tested in-process and as units; this on two ranks
+@pytest.mark.slow
 def test_plateau_best_early_stopping_and_logs_on_two_ranks(tmp_path, tiny_shards):
     # min_delta 10 on val_loss: only the first epoch can count as an improvement, so the policy's
     # outcome is fixed whatever the data does: the LR halves after epochs 2 and 3, training stops
@@ -88,7 +90,8 @@ def test_plateau_best_early_stopping_and_logs_on_two_ranks(tmp_path, tiny_shards
         pytest.param(
             "prompt_tuning", {"mode": "prompt-tuning", "prompt_length": 4}, {"zero_stage": 1}, marks=pytest.mark.slow
         ),
-        ("offload", {}, {"zero_stage": 2, "offload_optimizer": "cpu"}),
+        # CPU offload trains in-process in make test (tests/test_training_features.py::test_offload_optimizer_to_cpu_trains).
+        pytest.param("offload", {}, {"zero_stage": 2, "offload_optimizer": "cpu"}, marks=pytest.mark.slow),
     ],
 )
 def test_strategies_train_on_two_ranks(tmp_path, tiny_shards, name, model, deepspeed):
@@ -116,6 +119,8 @@ def test_strategies_train_on_two_ranks(tmp_path, tiny_shards, name, model, deeps
     assert (tmp_path / "ckpt" / "epoch_1" / "ds_trainer.json").is_file()
 
 
+# make test-slow: zero-shot evaluation is tested in-process (tests/test_strategies.py); this on two ranks
+@pytest.mark.slow
 def test_zero_shot_evaluates_only_on_two_ranks(tmp_path, tiny_shards):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, model={"mode": "zero-shot"}, deepspeed={"zero_stage": 2})
     proc = launch(cfg)

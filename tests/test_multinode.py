@@ -20,6 +20,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# make test-slow: two launchers as two hostfile nodes (~30 s); make test's launches are one node
+@pytest.mark.slow
 def test_hostfile_two_nodes_without_ssh_train_as_one_world(tmp_path, tiny_shards):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0})
     hostfile = tmp_path / "hostfile"

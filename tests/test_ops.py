@@ -222,6 +222,8 @@ def snapshot(root: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.suffix in (".o", ".so")}
 
 
+# make test-slow: the pinned op directory and ninja are unit-tested above; this checks two real launches
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_a_second_launch_with_another_path_compiles_nothing(tmp_path):
     from ds_trainer.data import make_demo_shards

@@ -170,6 +170,8 @@ def test_ctrl_c_under_the_deepspeed_launcher_is_one_line_and_exit_130(tmp_path):
     assert [line for line in (out + err).splitlines() if "Unable to find hostfile" not in line] == [INTERRUPTED]
 
 
+# make test-slow: the launcher's Ctrl-C is in make test with stand-in ranks (above); this is with real ones
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_ctrl_c_to_a_real_two_rank_launch_is_one_line_and_exit_130(tmp_path, tiny_shards):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_shards, training={"num_epochs": 40, "warmup_epochs": 0},

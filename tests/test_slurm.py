@@ -294,7 +294,10 @@ def test_two_node_sbatch_job_trains_one_rank_per_node(slurm_cluster, tiny_shards
     assert "resuming from" not in log
 
 
+# make test-slow, with the two-node job: a real Slurm (its daemons start once per module); the sbatch
+# script's and launch.sh's Slurm logic is unit-tested above in make test.
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_exit_75_requeues_the_job_which_resumes_from_the_checkpoint(slurm_cluster, tmp_path):
     """train.sbatch's half of preemption, with a stand-in launch.sh: exit 75 -> requeue -> --load-dir."""
     work = Path(tempfile.mkdtemp(prefix="requeue-", dir=slurm_cluster.root))

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, launch_env
 
 from ds_trainer import cpu_info
 
@@ -138,7 +138,8 @@ def _fake_python(tmp_path: Path) -> Path:
 )
 def test_launch_sh_does_not_import_torch_to_count_no_gpus(tmp_path):
     py = _fake_python(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_PROCID")}
+    # launch_env: no rank or MASTER_PORT left by in-process DeepSpeed tests
+    env = {k: v for k, v in launch_env().items() if not k.startswith("SLURM_")}
     env.update(DS_TRAINER_PYTHON=str(py), DS_TRAINER_CPU_RANKS="3")
     run = subprocess.run(["./launch.sh", "--config", "x.yaml"], cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
