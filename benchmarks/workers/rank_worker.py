@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                      "checkpoint_dir": str(work / "ckpt")},
         "deepspeed": {"zero_stage": args.zero_stage, "offload_optimizer": args.offload_optimizer,
                       "precision": args.precision, **({"config_file": str(ds_json)} if args.comms else {})},
-        "logging": {"run_dir": str(work / "run"), "log_every_n_steps": 10**9, "tensorboard": False, "mfu": False,
+        "logging": {"run_dir": str(work / "run"), "log_every_n_steps": 1_000_000, "tensorboard": False, "mfu": False,
                     "progress_bar": "off"},
     }, source="rank_worker")  # fmt: skip
     setup: dict[str, Any] = {}  # model build + Trainer setup (deepspeed.initialize), up to the first step
