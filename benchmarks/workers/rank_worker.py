@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         def save_checkpoint(self, tag: str, update_latest: bool = True) -> Path:
             return Path(self.t.checkpoint_dir) / tag
 
+    # No epoch tag is written, so there is none for `best` to link to or for pruning to drop.
+    from ds_trainer import checkpoint
+
+    checkpoint.after_epoch_save = lambda *args, **kwargs: None
+
     trainer = BenchTrainer(model, batches, None, config=cfg, device="cpu" if args.cpu else None, hooks=[EpochProbe()])
     rows = trainer.train()
     timeline["total_s"] = time.perf_counter() - t_start
