@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from typing import TextIO
@@ -312,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler.addFilter(for_console)
     # Before any command imports DeepSpeed, whose accelerator warning is logged at import.
     route_deepspeed_logs(debug=args.debug)
+    if os.environ.get(LAUNCHED_ENV) == "1" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt_once)
     try:
         return _COMMANDS[args.command](args)
     except Preempted as exc:
@@ -339,6 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"ds-trainer {args.command}: error: {lost}", file=sys.stderr)
         return lost.exit_code
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    """A launched rank's Ctrl-C: the first one stops it; the next (the launcher forwards one to ranks still
+    running after 5 s) must not interrupt the clean-up, where Python prints it as an ignored traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 # What gloo and NCCL raise when a peer is gone or a collective outlived distributed.timeout_s.
