@@ -56,6 +56,18 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def one_epoch_run(tmp_path_factory, tiny_shards) -> Path:
+    """One epoch of the tiny CLIP through the CLI, trained once per session: `ckpt/` (epoch_1, best, latest)
+    and `run/`. Read it; copy it to change it."""
+    from ds_trainer import cli
+
+    out = tmp_path_factory.mktemp("one_epoch_run")
+    cfg = write_config(out / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0})
+    assert cli.main(["train", "--config", str(cfg)]) == 0
+    return out
+
+
 @contextlib.contextmanager
 def fail_after(seconds: int, why: str) -> Iterator[None]:
     """SIGALRM after `seconds`: what would block forever fails the test instead of hanging the suite."""

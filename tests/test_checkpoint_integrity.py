@@ -27,13 +27,10 @@ OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 MARKER = "ds_trainer.json"
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tiny_shards) -> Path:
-    """One epoch of the tiny CLIP through the CLI: checkpoint_dir with epoch_1, best and latest."""
-    out = tmp_path_factory.mktemp("integrity")
-    cfg = write_config(out / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0})
-    assert cli.main(["train", "--config", str(cfg)]) == 0
-    return out
+@pytest.fixture
+def saved(one_epoch_run) -> Path:
+    """One epoch of the tiny CLIP through the CLI (shared by the session): checkpoint_dir with epoch_1, best and latest."""
+    return one_epoch_run
 
 
 def copy_of(saved: Path, tmp_path: Path) -> tuple[Path, Path]:

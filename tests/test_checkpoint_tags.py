@@ -49,12 +49,9 @@ def outside(tmp_path, saved):
     _WATCHED.clear()
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tiny_shards) -> Path:
-    out = tmp_path_factory.mktemp("tags")
-    cfg = write_config(out / "cfg.yaml", tiny_shards, training={"num_epochs": 1, "warmup_epochs": 0})
-    assert cli.main(["train", "--config", str(cfg)]) == 0
-    return out
+@pytest.fixture
+def saved(one_epoch_run) -> Path:
+    return one_epoch_run  # one epoch through the CLI, shared by the session; every test copies it
 
 
 @pytest.mark.unit
