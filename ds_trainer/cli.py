@@ -346,8 +346,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _interrupt_once(signum: int, frame: object) -> None:
     """A launched rank's Ctrl-C: the first one stops it; the next (the launcher forwards one to ranks still
-    running after 5 s) must not interrupt the clean-up, where Python prints it as an ignored traceback."""
+    running after 5 s) must not interrupt the clean-up, where Python prints it as an ignored traceback.
+
+    The launcher also answers Ctrl-C by SIGTERMing every process under each rank, its loader workers
+    included. Those deaths are expected from here on, so torch's SIGCHLD handler, which raises
+    "DataLoader worker ... is killed by signal: Terminated" wherever the rank is (in CI: inside the
+    loader's `__del__`, printed as an ignored traceback), is set aside too.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise KeyboardInterrupt
 
 

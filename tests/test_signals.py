@@ -192,3 +192,50 @@ def test_ctrl_c_to_a_real_two_rank_launch_is_one_line_and_exit_130(tmp_path, tin
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
     assert [line for line in out.splitlines() if "interrupt" in line.lower()] == [INTERRUPTED]
     assert out.strip().splitlines()[-1] == INTERRUPTED
+
+
+RANK_WITH_LOADER_WORKERS = """
+import signal, sys, time
+import torch
+from ds_trainer import cli
+class Slow(torch.utils.data.Dataset):
+    def __len__(self): return 10**6
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return i
+signal.signal(signal.SIGINT, cli._interrupt_once)
+signal.signal(signal.SIGTERM, lambda *a: None)  # a training rank's preemption handler only notes a SIGTERM
+it = iter(torch.utils.data.DataLoader(Slow(), num_workers=2, batch_size=2))
+try:
+    while True:
+        next(it)
+        print("step", flush=True)
+except KeyboardInterrupt:
+    time.sleep(2)  # the rank's clean-up, during which the launcher's SIGTERMs reach the workers
+    del it  # the loader's shutdown, where CI saw the traceback
+    sys.exit(130)
+"""
+
+
+def test_a_ranks_ctrl_c_is_quiet_when_the_launcher_sigterms_its_loader_workers(tmp_path):
+    # What deepspeed's launch.py does on Ctrl-C: SIGTERM to every process under each rank
+    # (terminate_process_tree), while the rank is already stopping on the terminal's SIGINT.
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_WITH_LOADER_WORKERS)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "step\n"
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        for worker in workers:
+            worker.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
