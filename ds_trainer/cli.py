@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a directory written by ds-trainer export")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of path<TAB>p_ai lines")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list instead of path<TAB>p_ai<TAB>ai|real lines (the decision at the "
+                        "export's threshold: the run's data.threshold)")  # fmt: skip
     return parser
 
 
@@ -290,10 +292,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     with _data_stdout() as out:
         results = predict_paths(load_exported(args.model), args.images, batch_size=args.batch_size)
         if args.json:
-            rows = [{"path": r.path, "p_ai": r.p_ai, "error": r.error} for r in results]
+            rows = [{"path": r.path, "p_ai": r.p_ai, "ai": r.ai, "p_ai_calibrated": r.p_ai_calibrated,
+                     "error": r.error} for r in results]  # fmt: skip
             out.write(json.dumps(rows, indent=2) + "\n")
-        else:
-            out.writelines(f"{r.path}\t{r.p_ai:.6f}\n" for r in results if r.error is None)
+        else:  # path, P(AI), and the decision at the export's threshold
+            out.writelines(f"{r.path}\t{r.p_ai:.6f}\t{'ai' if r.ai else 'real'}\n" for r in results if r.error is None)
     failed = [r for r in results if r.error is not None]
     if failed:
         listing = "\n".join(f"  {r.error}" for r in failed)

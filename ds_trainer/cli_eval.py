@@ -49,6 +49,11 @@ def add_eval_parser(sub: Any, add_config_args: Callable[..., None]) -> None:
                    help="with data.crop native: score each image by the mean logits of K crops at its native "
                         "resolution: 1 centre, 5 corners + centre, 10 those mirrored too (= --set data.eval_crops=K)")  # fmt: skip
     _add_track_args(p)
+    p.add_argument("--threshold", dest="thresholds", action="append", default=[], metavar="MODE",
+                   help="also print the protocol table at another P(AI) cut (repeatable, comma-separated): "
+                        "calibrated (fitted on the holdout of the training generators, stored with the checkpoint), "
+                        "oracle (per generator, tuned on the test labels: a labelled upper bound) or a number in "
+                        "(0, 1); the main table stays at 0.5, GenImage's protocol")  # fmt: skip
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="resamples for the 95%% percentile bootstrap intervals of every metric and mean, "
                         "each class resampled within each generator (default: 1000; 0: no intervals)")  # fmt: skip
@@ -59,10 +64,12 @@ def add_eval_parser(sub: Any, add_config_args: Callable[..., None]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ds_trainer.bootstrap import MAX_RESAMPLES
     from ds_trainer.config import build_config, load_config
+    from ds_trainer.eval_thresholds import parse_modes
     from ds_trainer.eval_tracks import tracks_from_args
     from ds_trainer.run import run_evaluation
 
     tracks = tracks_from_args(args.perturb, args.align_jpeg, args.align_classes, args.size_matched)
+    thresholds = parse_modes(args.thresholds)
     # last, so the flag wins over a --set of the same key; validated with the rest of the config
     overrides = [*args.overrides, *([f"data.eval_crops={args.eval_crops}"] if args.eval_crops is not None else [])]
     from ds_trainer.errors import ConfigError
@@ -98,5 +105,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         datasets=datasets,
         bootstrap=args.bootstrap,
         bootstrap_seed=args.bootstrap_seed,
+        thresholds=thresholds,
     )
     return 0

@@ -148,6 +148,12 @@ class DataSection(Section):
         lt=1,
         description="share of train shards held out for model selection (GenImage's val is the test set)",
     )
+    threshold: float | Literal["calibrated"] = Field(
+        0.5,
+        description="P(AI) at or above which an image counts as AI-generated, in validation rows, export and "
+        "predict: 0.5 (what GenImage reports), another number in (0, 1), or calibrated (the threshold fitted "
+        "on the holdout of the training generators; needs holdout_fraction)",
+    )
     # --- bias-aware preprocessing ("Fake or JPEG?", Grommelt et al. 2024) and detector augmentations
     crop: Literal["resize", "native"] = Field(
         "resize",
@@ -189,6 +195,13 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _check_ranges(self) -> DataSection:
+        if self.threshold == "calibrated" and self.holdout_fraction <= 0:
+            raise ValueError(
+                "threshold calibrated is fitted on held-out training data, never on the test set: set "
+                "holdout_fraction (e.g. 0.1) so there is a holdout, or use a fixed threshold such as 0.5"
+            )
+        if not isinstance(self.threshold, str) and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold {self.threshold:g} is a P(AI) cut: give a number in (0, 1), or calibrated")
         if self.eval_crops > 1 and self.crop != "native":
             raise ValueError(
                 f"eval_crops {self.eval_crops} places crops on the image at its native resolution; "

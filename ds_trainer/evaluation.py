@@ -118,16 +118,9 @@ def evaluate(
     all_labels = gather_1d(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
     total_loss = float(all_reduce_sum(loss_sum).item())
     n = all_labels.numel()
-    m = binary_metrics(all_scores.cpu().numpy(), all_labels.cpu().numpy())
-    row: dict[str, Any] = {
-        "val_loss": total_loss / n if n else math.nan,
-        "val_acc": m["acc"],
-        "val_auc": m["auc"],
-        "val_ap": m["ap"],
-        "val_real_acc": m["real_acc"],
-        "val_fake_acc": m["fake_acc"],
-        "val_samples": n,
-    }
+    row: dict[str, Any] = {"val_loss": total_loss / n if n else math.nan}
+    row.update(overall_metrics(all_scores.cpu().numpy(), all_labels.cpu().numpy()))
+    row["val_samples"] = n
     row["val_bad_samples"] = int(all_reduce_sum(torch.tensor([bad], device=device)).item())
     batches.check_bad_fraction(row["val_bad_samples"], n, "validation", max_bad_fraction)
     # Same decision on every rank (a collective follows): the streaming loader names generators.
@@ -144,12 +137,25 @@ def evaluate(
         "size": all_sizes if n and len(all_sizes) == n else None,  # for eval's size-matched table
     }
     if named:
-        # The benchmark protocol: every generator on its own, then their unweighted mean.
-        table = per_generator_metrics(all_scores.cpu().numpy(), all_labels.cpu().numpy(), all_generators, trained)
-        row["val_generators"] = table
-        for mean in MEAN_ROWS:  # val_mean_auc, ..., val_mean_unseen_auc, ...: no intervals here (cheap)
-            row.update({f"val_{mean}_{k}": v for k, v in table.get(mean, {}).items()})
+        row.update(generator_metrics(predictions["score"], predictions["label"], all_generators, trained))
     return EvalResult(row, predictions)
+
+
+def overall_metrics(scores: Any, labels: Any, threshold: float = 0.5) -> dict[str, float]:
+    """The row's val_acc, val_auc, val_ap, val_real_acc and val_fake_acc over every image pooled."""
+    m = binary_metrics(scores, labels, threshold)
+    return {f"val_{k}": m[k] for k in ("acc", "auc", "ap", "real_acc", "fake_acc")}
+
+
+def generator_metrics(
+    scores: Any, labels: Any, generators: Any, trained: Collection[str] | None, threshold: float = 0.5
+) -> dict[str, Any]:
+    """The benchmark protocol: every generator on its own, then their unweighted means (row keys)."""
+    table = per_generator_metrics(scores, labels, generators, trained, threshold)
+    row: dict[str, Any] = {"val_generators": table}
+    for mean in MEAN_ROWS:  # val_mean_auc, ..., val_mean_unseen_auc, ...: no intervals here (cheap)
+        row.update({f"val_{mean}_{k}": v for k, v in table.get(mean, {}).items()})
+    return row
 
 
 def trained_generators(mode: str, train_generators: Collection[str] | None, train_loader: Any) -> list[str] | None:

@@ -135,6 +135,7 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
             "crop_mode": crop_mode,
             "function": f"ds_trainer.data.transforms.Preprocess(image_size, crop={crop_mode!r})(img, 0, train=False)",
         },
+        "decision": decision_block(source),
         "source": {
             "checkpoint_dir": str(source.checkpoint_dir.resolve()),
             "tag": source.tag,
@@ -146,6 +147,23 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
             "best_metric": source.meta.get("best_metric"),
             "monitor": source.meta.get("monitor"),
         },
+    }
+
+
+def decision_block(source: Source) -> dict[str, Any]:
+    """Where predict cuts P(AI): the run's data.threshold (0.5, a number, or its calibrated one), and the
+    temperature fitted on the run's holdout (predict's calibrated P(AI)) when the checkpoint has one."""
+    from ds_trainer.eval_thresholds import CALIBRATED, require_calibration, stored_calibration
+
+    mode = (source.config.get("data") or {}).get("threshold", 0.5)
+    cal = stored_calibration(source.meta)
+    if mode == CALIBRATED:
+        require_calibration(cal, source.tag_dir, "data.threshold calibrated")
+    return {
+        "mode": "calibrated" if mode == CALIBRATED else "fixed",
+        "threshold": cal.threshold if mode == CALIBRATED and cal is not None else float(mode),
+        "temperature": cal.temperature if cal is not None else None,
+        "calibration": cal.to_dict() if cal is not None else None,
     }
 
 
@@ -223,6 +241,8 @@ def load_exported(path: str | Path) -> nn.Module:
     model = build_model(section)
     _load_head(model, path, info["mode"])
     model.crop_mode = (info.get("preprocessing") or {}).get("crop_mode", "resize")
+    # an export written before decisions were recorded: GenImage's 0.5, no temperature
+    model.decision = info.get("decision") or {"mode": "fixed", "threshold": 0.5, "temperature": None}
     return model.float().eval()
 
 
@@ -246,11 +266,15 @@ def _load_head(model: nn.Module, path: Path, mode: str) -> None:
 # ---------------------------------------------------------------------------------------------- predict
 @dataclass
 class Prediction:
-    """One image's result: `p_ai` = softmax probability of class 1 (ai), or `error` when unreadable."""
+    """One image's result: `p_ai` = softmax probability of class 1 (ai), or `error` when unreadable;
+    `ai`: p_ai at or above the export's threshold; `p_ai_calibrated`: temperature-scaled, when the run
+    fitted a temperature on its holdout."""
 
     path: str
     p_ai: float | None = None
     error: str | None = None
+    ai: bool | None = None
+    p_ai_calibrated: float | None = None
 
 
 def load_image_tensor(path: str | Path, image_size: int, crop: str = "resize") -> torch.Tensor:
@@ -289,8 +313,17 @@ def predict_paths(model: nn.Module, paths: Sequence[str | Path], batch_size: int
                 pred.error = str(exc)
         if tensors:
             for pred, score in zip(ok, predict_tensors(model, torch.stack(tensors)).tolist()):
-                pred.p_ai = score
+                _decide(pred, score, getattr(model, "decision", None) or {})
     return results
+
+
+def _decide(pred: Prediction, score: float, decision: dict[str, Any]) -> None:
+    from ds_trainer.calibration import temperature_scale
+
+    pred.p_ai = score
+    pred.ai = score >= float(decision.get("threshold", 0.5))
+    if decision.get("temperature") is not None:
+        pred.p_ai_calibrated = float(temperature_scale([score], float(decision["temperature"]))[0])
 
 
 @torch.no_grad()

@@ -96,6 +96,7 @@ def per_generator_metrics(
     labels: Sequence[int] | np.ndarray,
     generators: Sequence[str],
     trained: Collection[str] | None = None,
+    threshold: float | Mapping[str, float] = 0.5,
 ) -> dict[str, dict[str, float]]:
     """The benchmark protocol's table: each generator's val split on its own, then the unweighted
     means over all generators and over those not in `trained` (None: not known, no unseen mean).
@@ -103,11 +104,12 @@ def per_generator_metrics(
     Each GenImage generator folder holds its own real images, so a generator's real accuracy
     and AUC are computed against the reals that ship with it. The means are over generators, not
     samples, as the papers report them (a big generator must not dominate), and always from the
-    cells (never pooled).
+    cells (never pooled). `threshold`: one for every generator, or one per generator (the oracle's).
     """
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     g = np.asarray(generators)
-    table = {name: binary_metrics(s[g == name], y[g == name]) for name in sorted(set(g.tolist()))}
+    cut = threshold.get if isinstance(threshold, Mapping) else lambda _name: threshold
+    table = {name: binary_metrics(s[g == name], y[g == name], cut(name)) for name in sorted(set(g.tolist()))}
     return add_means(table, trained)
 
 

@@ -68,7 +68,7 @@ from ds_trainer.report_figures import (
     score_figure,
     training_figure,
 )
-from ds_trainer.report_robustness import debiased_html, robustness_html
+from ds_trainer.report_robustness import debiased_html, robustness_html, thresholds_html
 from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes
 from ds_trainer.report_uncertainty import reliability_figure, table_rows
 
@@ -222,6 +222,7 @@ def render_html(
     parts.append(datasets_html(runs))
     parts.append(robustness_html(runs))
     parts.append(debiased_html(runs))
+    parts.append(thresholds_html(runs))
     for name, png in pngs.items():
         data = base64.b64encode(png).decode("ascii")
         parts.append(

@@ -147,3 +147,35 @@ def debiased_html(runs: Sequence[EvalRun]) -> str:
                 parts.append(f"<tr{cls}><td>{e(g)}</td>{cells}</tr>")
             parts.append("</table>")
     return "".join(parts)
+
+
+def thresholds_html(runs: Sequence[EvalRun]) -> str:
+    """Each `--threshold` table of each run (eval_thresholds), the oracle labelled as an upper bound."""
+    if not any(run.result.get("thresholds") for run in runs):
+        return ""
+    e = html.escape
+    parts = [
+        "<h2>Other thresholds</h2><p class='muted'>The same scores cut elsewhere than at 0.5: a fixed "
+        "threshold; <b>calibrated</b>, the threshold and temperature fitted on the holdout of the training "
+        "generators and stored with the checkpoint (no test label touches it); <b>oracle</b>, per generator "
+        "the threshold tuned on that generator's own test labels, an upper bound that no deployed detector "
+        "reaches and not comparable with the tables above. AP and AUC do not depend on the threshold.</p>"
+    ]
+    for i, run in enumerate(runs):
+        for name, block in (run.result.get("thresholds") or {}).items():
+            title = f"{run.name}: {name}" if len(runs) > 1 else name
+            if block.get("oracle"):
+                title += " (oracle: upper bound)"
+            parts.append(f"<h3>{e(title)}</h3><p class='muted'>{e(str(block.get('label', '')))}</p>")
+            cuts = block.get("thresholds") or {}
+            head = "".join(f"<th>{e(METRIC_LABELS[k])}</th>" for k in PROTOCOL_METRICS)
+            head += "<th>threshold</th>" if cuts else ""
+            parts.append(f"<table id='threshold-{i}-{e(name)}'><tr><th>generator</th>{head}</tr>")
+            for g, row in (block.get("generators") or {}).items():
+                cls = " class='mean'" if g == MEAN else ""
+                cells = "".join(f"<td>{_cell(_value({g: row}, g, k))}</td>" for k in PROTOCOL_METRICS)
+                if cuts:
+                    cells += f"<td>{cuts[g]:.4f}</td>" if g in cuts else "<td></td>"
+                parts.append(f"<tr{cls}><td>{e(g)}</td>{cells}</tr>")
+            parts.append("</table>")
+    return "".join(parts)

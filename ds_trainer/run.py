@@ -134,6 +134,7 @@ def run_evaluation(
     datasets: Sequence[DatasetSpec] | None = None,
     bootstrap: int = 1000,
     bootstrap_seed: int = 0,
+    thresholds: Sequence[str | float] = (),
 ) -> dict[str, Any]:
     """The benchmark protocol on a checkpoint: per generator acc, real/fake acc, AP, AUC and the
     metrics beyond accuracy (`detection_metrics`), their means over all generators and over those the
@@ -148,6 +149,8 @@ def run_evaluation(
     `tracks` (an `eval_tracks.EvalTracks`) adds the robustness and debiased tables beside the clean one.
     `datasets` (`eval_datasets.DatasetSpec`s) scores those shard sets instead of `data.shards`, each
     whole on its own split, and adds the cross-dataset table (the JSON's `datasets` block).
+    `thresholds` (`eval_thresholds` modes; `data.threshold` when not 0.5 is added) adds a table per
+    mode beside the main one at 0.5 (the JSON's `thresholds` block).
     """
     from ds_trainer.consolidate import rebuild_model, resolve_source
     from ds_trainer.metrics import format_protocol_table
@@ -161,6 +164,7 @@ def run_evaluation(
         raise ConfigError("--perturb, --align-jpeg and --size-matched score one shard set; give a single --shards")
     env = _start(cfg, debug)
     source = resolve_source(load_dir, tag)
+    modes, calibration = _threshold_modes(cfg, source, thresholds)
     model = rebuild_model(source)  # with the consolidated fp32 weights
     _check_image_size(cfg, model)
     sets: dict[str, Any] = {}
@@ -197,7 +201,12 @@ def run_evaluation(
         "generators": metrics.get("val_generators", {}),
         "overall": {k[len("val_"):]: metrics[k] for k in ("val_acc", "val_real_acc", "val_fake_acc", "val_ap", "val_auc", "val_loss")},
         **extra, "config": source.config, "trained_generators": trained,
+        "calibration": calibration.to_dict() if calibration is not None else None,
     }  # fmt: skip
+    if modes:
+        from ds_trainer.eval_thresholds import threshold_tables
+
+        result["thresholds"] = threshold_tables(modes, clean, calibration, trained)
     if sets:
         from ds_trainer.eval_datasets import datasets_block
 
@@ -232,11 +241,30 @@ def run_evaluation(
             from ds_trainer.eval_tracks import format_tracks
 
             console().info("%s", format_tracks(extra))
+        if modes:
+            from ds_trainer.eval_thresholds import format_thresholds
+
+            console().info("%s", format_thresholds(result["thresholds"]))
         crops = f", {cfg.data.eval_crops} native crops each" if cfg.data.eval_crops > 1 else ""
         console().info("%d samples of split %s%s; written to %s", result["samples"], result["split"], crops, path)
         if report_dir is not None:
             _write_report(cfg, path, report_dir)
     return result
+
+
+def _threshold_modes(cfg: Config, source: Any, asked: Sequence[str | float]) -> tuple[list[str | float], Any]:
+    """eval's threshold tables (`asked`, then data.threshold unless 0.5) and the checkpoint's calibration,
+    refused before any pass when calibrated is asked of a checkpoint without one."""
+    from ds_trainer.eval_thresholds import CALIBRATED, require_calibration, stored_calibration
+
+    modes = list(asked)
+    if cfg.data.threshold != 0.5 and cfg.data.threshold not in modes:
+        modes.append(cfg.data.threshold)
+    calibration = stored_calibration(source.meta)
+    if CALIBRATED in modes:
+        what = "--threshold calibrated" if CALIBRATED in asked else "data.threshold calibrated"
+        require_calibration(calibration, source.tag_dir, what)
+    return modes, calibration
 
 
 def _for_dataset(cfg: Config, spec: DatasetSpec) -> Config:

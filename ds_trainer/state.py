@@ -18,6 +18,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ds_trainer.calibration import Calibration
+from ds_trainer.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -184,11 +187,20 @@ class TrainState:
         self.progress = Progress()
         self.best = best
         self.plateau: dict[str, Any] | None = None  # the plateau scheduler's state, applied by its owner
+        # the last threshold and temperature fitted on the holdout (eval_thresholds), saved with each checkpoint
+        self.calibration: Calibration | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.progress.state_dict(), **self.best.state_dict(), "plateau": self.plateau}
+        calibration = self.calibration.to_dict() if self.calibration is not None else None
+        return {**self.progress.state_dict(), **self.best.state_dict(), "plateau": self.plateau,
+                "calibration": calibration}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress.load_state_dict(state)
         self.best.load_state_dict(state)
         self.plateau = state.get("plateau")
+        raw = state.get("calibration")
+        try:
+            self.calibration = Calibration.from_dict(raw, "the checkpoint") if raw is not None else None
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None

@@ -25,6 +25,7 @@ from ds_trainer import engine as engines
 from ds_trainer.config import Config
 from ds_trainer.distributed import DistEnv, init_distributed, torch_device
 from ds_trainer.errors import CheckpointError, ConfigError
+from ds_trainer.eval_thresholds import fit_on_holdout, validation_row
 from ds_trainer.evaluation import evaluate, trained_generators
 from ds_trainer.flops import MfuMeter
 from ds_trainer.hooks import Hook, Hooks, for_training
@@ -272,6 +273,9 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch, **train_row}
         if self.val_loader is not None:
             row.update(self.evaluate())
+            cal = fit_on_holdout(self.cfg.data, self.last_predictions, epoch)  # None without a holdout
+            self.state.calibration = cal or self.state.calibration
+            row.update(validation_row(self.cfg.data, self.last_predictions, cal, self.trained_generators))
         row["step"] = int(self.engine.global_steps)
         row["lr"] = float(self.engine.get_lr()[0])
         self.state.progress.epoch = epoch

@@ -871,6 +871,21 @@ CASES = [
         r"--bootstrap 10000000: .* to 100,000",
         lambda tmp, shards: ["eval", "--load-dir", str(tmp / "ckpt"), "--bootstrap", "10000000"],
     ),
+    Case("config-threshold-calibrated-without-holdout", "data.threshold calibrated with no holdout to fit it on", 2,
+         r"threshold calibrated is fitted on held-out training data, never on the test set",
+         train(data={"threshold": "calibrated"})),
+    Case("config-threshold-out-of-range", "data.threshold outside (0, 1)", 2,
+         r"threshold 1\.2 is a P\(AI\) cut", train(data={"threshold": 1.2})),
+    Case("eval-threshold-unknown", "ds-trainer eval --threshold with an unknown mode", 2,
+         r"--threshold best: use calibrated .* oracle .* a number in \(0, 1\)",
+         lambda tmp, shards: ["eval", "--load-dir", str(tmp / "ckpt"), "--threshold", "best"]),
+    Case("eval-threshold-calibrated-no-holdout", "ds-trainer eval --threshold calibrated on a run without a holdout", 2,
+         r"holds no calibrated threshold: its run had no holdout",
+         lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(tmp, shards)), "--threshold", "calibrated"]),
+    Case("eval-threshold-calibration-malformed", "a checkpoint whose stored calibration is malformed", 4,
+         r"calibration threshold 7\.0 is not within \[0, 1\]",
+         lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(
+             tmp, shards, calibration={"threshold": 7, "temperature": 1, "samples": 4, "fitted_on": "x"}))]),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}
