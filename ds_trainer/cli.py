@@ -139,6 +139,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read symbolic links that lead outside --src (default: skip them, listed in manifest.json)",
     )
 
+    p = sub.add_parser(
+        "prepare",
+        help="a shard set derived from another, with the deterministic preprocessing "
+        "done once (JPEG alignment, pre-resize, raw pixels)",
+    )
+    p.add_argument("src", metavar="SRC", help="a shard directory written by ds-trainer shard")
+    p.add_argument("out", metavar="OUT", help="the new shard directory (same shards, keys and counts)")
+    p.add_argument(
+        "--align-jpeg",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="store the fakes re-encoded as JPEG at quality Q, as data.align_jpeg_quality: Q does at "
+        "load time (runs on the set then need data.align_jpeg_quality: Q)",
+    )
+    p.add_argument(
+        "--resize-shortest",
+        type=int,
+        default=None,
+        metavar="N",
+        help="resize every image's shortest side to N, as crop: resize does (runs on the set then need "
+        "data.crop: resize and data.image_size: N)",
+    )
+    p.add_argument(
+        "--store",
+        choices=["jpeg", "raw"],
+        default="jpeg",
+        help="jpeg (default): changed images as JPEG, others as they were; raw: every image as uint8 "
+        "pixels (.npy, ~3 bytes a pixel, no decoding at load time)",
+    )
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="quality of a resized image stored as JPEG (default: --align-jpeg's, else 96)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes that prepare shards (default: all CPUs this process may use)",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
     p = sub.add_parser("demo-data", help="build the embedded demo set (no download) into data_shards/demo")
     p.add_argument("--out", default="data_shards/demo")
     p.add_argument("--train-per-class", type=int, default=400)
@@ -254,6 +300,20 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    """Re-running the same command resumes: prepared shards whose plan is unchanged are kept."""
+    from ds_trainer.data.manifest import summary_line
+    from ds_trainer.data.prepare import Preparation, prepare_shards
+    from ds_trainer.data.prepared import describe
+
+    prep = Preparation(args.align_jpeg, args.resize_shortest, args.store, args.jpeg_quality)
+    report = prepare_shards(args.src, args.out, prep, workers=args.workers, progress=args.progress)
+    kept = f", {report.reused} kept from an earlier run" if report.reused else ""
+    print(f"prepared {report.written} shards in {args.out}{kept} ({describe(report.manifest['prepared'])}): "
+          f"{summary_line(report.manifest)}")  # fmt: skip
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from ds_trainer.data import make_demo_shards
 
@@ -305,6 +365,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"train": _cmd_train, "ds-config": _cmd_ds_config, "shard": _cmd_shard, "demo-data": _cmd_demo_data}
+_COMMANDS["prepare"] = _cmd_prepare
 _COMMANDS.update({"export": _cmd_export, "predict": _cmd_predict, "eval": cmd_eval, "report": _cmd_report})
 
 

@@ -120,6 +120,7 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _read_shard(tar_path: Path, missing: set[str], size: int, out: Samples) -> None:
+    from ds_trainer.data.raw_pixels import RAW_KEY
     from ds_trainer.data.scan import IMAGE_KEYS
 
     with tarfile.open(tar_path, "r:") as tar:  # plain tar, seekable: only the wanted members are read
@@ -138,7 +139,7 @@ def _read_shard(tar_path: Path, missing: set[str], size: int, out: Samples) -> N
                     path = None
                 if isinstance(path, str):
                     out.paths[key] = path
-            elif ext in IMAGE_KEYS:
+            elif ext in IMAGE_KEYS or ext == RAW_KEY:  # RAW_KEY: a prepared set's raw pixels
                 thumb = _thumbnail(ext, data, size)
                 if thumb is not None:
                     out.thumbs[key] = thumb

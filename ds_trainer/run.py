@@ -162,6 +162,12 @@ def run_evaluation(
         raise ConfigError("ds-trainer eval scores data.val_split; it is null in this config")
     if len(datasets or ()) > 1 and tracks is not None and tracks.any:
         raise ConfigError("--perturb, --align-jpeg and --size-matched score one shard set; give a single --shards")
+    if tracks is not None and tracks.any:
+        from ds_trainer.data.manifest import load_manifest
+        from ds_trainer.data.prepared import check_tracks
+
+        # before the clean pass: a prepared set cannot give some tracks as its source would
+        check_tracks(load_manifest(datasets[0].path if datasets else cfg.data.shards), tracks)
     env = _start(cfg, debug)
     source = resolve_source(load_dir, tag)
     modes, calibration = _threshold_modes(cfg, source, thresholds)

@@ -29,3 +29,13 @@ def test_step_overhead_writes_its_ratios(tmp_path):
     assert "step_overhead: trainer/engine step time" in proc.stdout
     assert result["flops_per_sample"] > 0 and all(0 < result["mfu"][k]["median"] < 1 for k in result["raw"])
     assert "| Trainer / engine |" in result["markdown"] and result["machine"]["cpus"] >= 1
+
+
+def test_prepared_shards_writes_its_ratios(tmp_path):
+    out = tmp_path / "prepared_shards.json"
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "prepared_shards.py"), "--images", "32", "--rounds", "1",
+                    "--workers", "1", "--out", str(out)], timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["median"]) == 5 and all(v > 0 for v in result["median"].values())
+    assert "vs load-time align" in result["markdown"] and "prepared_shards: prepared --align-jpeg 96" in proc.stdout

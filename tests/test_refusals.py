@@ -286,6 +286,35 @@ def tag_symlink_outside(tmp: Path, shards: Path) -> list[str]:
     return ["export", "--load-dir", str(ckpt), "--tag", "linked", "--out", str(tmp / "exported")]
 
 
+def prepared_set(tmp: Path, shards: Path, *flags: str) -> Path:
+    """`ds-trainer prepare` of the tiny shards with `flags`, into <tmp>/prepared."""
+    out = tmp / "prepared"
+    assert cli.main(["prepare", str(shards), str(out), "--workers", "1", "--no-progress", *flags]) == 0
+    return out
+
+
+def train_prepared(flags: tuple[str, ...], **data):
+    def build(tmp: Path, shards: Path) -> list[str]:
+        return train(data={"shards": str(prepared_set(tmp, shards, *flags)), **data})(tmp, shards)
+
+    return build
+
+
+def eval_prepared(flags: tuple[str, ...], *track: str):
+    def build(tmp: Path, shards: Path) -> list[str]:
+        out = prepared_set(tmp, shards, *flags)
+        return ["eval", "--load-dir", str(saved_checkpoint(tmp, shards)), "--shards", str(out), *track]
+
+    return build
+
+
+def short_source(tmp: Path, shards: Path) -> list[str]:
+    shutil.copytree(shards, tmp / "src")
+    tar = sorted((tmp / "src").glob("*/train/shard-*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    return ["prepare", str(tmp / "src"), str(tmp / "out"), "--align-jpeg", "96", "--workers", "1", "--no-progress"]
+
+
 # A "billion laughs": 9 aliases on each of 9 levels (81 in all) in ~750 bytes; and 4 on each of 8 levels
 # (32, within the alias bound) that would expand to 4**8 values.
 ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
@@ -886,6 +915,37 @@ CASES = [
          r"calibration threshold 7\.0 is not within \[0, 1\]",
          lambda tmp, shards: ["eval", "--load-dir", str(saved_checkpoint(
              tmp, shards, calibration={"threshold": 7, "temperature": 1, "samples": 4, "fitted_on": "x"}))]),
+    # --- ds-trainer prepare, and runs on a prepared set whose manifest contradicts their data: settings
+    Case("prepare-nothing-to-do", "ds-trainer prepare with no step to do (--store jpeg alone)", 2,
+         r"prepare: nothing to do; give --align-jpeg Q, --resize-shortest N or --store raw",
+         lambda tmp, shards: ["prepare", str(shards), str(tmp / "out")]),
+    Case("prepare-of-prepared", "ds-trainer prepare of a set that is itself prepared", 2,
+         r"prepare: .*prepared is itself a prepared set \(from ",
+         lambda tmp, shards: ["prepare", str(prepared_set(tmp, shards, "--align-jpeg", "96")), str(tmp / "out"),
+                              "--store", "raw"]),
+    Case("prepare-out-is-src", "ds-trainer prepare with OUT the same directory as SRC", 2,
+         r"prepare: OUT .* and SRC .* overlap",
+         lambda tmp, shards: ["prepare", str(shards), str(shards), "--align-jpeg", "96"]),
+    Case("prepare-short-source", "ds-trainer prepare of a source shard that is truncated", 3,
+         r"source shard .*: sample .* cannot be read .*re-create the source shards", short_source),
+    Case("prepared-align-unset", "training on fakes prepared with --align-jpeg while data.align_jpeg_quality is unset", 2,
+         r"data\.align_jpeg_quality is unset, but shard set .* was prepared \(fakes re-encoded as JPEG at quality 96",
+         train_prepared(("--align-jpeg", "96"))),
+    Case("prepared-align-differs", "data.align_jpeg_quality differs from the quality the set was prepared with", 2,
+         r"data\.align_jpeg_quality is 90, but .*quality 96.*set data\.align_jpeg_quality: 96",
+         train_prepared(("--align-jpeg", "96"), align_jpeg_quality=90)),
+    Case("prepared-resize-image-size", "data.image_size differs from the set's --resize-shortest", 2,
+         r"data\.crop is resize at data\.image_size 224, but .*resized to 256.*data\.image_size: 256",
+         train_prepared(("--resize-shortest", "256", "--store", "raw"))),
+    Case("prepared-resize-augment", "Blur/JPEG training augmentation on a pre-resized set", 2,
+         r"data\.blur_prob 0\.5 / data\.jpeg_prob 0\.0: training augmentation acts on the full-size image",
+         train_prepared(("--resize-shortest", "224"), blur_prob=0.5)),
+    Case("eval-align-track-aligned-set", "ds-trainer eval --align-jpeg on a set whose fakes were prepared aligned", 2,
+         r"--align-jpeg 96: shard set .* compressed twice",
+         eval_prepared(("--align-jpeg", "96"), "--align-jpeg", "96")),
+    Case("eval-perturb-resized-set", "ds-trainer eval --perturb on a pre-resized set", 2,
+         r"--perturb: shard set .*resized to 224.* full-size images",
+         eval_prepared(("--resize-shortest", "224", "--store", "raw"), "--perturb", "jpeg:75")),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}

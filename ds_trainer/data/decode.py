@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ds_trainer.data.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, open_checked
+from ds_trainer.data.raw_pixels import RAW_KEY, raw_image
 from ds_trainer.data.scan import IMAGE_KEYS
 from ds_trainer.data.tar_stream import UNREADABLE
 from ds_trainer.data.transforms import clip_preprocess
@@ -64,9 +65,11 @@ def _label(sample: dict[str, Any]) -> int:
 
 def _open_image(sample: dict[str, Any]) -> Image.Image:
     """The sample's image with only its header read, refused if its size is out of bounds (open_checked)."""
-    image_key = next((k for k in sample if k in IMAGE_KEYS), None)
+    image_key = next((k for k in sample if k in IMAGE_KEYS or k == RAW_KEY), None)
     if image_key is None:
-        raise ValueError(f"no image member (one of .{', .'.join(sorted(IMAGE_KEYS))})")
+        raise ValueError(f"no image member (one of .{', .'.join(sorted(IMAGE_KEYS | {RAW_KEY}))})")
+    if image_key == RAW_KEY:  # a prepared set's raw uint8 pixels (ds-trainer prepare --store raw)
+        return raw_image(sample[image_key])
     return open_checked(io.BytesIO(sample[image_key]))
 
 

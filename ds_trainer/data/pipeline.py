@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ds_trainer.data.decode import Preprocessor, clip_preprocessor, collate, decode_samples
 from ds_trainer.data.manifest import ShardInfo, load_manifest
+from ds_trainer.data.prepared import for_run
 from ds_trainer.data.rank_plan import RankPlan, plan_rank, split_holdout
 from ds_trainer.data.tar_stream import read_samples
 from ds_trainer.errors import DataError
@@ -331,6 +332,8 @@ def make_shard_loader(
     `pin_memory` (data.pin_memory) page-locks batches when CUDA is available, else does nothing.
     """
     manifest = load_manifest(shard_dir)
+    # a prepared set (ds-trainer prepare): refused when `preprocess` contradicts it, else minus what it holds
+    preprocess = for_run(manifest, preprocess, train=train)
     shards = manifest.select(split, generators)
     if holdout_fraction > 0:
         kept, held = split_holdout(shards, holdout_fraction, f"{manifest.root}/{split}")

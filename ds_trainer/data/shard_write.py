@@ -15,10 +15,11 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import webdataset as wds
 from PIL import ImageFile, UnidentifiedImageError
@@ -93,12 +94,42 @@ def _read_verified(
     return data, _verify(data, decode)
 
 
+class TarEntry(NamedTuple):
+    """One sample as it goes into a shard: its tar members, its label (None: not known) and image mode."""
+
+    members: dict[str, Any]  # __key__ and the member extensions -> bytes
+    label: int | None
+    mode: str
+
+
+def _verified_entries(job: ShardJob) -> Iterator[TarEntry | dict[str, str]]:
+    """The planned samples read and decoded; a skipped one as its manifest record (path, kind, reason)."""
+    for sample in job.samples:
+        try:
+            data, info = _read_verified(sample, job.verify, job.confine)
+        except _Unreadable as exc:
+            yield {"path": sample.rel, "kind": exc.kind, "reason": str(exc)}
+            continue
+        yield TarEntry(_tar_sample(job, sample, data, info), sample.label, info["mode"])
+
+
 def _write_one_shard(job: ShardJob) -> dict[str, Any]:
     """Verify and write one planned shard; returns its sidecar (also written next to the tar).
 
+    Image bytes are stored unchanged: re-encoding would alter the artifacts a detector looks for.
+    """
+    return write_shard(job, _verified_entries(job))
+
+
+def write_shard(
+    job: Any, entries: Iterable[TarEntry | dict[str, str]], counts: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Write the tar of `job` (out, rel, sidecar_rel, digest, generator, split) from `entries`, then its sidecar.
+
     The tar is written under a .tmp name and renamed when complete, then the sidecar is written:
     a tar without a matching sidecar is treated as unfinished and rewritten on the next run.
-    Image bytes are stored unchanged: re-encoding would alter the artifacts a detector looks for.
+    An entry that is a dict is a skipped file, listed in the sidecar. `counts` (count, ai, nature)
+    replaces what the sidecar would count from the entries (a derived set keeps its source's counts).
     """
     out = Path(job.out)
     final, tmp = out / job.rel, out / (job.rel + ".tmp")
@@ -110,16 +141,15 @@ def _write_one_shard(job: ShardJob) -> dict[str, Any]:
         final.parent.mkdir(parents=True, exist_ok=True)
         # fixed mtime: the same tree and seed give byte-identical shards
         with wds.TarWriter(str(tmp), encoder=False, mtime=0) as writer:
-            for sample in job.samples:
-                try:
-                    data, info = _read_verified(sample, job.verify, job.confine)
-                except _Unreadable as exc:
-                    skipped.append({"path": sample.rel, "kind": exc.kind, "reason": str(exc)})
+            for entry in entries:
+                if isinstance(entry, dict):
+                    skipped.append(entry)
                     continue
-                writer.write(_tar_sample(job, sample, data, info))
-                keys.append(sample.key)
-                ai += sample.label
-                modes[LABEL_NAMES[sample.label]][info["mode"]] += 1
+                writer.write(entry.members)
+                keys.append(entry.members["__key__"])
+                if entry.label is not None:
+                    ai += entry.label
+                    modes[LABEL_NAMES[entry.label]][entry.mode] += 1
         if keys:
             os.replace(tmp, final)
         else:  # every image unreadable: no empty tar, the sidecar alone records the outcome
@@ -135,6 +165,7 @@ def _write_one_shard(job: ShardJob) -> dict[str, Any]:
             "count": len(keys),
             "ai": ai,
             "nature": len(keys) - ai,
+            **(counts or {}),
             "bytes": final.stat().st_size if keys else 0,
             "modes": {name: dict(sorted(c.items())) for name, c in modes.items()},
             "skipped": skipped,
@@ -215,8 +246,11 @@ def _pool(workers: int) -> ProcessPoolExecutor:
                                initializer=die_with_parent, initargs=(os.getpid(),))  # fmt: skip
 
 
-def run_jobs(jobs: list[ShardJob], workers: int, bar: tqdm) -> dict[str, dict[str, Any]]:
-    """Write the shards of `jobs`, one per task; `workers` > 1 uses a process pool."""
+def run_jobs(
+    jobs: list[Any], workers: int, bar: tqdm, write: Callable[[Any], dict[str, Any]] = _write_one_shard
+) -> dict[str, dict[str, Any]]:
+    """Write the shards of `jobs` with `write` (a module-level function: it goes to the pool), one per task;
+    `workers` > 1 uses a process pool."""
     done: dict[str, dict[str, Any]] = {}
 
     def finished(sidecar: dict[str, Any]) -> None:
@@ -228,12 +262,12 @@ def run_jobs(jobs: list[ShardJob], workers: int, bar: tqdm) -> dict[str, dict[st
 
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            finished(_write_one_shard(job))
+            finished(write(job))
         return done
     pool = _pool(min(workers, len(jobs)))
     try:
         with sigterm_raises():  # SIGTERM: the workers are stopped below, not orphaned (child_processes.py)
-            pending: set[Future] = {pool.submit(_write_one_shard, job) for job in jobs}
+            pending: set[Future] = {pool.submit(write, job) for job in jobs}
             while pending:
                 ready, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for fut in ready:

@@ -119,16 +119,20 @@ def to_normalized_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return (tensor - _MEAN) / _STD
 
 
-def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
-    """Encode `img` (RGB) as JPEG at `quality` in memory and decode it again.
-
-    Pillow's defaults otherwise (4:2:0 chroma subsampling, standard tables), which is what
-    most JPEG photos, GenImage's ImageNet reals included, were saved with.
-    """
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+    """`img` (RGB) encoded as JPEG at `quality`: Pillow's defaults otherwise (4:2:0 chroma subsampling,
+    standard tables), which is what most JPEG photos, GenImage's ImageNet reals included, were saved with."""
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=int(quality))
-    buf.seek(0)
-    with Image.open(buf) as out:
+    return buf.getvalue()
+
+
+def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
+    """Encode `img` (RGB) as JPEG at `quality` in memory (`jpeg_bytes`) and decode it again.
+
+    `ds-trainer prepare --align-jpeg` stores those same bytes, so a prepared shard decodes to these pixels.
+    """
+    with Image.open(io.BytesIO(jpeg_bytes(img, quality))) as out:
         out.load()
         return out.convert("RGB")
 
