@@ -169,7 +169,13 @@ def _bounded(field) -> bool:
 
 # Bounded by a validator instead of a constant: warmup_epochs < num_epochs, min_lr <= learning_rate,
 # the (low, high) pairs checked in DataSection._check_ranges.
-BOUNDED_BY_VALIDATOR = {"training.warmup_epochs", "training.min_lr", "data.blur_sigma", "data.jpeg_quality"}
+BOUNDED_BY_VALIDATOR = {
+    "training.warmup_epochs",
+    "training.min_lr",
+    "data.blur_sigma",
+    "data.jpeg_quality",
+    "data.threshold",
+}
 
 
 def test_every_numeric_key_has_an_upper_bound():
