@@ -5,7 +5,8 @@ q96 around 500x375, plus 1024² PNG fakes as Midjourney's) with Pillow and with 
 simplejpeg), each through the loader's header check, and reports the time ratio per kind. Part 2 reads the mix
 through `make_shard_loader(train=True)` with one DataLoader worker (so batches cross the worker queue), the
 default preprocessing (crop resize to 224, no draft), in four variants: Pillow or fast decode, float or uint8
-batches; the consumer runs `batches.unpack` (normalisation, on this CPU, for uint8). Variants alternate.
+batches; the consumer runs `batches.unpack` (normalisation, on this CPU, for uint8), and once not (on a GPU it
+is a kernel on the device, off the host). Variants alternate.
 
     python benchmarks/decode_path.py                  # ~3 minutes on 2 busy cores
     python benchmarks/decode_path.py --images 24 --rounds 1 --out /tmp/d.json   # smoke
@@ -39,8 +40,10 @@ from ds_trainer.data.shards import shard_genimage
 from ds_trainer.data.transforms import Preprocess
 
 KINDS = {"PNG 512²": ("PNG", (512, 512)), "PNG 1024²": ("PNG", (1024, 1024)), "JPEG q96 ~500x375": ("JPEG", None)}
-LOADER_VARIANTS = [("Pillow, float", False, False), ("fast, float", True, False),
-                   ("Pillow, uint8", False, True), ("fast, uint8", True, True)]  # fmt: skip
+LOADER_VARIANTS = [  # (name, fast decoders, uint8 batches, the consumer normalises on this CPU)
+    ("Pillow, float", False, False, True), ("fast, float", True, False, True), ("Pillow, uint8", False, True, True),
+    ("fast, uint8", True, True, True), ("fast, uint8, normalised elsewhere (a GPU)", True, True, False),
+]  # fmt: skip
 BASELINE = "Pillow, float"
 
 
@@ -66,7 +69,7 @@ def _decode_seconds(files: list[bytes], fast: bool) -> float:
     return time.perf_counter() - start
 
 
-def _loader_rate(shards: Path, fast: bool, uint8: bool, batch_size: int) -> float:
+def _loader_rate(shards: Path, fast: bool, uint8: bool, unpack: bool, batch_size: int) -> float:
     real = fast_decode.fast_formats
     decode.fast_formats = real if fast else (lambda preprocess: frozenset())  # forked into the worker
     try:
@@ -76,7 +79,7 @@ def _loader_rate(shards: Path, fast: bool, uint8: bool, batch_size: int) -> floa
         loader.set_epoch(0)
         start, n = time.perf_counter(), 0
         for batch in loader:
-            x, _ = batches.unpack(batch, torch.device("cpu"), torch.float32)
+            x = batches.unpack(batch, torch.device("cpu"), torch.float32)[0] if unpack else batch["pixel_values"]
             n += x.shape[0]
         return n / (time.perf_counter() - start)
     finally:
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=240, help="distinct images in the loader's mix (default 240)")
     p.add_argument("--decode-images", type=int, default=30, help="distinct files per kind in part 1")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds over every variant")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds over every variant")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/decode_path.json)")
     args = p.parse_args(argv)
@@ -99,13 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         write_tree(root / "src", args.images)
         shard_genimage(root / "src", root / "shards", max_count=64, workers=1, progress=False)
-        rates: dict[str, list[float]] = {name: [] for name, _, _ in LOADER_VARIANTS}
+        rates: dict[str, list[float]] = {name: [] for name, *_ in LOADER_VARIANTS}
         for _ in range(args.rounds):
             for kind in KINDS:
                 for fast in (False, True):
                     secs[kind][fast].append(_decode_seconds(files[kind], fast))
-            for name, fast, uint8 in LOADER_VARIANTS:
-                rates[name].append(_loader_rate(root / "shards", fast, uint8, args.batch_size))
+            for name, fast, uint8, unpack in LOADER_VARIANTS:
+                rates[name].append(_loader_rate(root / "shards", fast, uint8, unpack, args.batch_size))
     speedup = {k: statistics.median(s[False]) / statistics.median(s[True]) for k, s in secs.items()}
     per_image = {k: {v: 1e3 * statistics.median(s[v]) / args.decode_images for v in (False, True)}
                  for k, s in secs.items()}  # fmt: skip
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     base = median[BASELINE]
     decode_rows = [[k, f"{per_image[k][False]:.2f}", f"{per_image[k][True]:.2f}", f"x{speedup[k]:.2f}"] for k in KINDS]
     loader_rows = [[n, f"{median[n]:.1f}", f"{min(rates[n]):.1f}-{max(rates[n]):.1f}", f"x{median[n] / base:.2f}"]
-                   for n, _, _ in LOADER_VARIANTS]  # fmt: skip
+                   for n, *_ in LOADER_VARIANTS]  # fmt: skip
     summary = (
         "decode vs Pillow: " + ", ".join(f"{k} x{v:.2f}" for k, v in speedup.items())
         + f"; loader (1 worker) fast+uint8 x{median['fast, uint8'] / base:.2f}, uint8 alone "
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{md_table(['loader variant', 'img/s', 'range', 'vs Pillow, float'], loader_rows)}\n\n"
         f"Decode: {args.decode_images} distinct files per kind, header check included. Loader: {args.images} "
         f"distinct images (fakes 512² PNG, reals JPEG q96), train loader with 1 worker, crop resize 224, no draft, "
-        f"batch {args.batch_size}, the consumer normalising uint8 batches on this CPU; median of {args.rounds} "
+        f"batch {args.batch_size}, the consumer normalising uint8 batches on this CPU (last row: not, as on a GPU, "
+        f"where it is a device kernel); median of {args.rounds} "
         "alternating rounds. One run on a shared machine: compare rows, not absolute numbers."
     )
     write_result("decode_path", args.out, argv, summary, markdown, decode_seconds=secs, decode_speedup=speedup,

@@ -49,6 +49,6 @@ def test_decode_path_writes_its_ratios(tmp_path):
                     "2", "--rounds", "1", "--out", str(out)], timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert len(result["loader_median"]) == 4 and all(v > 0 for v in result["loader_median"].values())
+    assert len(result["loader_median"]) == 5 and all(v > 0 for v in result["loader_median"].values())
     assert len(result["decode_speedup"]) == 3 and all(v > 0 for v in result["decode_speedup"].values())
     assert "vs Pillow, float" in result["markdown"] and "decode_path: decode vs Pillow" in proc.stdout
