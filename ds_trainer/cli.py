@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any command imports DeepSpeed, whose accelerator warning is logged at import.
     route_deepspeed_logs(debug=args.debug)
     if os.environ.get(LAUNCHED_ENV) == "1" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt_once)
+        signal.signal(signal.SIGINT, interrupt_once)
     try:
         return _COMMANDS[args.command](args)
     except Preempted as exc:
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return lost.exit_code
 
 
-def _interrupt_once(signum: int, frame: object) -> None:
+def interrupt_once(signum: int, frame: object) -> None:
     """A launched rank's Ctrl-C: the first one stops it; the next (the launcher forwards one to ranks still
     running after 5 s) must not interrupt the clean-up, where Python prints it as an ignored traceback.
 
