@@ -4,7 +4,7 @@ For each shard set -- the demo set (data_shards/demo, built with `make demo-data
 synthetic GenImage-like sets at 128², 256², 512², 1024² in JPEG (like GenImage's reals) and PNG
 (like its fakes), written with data_throughput.py's writer -- this builds a Config (model `tiny`,
 224 px, batch 16, fp32, ZeRO 1, `data.num_workers` = --workers, everything else the defaults),
-takes the train loader from `ds_trainer.run._loaders` (as `ds-trainer train` does) and trains
+takes the train loader from `ds_trainer.run.build_loaders` (as `ds-trainer train` does) and trains
 `ds_trainer.Trainer` for one epoch of --steps batches (the demo set's epoch cut to as many). From
 the epoch's metrics row it reports `samples_per_s`, `data_wait_s` (time the training loop spent
 blocked in next(loader)) and `data_wait_fraction` (= data_wait_s / epoch_time_s). It also times
@@ -98,7 +98,7 @@ def measure(name: str, image: str, cfg: Config, steps: int, threads: int = 0) ->
     """
     from ds_trainer.distributed import init_distributed
     from ds_trainer.models import build_model
-    from ds_trainer.run import _loaders, seed_everything
+    from ds_trainer.run import build_loaders, seed_everything
     from ds_trainer.trainer import Trainer
 
     env = init_distributed()
@@ -106,14 +106,14 @@ def measure(name: str, image: str, cfg: Config, steps: int, threads: int = 0) ->
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the Trainer leaves an explicit choice alone
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
-    train_loader, _ = _loaders(cfg, env, train=True)
+    train_loader, _ = build_loaders(cfg, env, train=True)
     clock = ShortEpoch(train_loader, steps)
     (row,) = Trainer(build_model(cfg.model), clock, None, config=cfg).train()
     for key in ("data_wait_s", "data_wait_fraction"):
         if key not in row:
             raise SystemExit(f"the Trainer's epoch row has no {key!r}: this ds_trainer predates the data-wait metric")
 
-    loader, _ = _loaders(cfg, env, train=True)
+    loader, _ = build_loaders(cfg, env, train=True)
     loader.set_epoch(1)  # the batches the epoch trained on
     warm = max(loader.plan().num_workers, 1)
     alone, workers = steady_rate(loader, clock.steps - warm)

@@ -18,10 +18,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ds_trainer.config_errors import validation_message
 from ds_trainer.config_yaml import (
     apply_override,
-    cut,
-    echo,
     empty_config_error,
     parse_yaml,
     read_config_text,
@@ -368,52 +367,6 @@ class Config(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _section_at(path: Sequence[str | int]) -> type[BaseModel] | None:
-    """The pydantic model that owns the key at `path` (for did-you-mean suggestions)."""
-    model: type[BaseModel] = Config
-    for part in path[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-def _unknown_key_message(path: Sequence[str | int]) -> str:
-    dotted = cut(".".join(str(p) for p in path))
-    model = _section_at(path)
-    if model is None:
-        return f"unknown key {dotted}"
-    prefix = ".".join(str(p) for p in path[:-1])
-    valid = list(model.model_fields)
-    close = difflib.get_close_matches(str(path[-1])[:100], valid, n=1, cutoff=0.6)
-    if close:
-        full = f"{prefix}.{close[0]}" if prefix else close[0]
-        return f"unknown key {dotted} — did you mean {full}?"
-    where = f"{prefix}" if prefix else "the top level"
-    return f"unknown key {dotted} — valid keys in {where}: {', '.join(valid)}"
-
-
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        dotted = cut(".".join(str(p) for p in loc))
-        if err["type"] == "extra_forbidden":
-            lines.append(_unknown_key_message(loc))
-            continue
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if err["type"] == "value_error" or not dotted:
-            lines.append(f"{dotted or 'config'}: {msg}" if dotted else msg)
-        else:
-            lines.append(f"{dotted}: {msg} (got {echo(err.get('input'), loc)})")
-    body = "\n".join(f"  {line}" for line in lines)  # each value in it already cut by echo()
-    return f"invalid configuration in {source}:\n{body}"
-
-
 def build_config(tree: Any, overrides: Sequence[str] = (), source: str = "<config>") -> Config:
     if tree is None:
         tree = {}
@@ -425,7 +378,7 @@ def build_config(tree: Any, overrides: Sequence[str] = (), source: str = "<confi
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(validation_message(exc, source, Config)) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

@@ -55,6 +55,12 @@ def _cache_file(directory: Path) -> Path | None:
     return directory / "cpuinfo" / f"{identity(text, platform.machine(), os.cpu_count() or 0, version)}.json"
 
 
+def forget() -> None:
+    """Drop the answer held in memory, as a new process starts (the cache file stays)."""
+    global _memo
+    _memo = None
+
+
 def cached_get_cpu_info(compute: Any, directory: Path | None) -> dict[str, Any]:
     """`compute()`'s answer: from memory, else from `directory`'s cache file, else computed and stored."""
     global _memo

@@ -24,12 +24,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _host() -> str:
+def host_name() -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "_", socket.gethostname()) or "host"
 
 
 def _name(out: Path, kind: str) -> Path:
-    return out.with_name(f".{out.name}.{kind}-{_host()}-{os.getpid()}")
+    return out.with_name(f".{out.name}.{kind}-{host_name()}-{os.getpid()}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -57,7 +57,7 @@ def stale_temporaries(out: Path) -> list[Path]:
         return []
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if not match or (match["host"] is not None and match["host"] != _host()):
+        if not match or (match["host"] is not None and match["host"] != host_name()):
             continue
         pid = int(match["pid"])
         if pid == os.getpid() or not _pid_alive(pid):

@@ -137,11 +137,11 @@ def needs_build(build_dir: Path) -> bool:
 # ---------------------------------------------------------------------------------------- locks
 
 
-def _holder_info(state: str, op: str) -> dict[str, Any]:
+def holder_info(state: str, op: str) -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "op": op, "state": state, "since": time.time()}
 
 
-def _write_info(fd: int, info: dict[str, Any]) -> None:
+def write_holder_info(fd: int, info: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -198,11 +198,11 @@ def build_lock(build_dir: Path, op: str, announce: int, notice_s: float = NOTICE
                 return
         if told:
             log.log(announce, "got the op build lock %s after %.0f s", path, time.monotonic() - start)
-        _write_info(fd, _holder_info("loading", op))
+        write_holder_info(fd, holder_info("loading", op))
         try:
             yield fd
         finally:
-            _write_info(fd, {})
+            write_holder_info(fd, {})
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -310,7 +310,7 @@ def guarded_load(op: str, load: Any, build_dir: Path | None = None) -> Any:
         building = needs_build(build_dir)
         if building:
             if fd is not None:
-                _write_info(fd, _holder_info("building", op))
+                write_holder_info(fd, holder_info("building", op))
             log.log(announce, "building DeepSpeed's %s op (first launch in this environment, 1-2 min per op on 2 "
                     "cores; cached in %s)", op, build_dir.parent)  # fmt: skip
         start = time.perf_counter()

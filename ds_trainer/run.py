@@ -63,7 +63,7 @@ def _check_image_size(cfg: Config, model: torch.nn.Module) -> None:
         )
 
 
-def _loaders(cfg: Config, env: Any, train: bool, preprocess: Any = None) -> tuple[Any, Any]:
+def build_loaders(cfg: Config, env: Any, train: bool, preprocess: Any = None) -> tuple[Any, Any]:
     """(train loader or None, model-selection loader or None) for this rank.
 
     With `data.holdout_fraction`, model selection (val metrics, best, early stopping, plateau)
@@ -112,7 +112,7 @@ def run_training(cfg: Config, load_dir: str | Path | None = None, debug: bool = 
         _check_image_size(cfg, model)
         if eval_only and not cfg.data.val_split:
             raise ConfigError("model.mode zero-shot only evaluates: set data.val_split to the split to score")
-        train_loader, val_loader = _loaders(cfg, env, train=not eval_only)
+        train_loader, val_loader = build_loaders(cfg, env, train=not eval_only)
         trainer = Trainer(model, train_loader, val_loader, config=cfg, locks=locks)
         if eval_only:
             if load_dir is not None:
@@ -178,12 +178,12 @@ def run_evaluation(
         from ds_trainer.eval_datasets import score_datasets
 
         cfg = _for_dataset(cfg, datasets[0])
-    _, val_loader = _loaders(cfg, env, train=False)
+    _, val_loader = build_loaders(cfg, env, train=False)
     trainer = Trainer(model, None, val_loader, config=cfg)
     trainer.trained_generators = trained = _trained_generators(source.config)
     if len(datasets or ()) > 1:
         rows, preds = score_datasets(datasets, trainer.evaluate, lambda: trainer.last_predictions or {},
-                                     lambda spec: _loaders(_for_dataset(cfg, spec), env, train=False)[1])  # fmt: skip
+                                     lambda spec: build_loaders(_for_dataset(cfg, spec), env, train=False)[1])  # fmt: skip
         metrics, clean, sets = _pooled(rows, preds)
     else:
         metrics = trainer.evaluate()
@@ -195,8 +195,8 @@ def run_evaluation(
         from ds_trainer.data.transforms import Preprocess
         from ds_trainer.eval_tracks import run_tracks
 
-        base = Preprocess.from_config(cfg.data, uint8=True)  # normalised on the device, as in _loaders
-        extra = run_tracks(trainer.evaluate, lambda p: _loaders(cfg, env, False, p)[1], base, tracks, clean)
+        base = Preprocess.from_config(cfg.data, uint8=True)  # normalised on the device, as in build_loaders
+        extra = run_tracks(trainer.evaluate, lambda p: build_loaders(cfg, env, False, p)[1], base, tracks, clean)
     result = {
         "checkpoint": str(source.tag_dir), "epoch": source.meta.epoch, "global_step": source.meta.global_step,
         # where the scored images are: the report pulls its thumbnails of mistakes from there by key

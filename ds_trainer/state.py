@@ -107,6 +107,14 @@ def epoch_checkpoint_due(epoch: int, num_epochs: int, save_frequency: int, stopp
     return epoch == num_epochs or stopping or (save_frequency > 0 and epoch % save_frequency == 0)
 
 
+def monitored_value(row: dict[str, Any], monitor: str, epoch: int) -> float:
+    """The epoch's value of the monitored metric; a NaN is said once (it counts as no improvement)."""
+    value = float(row[monitor])
+    if math.isnan(value):
+        log.warning("epoch %d: %s is NaN (one-class validation set?); counted as no improvement", epoch, monitor)
+    return value
+
+
 class BestTracker:
     """The monitored metric's best value and the epochs since it last improved.
 

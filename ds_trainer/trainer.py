@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from ds_trainer.preemption import PreemptionGuard, save_and_stop
 from ds_trainer.run_lock import LockHold, RunLocks
 from ds_trainer.seed_api import config_from_keywords
 from ds_trainer.sinks import MetricsSinks, configure_logging, console, progress_mode, write_run_config
-from ds_trainer.state import BestTracker, TrainState, epoch_checkpoint_due
+from ds_trainer.state import BestTracker, TrainState, epoch_checkpoint_due, monitored_value
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +260,13 @@ class Trainer:
                 result = self._loop.run_epoch(epoch, start)
                 if result.preempted:
                     save_and_stop(self, epoch, result)  # raises Preempted (exit 75)
-                if self._end_epoch(epoch, result.row or {}):
+                if self.end_epoch(epoch, result.row or {}):
                     break
             if (best := self.state.best).best_row is not None:
                 console().info("Best checkpoint: %s", best.summary(Path(self.t.checkpoint_dir) / checkpoint.BEST))
         return self.history
 
-    def _end_epoch(self, epoch: int, train_row: dict[str, Any]) -> bool:
+    def end_epoch(self, epoch: int, train_row: dict[str, Any]) -> bool:
         """Validation, the row, best/early stopping/plateau, the epoch's checkpoints; True: stop early."""
         assert self.env is not None and self.settings is not None
         row: dict[str, Any] = {"epoch": epoch, **train_row}
@@ -280,16 +279,13 @@ class Trainer:
         row["lr"] = float(self.engine.get_lr()[0])
         self.state.progress.epoch = epoch
         monitor = self.settings.monitor
-        value = float(row[monitor])
-        if math.isnan(value):
-            log.warning("epoch %d: %s is NaN (one-class validation set?); counted as no improvement", epoch, monitor)
+        value = monitored_value(row, monitor, epoch)
         verdict = self.state.best.update(value, row)
         if self.plateau is not None and self.plateau.step(value, self.engine.lr_scheduler):
             console().info("Plateau: %s did not improve; LR scale now %.3g", monitor, self.plateau.scale)
         row["monitor"] = monitor
         self.sinks.write(row)
-        if self.val_loader is not None:
-            self.sinks.pr_curves(row["step"], self.last_predictions)
+        self.sinks.pr_curves(row["step"], self.last_predictions if self.val_loader is not None else None)
         self.history.append(row)
         if epoch_checkpoint_due(epoch, self.t.num_epochs, self.t.save_frequency, verdict.stop):
             saved = self.save_checkpoint(checkpoint.epoch_tag(epoch)).name

@@ -123,7 +123,7 @@ def test_an_improving_epoch_writes_one_checkpoint_and_best_shares_its_inodes(tmp
     # min_delta 10 on val_loss: epoch 1 improves (the first value always does), epochs 2 and 3 cannot.
     t = trainer(tmp_path, min_delta=10.0)
     per_epoch: dict[int, int] = {}
-    real_end = Trainer._end_epoch
+    real_end = Trainer.end_epoch
 
     def measured(self, epoch, row):
         before = written_bytes()
@@ -139,7 +139,7 @@ def test_an_improving_epoch_writes_one_checkpoint_and_best_shares_its_inodes(tmp
         saves.append(tag)
         return real_save(engine, checkpoint_dir, tag, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_end_epoch", measured)
+    monkeypatch.setattr(Trainer, "end_epoch", measured)
     monkeypatch.setattr(checkpoint, "save", counted)
     rows = t.train()
     ckpt = tmp_path / "ckpt"

@@ -271,12 +271,12 @@ def test_pin_memory_needs_cuda(single: Path, monkeypatch) -> None:
 def test_pin_memory_reaches_the_loaders_from_the_config(single: Path) -> None:
     from ds_trainer.config import Config
     from ds_trainer.distributed import DistEnv
-    from ds_trainer.run import _loaders
+    from ds_trainer.run import build_loaders
 
     for asked in (True, False):
         cfg = Config(data={"shards": str(single), "image_size": 32, "num_workers": 0, "pin_memory": asked},
                      training={"batch_size": 4})  # fmt: skip
-        train, val = _loaders(cfg, DistEnv(rank=0, local_rank=0, world_size=1), train=True)
+        train, val = build_loaders(cfg, DistEnv(rank=0, local_rank=0, world_size=1), train=True)
         assert train.requested_pin_memory is asked and val.requested_pin_memory is asked
         assert train.pin_memory is (asked and torch.cuda.is_available())
 

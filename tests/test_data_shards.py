@@ -393,7 +393,7 @@ def test_resume_after_a_crash_mid_shard(tmp_path: Path, release: Path, monkeypat
     reference = shard_genimage(release, tmp_path / "ref", max_count=3, workers=1, progress=False).manifest
     out = tmp_path / "out"
     calls = {"n": 0}
-    real = shard_write._tar_sample
+    real = shard_write.tar_sample
 
     def crash_on_the_8th_sample(*args):
         calls["n"] += 1
@@ -401,7 +401,7 @@ def test_resume_after_a_crash_mid_shard(tmp_path: Path, release: Path, monkeypat
             raise KeyboardInterrupt  # the user pressed Ctrl-C inside the third shard
         return real(*args)
 
-    monkeypatch.setattr(shard_write, "_tar_sample", crash_on_the_8th_sample)
+    monkeypatch.setattr(shard_write, "tar_sample", crash_on_the_8th_sample)
     with pytest.raises(KeyboardInterrupt):
         shard_genimage(release, out, max_count=3, workers=1, progress=False)
     monkeypatch.undo()

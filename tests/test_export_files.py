@@ -47,7 +47,7 @@ def umask():
 @pytest.mark.unit
 def test_only_temporaries_of_dead_processes_on_this_host_are_stale(tmp_path):
     out = tmp_path / "exported"
-    host, dead = export_files._host(), dead_pid()
+    host, dead = export_files.host_name(), dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         names = {
@@ -117,7 +117,10 @@ def test_an_exports_files_all_have_the_same_mode(checkpoint, tmp_path, umask, ma
 
 def test_a_temporary_left_by_a_dead_export_is_removed_by_the_next(checkpoint, tmp_path):
     out = tmp_path / "exported"
-    stale = [tmp_path / f".exported.tmp-{dead_pid()}", tmp_path / f".exported.old-{export_files._host()}-{dead_pid()}"]
+    stale = [
+        tmp_path / f".exported.tmp-{dead_pid()}",
+        tmp_path / f".exported.old-{export_files.host_name()}-{dead_pid()}",
+    ]
     for path in stale:
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"\0" * 1024)

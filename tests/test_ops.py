@@ -156,7 +156,7 @@ import logging, sys, time
 from pathlib import Path
 from ds_trainer import ops
 with ops.build_lock(Path(sys.argv[1]), "fused_adam", logging.DEBUG) as fd:
-    ops._write_info(fd, ops._holder_info("building", "fused_adam"))
+    ops.write_holder_info(fd, ops.holder_info("building", "fused_adam"))
     print("ready", flush=True)
     time.sleep(120)
 """

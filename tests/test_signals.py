@@ -25,12 +25,12 @@ SLOW_SHARD = """
 import os, sys, time
 from pathlib import Path
 from ds_trainer.data import shard_write
-marks, real = Path(sys.argv[1]), shard_write._verify
+marks, real = Path(sys.argv[1]), shard_write.verify_image
 def slow(data, decode=True):
     (marks / str(os.getpid())).touch()  # which processes are writing
     time.sleep(0.5)
     return real(data, decode)
-shard_write._verify = slow
+shard_write.verify_image = slow
 from ds_trainer.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -203,7 +203,7 @@ class Slow(torch.utils.data.Dataset):
     def __getitem__(self, i):
         time.sleep(0.05)
         return i
-signal.signal(signal.SIGINT, cli._interrupt_once)
+signal.signal(signal.SIGINT, cli.interrupt_once)
 signal.signal(signal.SIGTERM, lambda *a: None)  # a training rank's preemption handler only notes a SIGTERM
 it = iter(torch.utils.data.DataLoader(Slow(), num_workers=2, batch_size=2))
 try:

@@ -44,8 +44,10 @@ def test_the_cache_key_is_the_cpus_identity_not_its_clock():
 
 
 @pytest.fixture
-def fresh_memo(monkeypatch):
-    monkeypatch.setattr(cpu_info, "_memo", None)
+def fresh_memo():
+    cpu_info.forget()
+    yield
+    cpu_info.forget()
 
 
 @pytest.mark.unit
@@ -61,7 +63,7 @@ def test_computed_once_then_read_from_the_op_directory(tmp_path, fresh_memo, mon
     (stored,) = (tmp_path / "cpuinfo").glob("*.json")
     assert json.loads(stored.read_text()) == first
     assert cpu_info.cached_get_cpu_info(compute, tmp_path) == first and calls == [1]  # memory
-    monkeypatch.setattr(cpu_info, "_memo", None)  # as a new process on the same machine
+    cpu_info.forget()  # as a new process on the same machine
     assert cpu_info.cached_get_cpu_info(compute, tmp_path) == first and calls == [1]  # disk
     # A caller changing its copy changes nothing for the next.
     cpu_info.cached_get_cpu_info(compute, tmp_path)["flags"].append("x")
@@ -74,7 +76,7 @@ def test_a_damaged_cache_file_is_recomputed_and_replaced(tmp_path, fresh_memo, c
     cpu_info.cached_get_cpu_info(lambda: {"arch": "X86_64", "flags": ["avx2"]}, tmp_path)
     (stored,) = (tmp_path / "cpuinfo").glob("*.json")
     stored.write_text(content)
-    cpu_info._memo = None
+    cpu_info.forget()
     info = cpu_info.cached_get_cpu_info(lambda: {"arch": "ARM_8", "flags": ["sve"]}, tmp_path)
     assert info == {"arch": "ARM_8", "flags": ["sve"]}
     assert json.loads(stored.read_text()) == info

@@ -126,11 +126,11 @@ def test_loader_batches_are_uint8_and_the_same_model_inputs(tiny_shards, train, 
 def test_the_trainers_loaders_ship_uint8(tiny_shards):
     from ds_trainer.config import Config
     from ds_trainer.distributed import DistEnv
-    from ds_trainer.run import _loaders
+    from ds_trainer.run import build_loaders
 
     cfg = Config(data={"shards": str(tiny_shards), "image_size": 32, "num_workers": 0, "crop": "native",
                        "eval_crops": 5}, training={"batch_size": 4})  # fmt: skip
-    train, val = _loaders(cfg, DistEnv(rank=0, local_rank=0, world_size=1), train=True)
+    train, val = build_loaders(cfg, DistEnv(rank=0, local_rank=0, world_size=1), train=True)
     assert train.preprocess.uint8 and val.preprocess.uint8
     batch = next(iter(val))
     assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape[1:] == (5, 3, 32, 32)

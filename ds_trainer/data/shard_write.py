@@ -52,7 +52,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _verify(data: bytes, decode: bool = True) -> dict[str, Any]:
+def verify_image(data: bytes, decode: bool = True) -> dict[str, Any]:
     """Decode every pixel (load(), since verify() passes truncated and corrupt image data).
 
     Returns width/height/mode/format; an image the loader would refuse (image_limits) or any decoding
@@ -91,7 +91,7 @@ def _read_verified(
         raise _Unreadable(f"cannot read file: {exc.strerror or exc}") from exc
     if not data:
         raise _Unreadable("empty file (0 bytes)")
-    return data, _verify(data, decode)
+    return data, verify_image(data, decode)
 
 
 class TarEntry(NamedTuple):
@@ -110,7 +110,7 @@ def _verified_entries(job: ShardJob) -> Iterator[TarEntry | dict[str, str]]:
         except _Unreadable as exc:
             yield {"path": sample.rel, "kind": exc.kind, "reason": str(exc)}
             continue
-        yield TarEntry(_tar_sample(job, sample, data, info), sample.label, info["mode"])
+        yield TarEntry(tar_sample(job, sample, data, info), sample.label, info["mode"])
 
 
 def _write_one_shard(job: ShardJob) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def write_shard(
     return sidecar
 
 
-def _tar_sample(job: ShardJob, sample: PlannedSample, data: bytes, info: dict[str, Any]) -> dict[str, Any]:
+def tar_sample(job: ShardJob, sample: PlannedSample, data: bytes, info: dict[str, Any]) -> dict[str, Any]:
     ext = Path(sample.rel).suffix.lower().lstrip(".")
     meta = {
         "generator": job.generator,
