@@ -83,6 +83,7 @@ bench: ops demo-data
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/prepared_shards.py
+	$(BIN)/python benchmarks/decode_path.py
 	$(BIN)/python benchmarks/zero_memory.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/speed_switches.py

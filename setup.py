@@ -21,12 +21,14 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",  # ds-trainer report
     ],
-    # Optional features: logging.tensorboard, logging.wandb, model.lora.
+    # Optional features: logging.tensorboard, logging.wandb, model.lora, faster image decoding.
     extras_require={
         "test": ["pytest>=8"],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
         "lora": ["peft>=0.10"],
+        # data/fast_decode.py: libspng / libjpeg-turbo decoding with Pillow's exact pixels (else Pillow)
+        "fast-decode": ["pyspng>=0.1.4", "simplejpeg>=1.9"],
         # benchmarks/vs_hf_trainer.py: the Hugging Face Trainer as the peer (never a runtime dependency)
         "bench": ["accelerate>=1.0", "transformers>=5.0"],
     },

@@ -24,6 +24,8 @@ SECTIONS = [
     ("train_throughput", "3. End-to-end training throughput with data", "run `make bench`"),
     ("data_throughput", "3b. Loader rate per image size and format", "run `make bench`"),
     ("prepared_shards", "3c. Prepared shards (`ds-trainer prepare`) vs load-time alignment", "run `make bench`"),
+    ("decode_path", "3d. Decoders and uint8 batches (pyspng / simplejpeg vs Pillow, uint8 vs float)",
+     "run `make bench`"),
     ("zero_memory", "5. Memory per ZeRO stage", "run `make bench`"),
     ("scaling", "6. Scaling and communication volume", "run `make bench`"),
     ("speed_switches", "7. Speed switches", "run `make bench`"),

@@ -7,11 +7,17 @@ from typing import Any
 
 import torch
 
+from ds_trainer.data.transforms import normalize
 from ds_trainer.errors import DataError
 
 
 def unpack(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) on the device: a dict with pixel_values/labels, or an (images, labels) pair."""
+    """(inputs, targets) on the device: a dict with pixel_values/labels, or an (images, labels) pair.
+
+    uint8 pixel_values (the trainer's loaders ship the crops' 8-bit pixels) are copied as they are and
+    normalised with the CLIP mean/std there, the one place training, evaluation and their dummies get it;
+    float ones are taken as already normalised.
+    """
     if isinstance(batch, Mapping):
         inputs, targets = batch["pixel_values"], batch["labels"]
     elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
@@ -21,6 +27,8 @@ def unpack(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.
             "a batch must be a dict with 'pixel_values' and 'labels', or an (images, labels) pair; "
             f"got {type(batch).__name__}"
         )
+    if inputs.dtype == torch.uint8:
+        inputs = normalize(inputs.to(device, non_blocking=True))
     return inputs.to(device, dtype=dtype, non_blocking=True), targets.to(device, non_blocking=True)
 
 

@@ -277,8 +277,9 @@ class Prediction:
     p_ai_calibrated: float | None = None
 
 
-def load_image_tensor(path: str | Path, image_size: int, crop: str = "resize") -> torch.Tensor:
-    """One file → [3, size, size], decoded and preprocessed as evaluation does (no EXIF rotation there either).
+def load_image_tensor(path: str | Path, image_size: int, crop: str = "resize", *, uint8: bool = False) -> torch.Tensor:
+    """One file → [3, size, size], decoded and preprocessed as evaluation does (no EXIF rotation there either);
+    `uint8`: the crop's pixels, left for predict_tensors to normalise.
 
     Label-dependent data switches (data.align_jpeg_quality) define the training data, not the
     detector: an image to score has no label, so they do not apply here.
@@ -289,7 +290,7 @@ def load_image_tensor(path: str | Path, image_size: int, crop: str = "resize") -
     try:
         # the loader's checks: a regular file (a FIFO would block), and the one bound on an image's size
         with open_checked(path) as img:
-            return Preprocess(image_size, crop=crop, draft=False)(img, 0, train=False)
+            return Preprocess(image_size, crop=crop, draft=False, uint8=uint8)(img, 0, train=False)
     except Exception as exc:  # noqa: BLE001 - broken images raise many types (PIL's bomb error, MemoryError ...)
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {first_line(exc)}") from None
 
@@ -307,7 +308,7 @@ def predict_paths(model: nn.Module, paths: Sequence[str | Path], batch_size: int
         tensors, ok = [], []
         for pred in chunk:
             try:
-                tensors.append(load_image_tensor(pred.path, size, getattr(model, "crop_mode", "resize")))
+                tensors.append(load_image_tensor(pred.path, size, getattr(model, "crop_mode", "resize"), uint8=True))
                 ok.append(pred)
             except DataError as exc:
                 pred.error = str(exc)
@@ -328,10 +329,14 @@ def _decide(pred: Prediction, score: float, decision: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def predict_tensors(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """P(ai) [B] for preprocessed images [B, 3, H, W]: softmax column 1, as the evaluation metrics use."""
+    """P(ai) [B] for preprocessed images [B, 3, H, W]: softmax column 1, as the evaluation metrics use.
+
+    uint8 pixels are normalised with the CLIP mean/std first (transforms.normalize), float ones taken as they are.
+    """
+    from ds_trainer.data.transforms import normalize
     from ds_trainer.metrics import ai_scores
 
-    return ai_scores(model(pixels.float()))
+    return ai_scores(model(normalize(pixels) if pixels.dtype == torch.uint8 else pixels.float()))
 
 
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:

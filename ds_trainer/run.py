@@ -77,7 +77,7 @@ def build_loaders(cfg: Config, env: Any, train: bool, preprocess: Any = None) ->
     d = cfg.data
     common = dict(
         rank=env.rank, world_size=env.world_size, num_workers=d.num_workers, image_size=d.image_size, seed=cfg.seed,
-        preprocess=preprocess or Preprocess.from_config(d, draft=d.jpeg_draft), pin_memory=d.pin_memory,
+        preprocess=preprocess or Preprocess.from_config(d, draft=d.jpeg_draft, uint8=True), pin_memory=d.pin_memory,
     )  # fmt: skip
     eval_batch = d.eval_batch_size or cfg.training.batch_size
     train_loader = None
@@ -195,7 +195,7 @@ def run_evaluation(
         from ds_trainer.data.transforms import Preprocess
         from ds_trainer.eval_tracks import run_tracks
 
-        base = Preprocess.from_config(cfg.data)
+        base = Preprocess.from_config(cfg.data, uint8=True)  # normalised on the device, as in build_loaders
         extra = run_tracks(trainer.evaluate, lambda p: build_loaders(cfg, env, False, p)[1], base, tracks, clean)
     result = {
         "checkpoint": str(source.tag_dir), "epoch": source.meta.epoch, "global_step": source.meta.global_step,

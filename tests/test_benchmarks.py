@@ -6,7 +6,9 @@ The benchmarks themselves run with `make bench`, never in `make test`.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cmd
@@ -39,3 +41,16 @@ def test_prepared_shards_writes_its_ratios(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["median"]) == 5 and all(v > 0 for v in result["median"].values())
     assert "vs load-time align" in result["markdown"] and "prepared_shards: prepared --align-jpeg 96" in proc.stdout
+
+
+def test_decode_path_writes_its_ratios(tmp_path):
+    found = [Path(pytest.importorskip(name).__file__).parents[1] for name in ("pyspng", "simplejpeg")]
+    out = tmp_path / "decode_path.json"
+    path = os.pathsep.join(dict.fromkeys([str(REPO), *map(str, found)]))  # where this process found them
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "decode_path.py"), "--images", "24", "--decode-images",
+                    "2", "--rounds", "1", "--out", str(out)], timeout=300, PYTHONPATH=path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["loader_median"]) == 5 and all(v > 0 for v in result["loader_median"].values())
+    assert len(result["decode_speedup"]) == 3 and all(v > 0 for v in result["decode_speedup"].values())
+    assert "vs Pillow, float" in result["markdown"] and "decode_path: decode vs Pillow" in proc.stdout

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ds_trainer.data.fast_decode import decoded, fast_formats
 from ds_trainer.data.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, open_checked
 from ds_trainer.data.raw_pixels import RAW_KEY, raw_image
 from ds_trainer.data.scan import IMAGE_KEYS
@@ -63,14 +64,18 @@ def _label(sample: dict[str, Any]) -> int:
     return label
 
 
-def _open_image(sample: dict[str, Any]) -> Image.Image:
-    """The sample's image with only its header read, refused if its size is out of bounds (open_checked)."""
+def _open_image(sample: dict[str, Any], fast: frozenset[str] = frozenset()) -> Image.Image:
+    """The sample's image, refused from its header if its size is out of bounds (open_checked): decoded by a
+    faster library for the formats in `fast` where that gives Pillow's pixels (fast_decode), else with only
+    its header read (Pillow decodes it when the preprocessing first reads a pixel)."""
     image_key = next((k for k in sample if k in IMAGE_KEYS or k == RAW_KEY), None)
     if image_key is None:
         raise ValueError(f"no image member (one of .{', .'.join(sorted(IMAGE_KEYS | {RAW_KEY}))})")
     if image_key == RAW_KEY:  # a prepared set's raw uint8 pixels (ds-trainer prepare --store raw)
         return raw_image(sample[image_key])
-    return open_checked(io.BytesIO(sample[image_key]))
+    data = sample[image_key]
+    img = open_checked(io.BytesIO(data))
+    return decoded(img, data, fast) if fast else img
 
 
 def decode_samples(
@@ -83,6 +88,7 @@ def decode_samples(
     skip_raw: int,
     max_failures_in_row: int,
 ) -> Iterator[dict[str, Any]]:
+    fast = fast_formats(preprocess)  # PNG / JPEG through pyspng / simplejpeg where the pixels are Pillow's
     skipped = 0
     in_row = 0
     pending_bad = 0
@@ -98,7 +104,7 @@ def decode_samples(
             if sample.get(UNREADABLE):
                 raise _StandIn
             label = _label(sample)
-            with _open_image(sample) as img:
+            with _open_image(sample, fast) as img:
                 size = img.size  # the file's own, before any draft decode or resize
                 pixels = preprocess(img, label=label, train=train, rng=rng)
         except Exception as exc:  # broken images raise many types; one bad file must not stop training

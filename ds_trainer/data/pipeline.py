@@ -139,14 +139,19 @@ class _RankStream(IterableDataset):
 class ShardLoader:
     """Iterable of dict batches for one rank; build it with make_shard_loader.
 
-    Batches: {"pixel_values": float [B,3,S,S] ([B,K,3,S,S] at eval with data.eval_crops K > 1: the
-    K crops of each image stay together in its row), "labels": long [B], "generator": list[str],
+    Batches: {"pixel_values": float [B,3,S,S] (uint8 with a Preprocess(uint8=True), the trainer's: normalised
+    on the device by batches.unpack; [B,K,3,S,S] at eval with data.eval_crops K > 1: the K crops of each
+    image stay together in its row), "labels": long [B], "generator": list[str],
     "key": list[str]}. Call set_epoch(e) before each epoch; the same (seed, epoch, rank,
     world_size, num_workers) always gives the same batches.
 
     `pin_memory`: on a GPU machine the DataLoader copies each batch's tensors into page-locked
     memory (its pin thread, off the training loop), so `.to(device, non_blocking=True)` overlaps
     the copy with compute; strings and counts pass through unchanged. Without CUDA it is off.
+
+    Workers are not persistent: each epoch's DataLoader gets that epoch's shard plan, stream rotation and
+    fast-forward positions (exact resume) in its dataset, and a train stream stopped at len would leave a
+    persistent worker holding batches of the old epoch; the cost is one fork per worker per epoch.
 
     An eval loader may yield more batches than len() when a shard's tar holds more samples than its
     manifest counts (each is read once, a warning names the shard); `may_exceed_len` tells

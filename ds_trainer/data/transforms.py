@@ -23,10 +23,11 @@ section). Per image, in this order:
    they are, small images tiled (wrapped) up to `image_size` first (`ds_trainer.data.native`). Train adds a
    random horizontal flip in both modes. Eval with `crop="native"` and `eval_crops` K > 1: the
    K windows of `native.native_crops` (FiveCrop / TenCrop placement), stacked.
-5. CLIP mean/std normalisation.
+5. CLIP mean/std normalisation, or with `uint8` none: the crop's 8-bit pixels, for `normalize` on the
+   device (the trainer's loaders: a quarter of the bytes through the worker queue and the host copy).
 
-Output: [3, S, S], or [K, 3, S, S] for an eval image with eval_crops K > 1 (a batch of them is
-[B, K, 3, S, S]; `evaluation` scores each image by the mean of its crops' logits).
+Output: float32 [3, S, S] (uint8 with `uint8`), or [K, 3, S, S] for an eval image with eval_crops K > 1
+(a batch of them is [B, K, 3, S, S]; `evaluation` scores each image by the mean of its crops' logits).
 Eval never draws from an rng, so it is deterministic.
 """
 
@@ -119,6 +120,28 @@ def to_normalized_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return (tensor - _MEAN) / _STD
 
 
+def to_uint8_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB PIL image (or uint8 [H, W, 3] array) -> uint8 [3, H, W]; `normalize` makes it to_normalized_tensor's."""
+    # one copy, channels first: np.array copies (so the tensor owns writable memory), order="C" packs it
+    return torch.from_numpy(np.array(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1), order="C"))
+
+
+_DEVICE_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 normalised with the CLIP mean/std, on the tensor's own device.
+
+    The same float32 operations as to_normalized_tensor (x / 255, minus the mean, over the std), so on a CPU
+    the result is bit-identical; a GPU may round the last bit differently.
+    """
+    stats = _DEVICE_STATS.get(pixels.device)
+    if stats is None:
+        stats = _DEVICE_STATS.setdefault(pixels.device, (_MEAN.to(pixels.device), _STD.to(pixels.device)))
+    mean, std = stats
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+
 def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     """`img` (RGB) encoded as JPEG at `quality`: Pillow's defaults otherwise (4:2:0 chroma subsampling,
     standard tables), which is what most JPEG photos, GenImage's ImageNet reals included, were saved with."""
@@ -166,6 +189,9 @@ class Preprocess:
 
     eval_crops: with crop="native", eval returns that many crops per image, [K, 3, S, S] (1, 5 or
     10; placement in `ds_trainer.data.native`); training always takes its one random crop.
+
+    uint8: return the crop's pixels as uint8, not normalised (the trainer's loaders: `batches.unpack`
+    normalises them on the device right before the forward, `normalize`); the same model inputs.
     """
 
     image_size: int = 224
@@ -179,6 +205,7 @@ class Preprocess:
     align_classes: AlignClasses = "fakes"
     perturb: Perturbation | None = None
     eval_crops: int = 1
+    uint8: bool = False
 
     def __post_init__(self) -> None:
         # tuples (not lists from YAML) keep the instance hashable and the rng draws typed
@@ -202,7 +229,7 @@ class Preprocess:
                f"jpeg_quality must be (low, high) with 1 <= low <= high <= 100, got {self.jpeg_quality}")  # fmt: skip
 
     @classmethod
-    def from_config(cls, data: Any, *, draft: bool = True) -> Preprocess:
+    def from_config(cls, data: Any, *, draft: bool = True, uint8: bool = False) -> Preprocess:
         """From the config's `data` section (a DataSection or anything with the same attributes)."""
         return cls(
             image_size=data.image_size,
@@ -214,6 +241,7 @@ class Preprocess:
             jpeg_quality=tuple(data.jpeg_quality),
             draft=draft,
             eval_crops=data.eval_crops,
+            uint8=uint8,
         )
 
     def __call__(
@@ -250,20 +278,21 @@ class Preprocess:
         return img
 
     def _geometry(self, img: Image.Image, rng: random.Random | None) -> torch.Tensor:
-        """Crop to image_size (random + flip with `rng`, center without) and normalise."""
+        """Crop to image_size (random + flip with `rng`, center without) and normalise (or not: `uint8`)."""
         size = self.image_size
+        tensor = to_uint8_tensor if self.uint8 else to_normalized_tensor
         if self.crop == "native" and rng is None and self.eval_crops > 1:
-            return torch.stack([to_normalized_tensor(c) for c in native_crops(img, size, self.eval_crops)])
+            return torch.stack([tensor(c) for c in native_crops(img, size, self.eval_crops)])
         if self.crop == "native":
             arr = native_crop(img, size, rng)
             if rng is not None and rng.random() < 0.5:
                 arr = arr[:, ::-1]
-            return to_normalized_tensor(arr)
+            return tensor(arr)
         img = resize_shortest(img, size)
         img = img.crop(_crop_box(*img.size, size, rng))
         if rng is not None and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(img)
+        return tensor(img)
 
 
 def _check(ok: bool, message: str) -> None:
