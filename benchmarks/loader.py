@@ -23,7 +23,8 @@ bf16 peak (`flops.GPU_PEAK_TFLOPS`). cores per GPU = demand / img/s per core.
 
     python benchmarks/loader.py                     # 2,000 images per mix, 3 rounds
     python benchmarks/loader.py --images 2000 --rounds 2
-    python benchmarks/loader.py --quick --out /tmp/loader.json     # smoke test, seconds
+    python benchmarks/loader.py --quick --out /tmp/loader.json     # smoke test, about a minute
+    python benchmarks/loader.py --rerender benchmarks/results/loader.json   # the tables again, from its numbers
 
 The generated shard sets are cached under `--cache` (default: the temp dir), keyed by their
 parameters, so a rerun only measures. The result goes to benchmarks/results/loader.json (`--out`).
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -250,8 +252,9 @@ def report(args: argparse.Namespace, argv: list[str] | None, rates: dict, need: 
     def target(what: str, value: float, goal: float, shown: str) -> None:
         targets.append([what, shown, "met" if value >= goal else "**missed**"])
 
-    target("SD v1.4 default ≥ 1.5× today's img/s per core", 1.0, 1.5,
-           f"x1.00 (this run is today: {today:.1f} img/s per core; the target is {1.5 * today:.0f})")  # fmt: skip
+    # today's loader is this run's baseline: the target is for the loader changes of item 2, measured against it
+    targets.append(["SD v1.4 default ≥ 1.5× today's img/s per core", f"x1.00: this run is today ({today:.1f} img/s "
+                    f"per core); a future run meets it at ≥ {1.5 * today:.0f} on this machine", "baseline"])  # fmt: skip
     if "sd" in args.mix_list:
         aligned = ("sd", "prepared align 96 (JPEG)", "align_jpeg_quality 96", top)
         raw = ("sd", "prepared align 96 + resize 224, raw", "align_jpeg_quality 96", top)
@@ -277,15 +280,15 @@ def report(args: argparse.Namespace, argv: list[str] | None, rates: dict, need: 
     )  # fmt: skip
     summary = (f"SD v1.4 default (today) {today:.1f} img/s per core ({top} worker): {b32 / today:.0f} cores per "
                f"{GPU} for ViT-B/32, {l14 / today:.1f} for ViT-L/14; "
-               f"{sum(t[2] == 'met' for t in targets)}/{len(targets)} item-3 targets met")  # fmt: skip
+               f"{sum(t[2] == 'met' for t in targets)}/{len(targets) - 1} measurable item-3 targets met")  # fmt: skip
+    made = f" ({sets_s:.0f} s to make or load the sets)" if sets_s else ""
     markdown = (
         f"{demand_t}\n\n**Cores per GPU** (img/s per core measured at {top} worker; scaling = img/s per core at "
         f"{most} workers over that, on this shared 2-core machine):\n\n{cores}\n\n"
         f"**Issue 14 item-3 targets** (today = this run's SD v1.4 row at default settings):\n\n"
         f"{md_table(['target', 'measured', ''], targets)}\n\n**Every variant:**\n\n{table}\n\n"
         f"{args.images} distinct images in the SD v1.4 mix, {args.mj_images} in the Midjourney mix (half fakes: "
-        f"SD v1.4 512² PNG, Midjourney 1024² PNG; half reals: JPEG q{QUALITY} ~500x375, the same in both mixes), sharded with `shard_genimage` ({sets_s:.0f} s to make "
-        f"or load the sets), read by `make_shard_loader(train=True)` with the `Preprocess` of `ds-trainer train` "
+        f"SD v1.4 512² PNG, Midjourney 1024² PNG; half reals: JPEG q{QUALITY} ~500x375, the same in both mixes), sharded with `shard_genimage`{made}, read by `make_shard_loader(train=True)` with the `Preprocess` of `ds-trainer train` "
         f"(224 px, `jpeg_draft` off), batch {args.batch_size}, shuffle buffer {args.shuffle_buffer}; "
         f"{args.batches} timed batches per variant after every worker's first; median and range of "
         f"{args.rounds} rounds, every variant once per round. img/s per core = img/s / workers (the main process "
@@ -293,9 +296,9 @@ def report(args: argparse.Namespace, argv: list[str] | None, rates: dict, need: 
         f"the same workers. cores/GPU = the model's demand / img/s per core. One run on a shared 2-core machine: "
         f"read ratios; absolute rates and the cores they imply are for scale (a GPU host's cores differ)."
     )
-    write_result("loader", args.out, argv, summary, markdown, demand=need, targets=targets,
-                 settings={k: getattr(args, k) for k in ("images", "mj_images", "rounds", "batch_size", "batches", "shuffle_buffer",
-                                                         "worker_counts", "mix_list", "quick")},
+    write_result("loader", args.out, argv, summary, markdown, demand=need, targets=targets, sets_s=sets_s,
+                 settings={k: getattr(args, k) for k in ("images", "mj_images", "rounds", "batch_size", "batches",
+                                                         "shuffle_buffer", "worker_counts", "mix_list", "quick")},
                  rows=[{"mix": k[0], "shards": k[1], "setting": k[2], "workers": k[3], "img_s": rates[k],
                         "median_img_s": med[k], "img_s_per_core": per_core[k], "vs_today": ratio[k],
                         "cores_per_gpu": {"ViT-B/32": b32 / per_core[k], "ViT-L/14": l14 / per_core[k]}}
@@ -334,7 +337,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def rerender(path: str, argv: list[str] | None) -> None:
+    """Rewrite a result's tables from its own measurements (after a change to the report, not to the timing)."""
+    old = json.loads(Path(path).read_text())
+    args = argparse.Namespace(**old["settings"], out=path)
+    rates = {(r["mix"], r["shards"], r["setting"], r["workers"]): r["img_s"] for r in old["rows"]}
+    report(args, shlex.split(old["command"])[2:], rates, old["demand"], old.get("sets_s", 0.0))
+
+
 def main(argv: list[str] | None = None) -> None:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["--rerender"] and len(given) == 2:
+        return rerender(given[1], argv)
     args = _parse(argv)
     cache = Path(args.cache)
     t0 = time.perf_counter()

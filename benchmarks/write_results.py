@@ -24,6 +24,7 @@ SECTIONS = [
     ("train_throughput", "3. End-to-end training throughput with data", "run `make bench`"),
     ("data_throughput", "3b. Loader rate per image size and format", "run `make bench`"),
     ("prepared_shards", "3c. Prepared shards (`ds-trainer prepare`) vs load-time alignment", "run `make bench`"),
+    ("loader", "3d. What a GPU needs from the loader: img/s per core and cores per GPU (issue 14)", "run `make bench`"),
     ("zero_memory", "5. Memory per ZeRO stage", "run `make bench`"),
     ("scaling", "6. Scaling and communication volume", "run `make bench`"),
     ("speed_switches", "7. Speed switches", "run `make bench`"),
