@@ -75,7 +75,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 
 # CPU benchmarks (ratios measured in one run; see benchmarks/README.md): each writes
-# benchmarks/results/<name>.json, then benchmarks/RESULTS.md is rendered from them. ~10 min on 2 cores.
+# benchmarks/results/<name>.json, then benchmarks/RESULTS.md is rendered from them. ~10 min on 2 cores,
+# plus loader.py's ~15 (its shard sets are made once, ~5 of those, and cached in the temp dir).
 # On a GPU machine: bash benchmarks/gpu_suite.sh.
 bench: ops demo-data
 	$(BIN)/python benchmarks/step_overhead.py
@@ -84,6 +85,7 @@ bench: ops demo-data
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/prepared_shards.py
 	$(BIN)/python benchmarks/decode_path.py
+	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/zero_memory.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/speed_switches.py
