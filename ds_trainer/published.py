@@ -143,3 +143,9 @@ def reference(name: str, path: str | Path | None = None) -> Published:
     if name not in entries:
         raise ConfigError(f"no published reference {name[:64]!r}; known: {', '.join(sorted(entries))}")
     return entries[name]
+
+
+def for_recipe(recipe: str, path: str | Path | None = None) -> list[str]:
+    """The entries whose `recipe` is this recipe's name (a file's stem), authors' numbers first."""
+    entries = load_published(path).values()
+    return [e.name for e in sorted(entries, key=lambda e: e.numbers_by != "authors") if e.recipe == recipe]
