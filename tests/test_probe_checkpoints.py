@@ -15,17 +15,29 @@ from ds_trainer import cli
 from ds_trainer.consolidate import rebuild_model, resolve_source
 
 
-@pytest.fixture(scope="module")
-def probe_run(tmp_path_factory, tiny_shards):
-    out = tmp_path_factory.mktemp("probe_run")
+def train_probe(out, shards, zero_stage: int):
     cfg = write_config(
         out / "cfg.yaml",
-        tiny_shards,
+        shards,
         model={"model_name": "tiny", "freeze_backbone": True},
         training={"num_epochs": 1, "warmup_epochs": 0},
+        deepspeed={"zero_stage": zero_stage},
     )
     assert cli.main(["train", "--config", str(cfg)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory, tiny_shards):
+    return train_probe(tmp_path_factory.mktemp("probe_run"), tiny_shards, zero_stage=1)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_probe_checkpoint_rebuilds_at_every_zero_stage(tmp_path, tiny_shards, zero_stage):
+    """ZeRO 2/3 record the frozen tower in DeepSpeed's frozen fragments, ZeRO 0 saves the whole module."""
+    run = train_probe(tmp_path, tiny_shards, zero_stage)
+    model = rebuild_model(resolve_source(run / "ckpt", "best"))
+    assert sum(k.startswith("backbone.") for k in model.state_dict()) > 50
 
 
 @pytest.mark.parametrize("tag", ["best", "epoch_1"])
