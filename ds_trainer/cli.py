@@ -82,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LOG_DIR",
         help="also write PR curves per generator and the figures to this TensorBoard log dir",
     )
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="NAME",
+        help="put the runs beside a paper's published numbers (table with the difference, side-by-side bars); "
+        "NAME is an entry of --published, e.g. effort, univfd_drct",
+    )
+    p.add_argument(
+        "--published",
+        default=None,
+        metavar="FILE",
+        help="published-results JSON for --reference (default: ds_configs/recipes/published.json)",
+    )
 
     p = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config resolves to")
     _add_config_args(p)
@@ -161,10 +174,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"report: {len(given)} {flag} for {len(args.evals)} --eval; give one per --eval, in order"
             )
+    reference = None
+    if args.reference is not None:
+        from ds_trainer.published import reference as find_reference
+
+        reference = find_reference(args.reference, args.published)  # before any eval file is read
+    elif args.published is not None:
+        raise ConfigError("report: --published gives the file --reference NAME reads; add --reference")
     runs = [report.load_eval(path, args.names[i] if args.names else None) for i, path in enumerate(args.evals)]
     for run, run_dir in zip(runs, args.runs):
         report.attach_run(run, run_dir)
-    written = report.write_report(runs, args.out, threshold=args.threshold, tensorboard=args.tensorboard)
+    written = report.write_report(
+        runs, args.out, threshold=args.threshold, tensorboard=args.tensorboard, reference=reference
+    )
     print(written.html)
     return 0
 

@@ -80,7 +80,9 @@ def consolidated_state_dict(source: Source, model: nn.Module) -> dict[str, torch
 
     Which files exist says how DeepSpeed saved it (looked at for 0.19.8):
     - ZeRO 1-3 (fp32 or bf16): fp32 master partitions in `*zero_pp_rank_*_optim_states.pt`, one per
-      rank; DeepSpeed's `zero_to_fp32` merges them (frozen weights come from the model files).
+      rank; DeepSpeed's `zero_to_fp32` merges them. Frozen weights have no master: at ZeRO 2/3 the
+      model file records them (`frozen_param_fragments`, merged by zero_to_fp32), but at ZeRO 1
+      DeepSpeed records none and they are only in the model file's `module` (see `_frozen_from_module`).
     - ZeRO 0, fp32: `mp_rank_00_model_states.pt`'s `module` is the full fp32 model.
     - ZeRO 0, bf16/fp16: `module` is half precision; the fp32 masters are the optimizer's
       `fp32_groups_flat`, one flat tensor per parameter group (see `_unflatten_masters`).
@@ -88,7 +90,7 @@ def consolidated_state_dict(source: Source, model: nn.Module) -> dict[str, torch
     tag_dir = source.tag_dir
     integrity.verify(tag_dir)  # before anything unpickles the files
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        return _from_zero_partitions(source)
+        return _frozen_from_module(_from_zero_partitions(source), tag_dir, model)
     model_file = tag_dir / MODEL_STATES
     if not model_file.is_file():
         found = ", ".join(sorted(p.name for p in tag_dir.iterdir())) or "nothing"
@@ -115,6 +117,26 @@ def _from_zero_partitions(source: Source) -> dict[str, torch.Tensor]:
     except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(f"{source.tag_dir}: DeepSpeed could not consolidate the ZeRO checkpoint: {exc}") from None
     log.debug("zero_to_fp32: %s", quiet.getvalue().strip())
+    return state
+
+
+def _frozen_from_module(state: dict[str, torch.Tensor], tag_dir: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Add the parameters zero_to_fp32 left out (ZeRO 1's frozen ones) from the model file's `module`.
+
+    DeepSpeed (0.19.8) writes `frozen_param_fragments` only when it partitions gradients (ZeRO 2/3),
+    so a ZeRO-1 linear probe's merged state has the head alone; its `module` holds the whole model
+    (fp32, or the half-precision copy, upcast: frozen weights never changed, so nothing is lost).
+    """
+    wanted = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = [n for n in wanted if n not in state]
+    model_file = tag_dir / MODEL_STATES
+    if not missing or not model_file.is_file():
+        return state
+    module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+    for name in missing:
+        value = module.get(name)
+        if value is not None and value.numel() and value.shape == wanted[name].shape:
+            state[name] = value.float() if value.is_floating_point() else value
     return state
 
 

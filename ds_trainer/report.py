@@ -55,6 +55,7 @@ from ds_trainer.eval_results import (
     tell_apart,
 )
 from ds_trainer.metrics import ALL_METRICS, PROTOCOL_METRICS
+from ds_trainer.published import Published
 from ds_trainer.report_datasets import datasets_html, find_run_samples
 from ds_trainer.report_figures import (
     accuracy_figure,
@@ -68,6 +69,7 @@ from ds_trainer.report_figures import (
     score_figure,
     training_figure,
 )
+from ds_trainer.report_reference import reference_figure, reference_html
 from ds_trainer.report_robustness import debiased_html, robustness_html, thresholds_html
 from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes
 from ds_trainer.report_uncertainty import reliability_figure, table_rows
@@ -108,7 +110,11 @@ class Report:
 
 
 def write_report(
-    runs: Sequence[EvalRun], out_dir: str | Path, threshold: float = 0.5, tensorboard: str | Path | None = None
+    runs: Sequence[EvalRun],
+    out_dir: str | Path,
+    threshold: float = 0.5,
+    tensorboard: str | Path | None = None,
+    reference: Published | None = None,
 ) -> Report:
     """Every figure as `<name>.png` in `out_dir`, and `report.html` with them embedded; with
     `tensorboard`, the same figures and the PR curves go to that log dir too."""
@@ -127,6 +133,8 @@ def write_report(
     pngs: dict[str, bytes] = {}
     with plain_text():  # names are data: drawn as written, never parsed as mathtext
         figures = build_figures(runs, threshold)
+        if reference is not None:
+            figures["reference"] = reference_figure(runs, reference)
         for name, fig in figures.items():
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=110)
@@ -143,7 +151,7 @@ def write_report(
         for run, found in zip(runs, mistakes)
     ]
     page = out / "report.html"
-    page.write_text(render_html(runs, pngs, threshold, mistakes=list(zip(mistakes, samples))))
+    page.write_text(render_html(runs, pngs, threshold, mistakes=list(zip(mistakes, samples)), reference=reference))
     return Report(out, page, paths)
 
 
@@ -156,6 +164,7 @@ FIGURE_TITLES = {
     "robustness": "Robustness: accuracy and AUC against the degradation level",
     "calibration": "Calibration: reliability diagram",
     "training": "Training curves",
+    "reference": "Run vs the paper, per generator",
 }
 
 _STYLE = """
@@ -186,6 +195,7 @@ def render_html(
     pngs: dict[str, bytes],
     threshold: float = 0.5,
     mistakes: Sequence[tuple[Mistakes, Samples]] | None = None,
+    reference: Published | None = None,
 ) -> str:
     """The page; `mistakes` per run (with their thumbnails), else found here without thumbnails."""
     e = html.escape
@@ -219,6 +229,8 @@ def render_html(
         "generator) when the eval computed them.</p>"
     )
     parts.append(metrics_table_html(runs))
+    if reference is not None:
+        parts.append(reference_html(runs, reference))
     parts.append(datasets_html(runs))
     parts.append(robustness_html(runs))
     parts.append(debiased_html(runs))

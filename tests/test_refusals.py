@@ -946,6 +946,19 @@ CASES = [
     Case("eval-perturb-resized-set", "ds-trainer eval --perturb on a pre-resized set", 2,
          r"--perturb: shard set .*resized to 224.* full-size images",
          eval_prepared(("--resize-shortest", "224", "--store", "raw"), "--perturb", "jpeg:75")),
+    Case("report-reference-unknown", "ds-trainer report --reference with a name published.json does not have", 2,
+         r"no published reference 'nope'; known: .*effort.*univfd_drct",
+         lambda tmp, shards: ["report", "--eval", str(tmp / "ev.json"), "--out", str(tmp / "rep"),
+                              "--reference", "nope"]),
+    Case("report-published-bad", "ds-trainer report --published with a file that is not a published-results JSON", 3,
+         r"bad\.json: expected \{\"version\": 1",
+         lambda tmp, shards: (tmp / "bad.json").write_text('{"version": 7}') and [
+             "report", "--eval", str(tmp / "ev.json"), "--out", str(tmp / "rep"), "--reference", "effort",
+             "--published", str(tmp / "bad.json")]),
+    Case("report-published-alone", "ds-trainer report --published without --reference", 2,
+         r"--published gives the file --reference NAME reads; add --reference",
+         lambda tmp, shards: ["report", "--eval", str(tmp / "ev.json"), "--out", str(tmp / "rep"),
+                              "--published", str(tmp / "p.json")]),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}
