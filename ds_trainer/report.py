@@ -71,7 +71,7 @@ from ds_trainer.report_figures import (
 )
 from ds_trainer.report_reference import reference_figure, reference_html
 from ds_trainer.report_robustness import debiased_html, robustness_html, thresholds_html
-from ds_trainer.report_samples import PER_KIND, Mistakes, Samples, confident_mistakes
+from ds_trainer.report_samples import Mistakes, Samples, confident_mistakes, mistakes_html
 from ds_trainer.report_uncertainty import reliability_figure, table_rows
 
 __all__ = [
@@ -251,60 +251,6 @@ def render_html(
             f"</p><pre>{e(text)}</pre>"
         )
     parts.append("</body></html>\n")
-    return "".join(parts)
-
-
-def mistakes_html(runs: Sequence[EvalRun], mistakes: Sequence[tuple[Mistakes, Samples]], threshold: float) -> str:
-    """A table per run: per generator, its most confident mistakes with key, truth, score and,
-    where the shards were readable, thumbnail and source path."""
-    e = html.escape
-    parts = [
-        "<h2>Most confident mistakes</h2><p class='muted'>Per generator, the real images called AI with the "
-        f"highest P(AI) and the AI-generated images called real with the lowest (up to {PER_KIND} of each, at "
-        f"threshold {threshold:g}); a key names the image in the shard set's tars, whose <code>.json</code> "
-        "member holds its source path.</p>"
-    ]
-    for i, (run, (found, samples)) in enumerate(zip(runs, mistakes)):
-        if len(runs) > 1:
-            parts.append(f"<h3>{e(run.name)}</h3>")
-        if run.keys is None:
-            parts.append(
-                "<p class='muted'>This eval result has no image keys (written before they were recorded); "
-                "re-run <code>ds-trainer eval</code> to name the images.</p>"
-            )
-        elif samples.problem:
-            parts.append(f"<p class='muted'>Thumbnails: {e(samples.problem)}.</p>")
-        parts.append(
-            f"<table class='mistakes' id='mistakes-{i}'><tr><th>generator</th><th class='run'>key</th>"
-            "<th>truth</th><th>P(AI)</th><th class='run'>image</th></tr>"
-        )
-        for g, rows in found.by_generator.items():
-            if not rows:
-                parts.append(f"<tr><td>{e(g)}</td><td class='run muted' colspan='4'>no mistakes</td></tr>")
-                continue
-            for n, m in enumerate(rows):
-                head = (
-                    f"<td rowspan='{len(rows)}'>{e(g)}<br><span class='muted'>{len(rows)} of "
-                    f"{found.totals[g]} shown</span></td>"
-                    if n == 0
-                    else ""
-                )
-                key = f"<code>{e(m.key)}</code>" if m.key else "<span class='muted'>not recorded</span>"
-                source = samples.paths.get(m.key or "")
-                if source:
-                    key += f"<br><span class='muted'>{e(source)}</span>"
-                thumb = samples.thumbs.get(m.key or "")
-                image = (
-                    f"<img class='thumb' alt='{e(m.key or '')}' "
-                    f"src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>"
-                    if thumb
-                    else ""
-                )
-                parts.append(
-                    f"<tr>{head}<td class='run'>{key}</td><td>{'AI' if m.label else 'real'}</td>"
-                    f"<td>{m.score:.3f}</td><td class='run'>{image}</td></tr>"
-                )
-        parts.append("</table>")
     return "".join(parts)
 
 

@@ -3,10 +3,13 @@ tars can be read, their thumbnails and source paths, pulled out of the tars by s
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
 import logging
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,3 +168,57 @@ def _thumbnail(ext: str, data: bytes, size: int) -> bytes | None:
     except Exception as exc:  # noqa: BLE001 - a broken image gets no thumbnail, the report goes on
         log.info("report thumbnails: no thumbnail from a .%s member: %s: %s", ext, type(exc).__name__, exc)
         return None
+
+
+def mistakes_html(runs: Sequence[EvalRun], mistakes: Sequence[tuple[Mistakes, Samples]], threshold: float) -> str:
+    """A table per run: per generator, its most confident mistakes with key, truth, score and,
+    where the shards were readable, thumbnail and source path."""
+    e = html.escape
+    parts = [
+        "<h2>Most confident mistakes</h2><p class='muted'>Per generator, the real images called AI with the "
+        f"highest P(AI) and the AI-generated images called real with the lowest (up to {PER_KIND} of each, at "
+        f"threshold {threshold:g}); a key names the image in the shard set's tars, whose <code>.json</code> "
+        "member holds its source path.</p>"
+    ]
+    for i, (run, (found, samples)) in enumerate(zip(runs, mistakes)):
+        if len(runs) > 1:
+            parts.append(f"<h3>{e(run.name)}</h3>")
+        if run.keys is None:
+            parts.append(
+                "<p class='muted'>This eval result has no image keys (written before they were recorded); "
+                "re-run <code>ds-trainer eval</code> to name the images.</p>"
+            )
+        elif samples.problem:
+            parts.append(f"<p class='muted'>Thumbnails: {e(samples.problem)}.</p>")
+        parts.append(
+            f"<table class='mistakes' id='mistakes-{i}'><tr><th>generator</th><th class='run'>key</th>"
+            "<th>truth</th><th>P(AI)</th><th class='run'>image</th></tr>"
+        )
+        for g, rows in found.by_generator.items():
+            if not rows:
+                parts.append(f"<tr><td>{e(g)}</td><td class='run muted' colspan='4'>no mistakes</td></tr>")
+                continue
+            for n, m in enumerate(rows):
+                head = (
+                    f"<td rowspan='{len(rows)}'>{e(g)}<br><span class='muted'>{len(rows)} of "
+                    f"{found.totals[g]} shown</span></td>"
+                    if n == 0
+                    else ""
+                )
+                key = f"<code>{e(m.key)}</code>" if m.key else "<span class='muted'>not recorded</span>"
+                source = samples.paths.get(m.key or "")
+                if source:
+                    key += f"<br><span class='muted'>{e(source)}</span>"
+                thumb = samples.thumbs.get(m.key or "")
+                image = (
+                    f"<img class='thumb' alt='{e(m.key or '')}' "
+                    f"src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>"
+                    if thumb
+                    else ""
+                )
+                parts.append(
+                    f"<tr>{head}<td class='run'>{key}</td><td>{'AI' if m.label else 'real'}</td>"
+                    f"<td>{m.score:.3f}</td><td class='run'>{image}</td></tr>"
+                )
+        parts.append("</table>")
+    return "".join(parts)
