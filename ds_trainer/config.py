@@ -66,12 +66,28 @@ class LoraSection(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64)
 
 
+class SvdResidualSection(Section):
+    """mode svd-residual (Effort, ICML 2025): train the last r singular components of attention projections."""
+
+    r: int = Field(1, ge=1, le=4096, description="trainable singular components per projection (< min(W's dims))")
+    projections: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1, max_length=4
+    )
+    orthogonal_weight: float = Field(
+        1.0, ge=0, le=1e6, description="weight of 0.5||U^T U - I||_F + 0.5||V V^T - I||_F (mean over projections)"
+    )
+    singular_value_weight: float = Field(
+        1.0, ge=0, le=1e6, description="weight of | ||W'||_F^2 - ||W||_F^2 | (mean over projections)"
+    )
+
+
 class ModelSection(Section):
     model_name: str = Field("tiny", description="hub id, local HF directory, or 'tiny' (random init)")
-    mode: Literal["fine-tune", "zero-shot", "prompt-tuning"] = Field(
+    mode: Literal["fine-tune", "zero-shot", "prompt-tuning", "svd-residual"] = Field(
         "fine-tune",
         description="fine-tune: vision tower + linear head; zero-shot: CLIP text prompts, eval only; "
-        "prompt-tuning: zero-shot with learnable prompt context (CoOp)",
+        "prompt-tuning: zero-shot with learnable prompt context (CoOp); svd-residual: fine-tune of the "
+        "attention weights' last singular components only (Effort)",
     )
     freeze_backbone: bool = Field(False, description="fine-tune only: train the head alone (linear probe)")
     num_classes: int = Field(2, ge=2, le=MAX_COUNT)
@@ -84,6 +100,7 @@ class ModelSection(Section):
     )
     prompt_length: int = Field(10, ge=1, le=64, description="prompt-tuning: learnable context tokens")
     lora: LoraSection = Field(default_factory=LoraSection)
+    svd_residual: SvdResidualSection = Field(default_factory=SvdResidualSection)
     # --- speed switches (benchmarks/RESULTS.md measures each)
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention kernel: sdpa (torch scaled_dot_product_attention, fused on GPU) or eager"
@@ -95,6 +112,10 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _check_strategy(self) -> ModelSection:
+        if self.mode == "svd-residual":
+            self._check_svd_residual()
+        elif self.svd_residual != SvdResidualSection():  # saved configs list the defaults: those are fine
+            raise ValueError(f"svd_residual applies to mode svd-residual, not {self.mode}; remove the section")
         if self.lora.enabled and self.mode != "fine-tune":
             raise ValueError(f"lora applies to mode fine-tune, not {self.mode}")
         if self.lora.enabled and self.freeze_backbone:
@@ -110,9 +131,22 @@ class ModelSection(Section):
             raise ValueError(
                 f"gradient_checkpointing saves activation memory of a trained backbone; {why}, so set it false"
             )
-        if self.mode != "fine-tune" and self.num_classes != 2:
+        if self.mode not in ("fine-tune", "svd-residual") and self.num_classes != 2:
             raise ValueError(f"mode {self.mode} scores two prompts (real, ai); num_classes must be 2")
         return self
+
+    def _check_svd_residual(self) -> None:
+        if self.freeze_backbone:
+            raise ValueError(
+                "mode svd-residual and freeze_backbone contradict: it trains residuals inside the backbone"
+            )
+        if self.lora.enabled:
+            raise ValueError("mode svd-residual and lora.enabled contradict: choose one way to adapt the tower")
+        if self.gradient_checkpointing:
+            raise ValueError(
+                "gradient_checkpointing is not supported with mode svd-residual: the recomputed forward would "
+                "compute the constraint losses again in backward; set it false"
+            )
 
 
 # data.eval_crops' choices; the placements are ds_trainer.data.native's (not imported here: the data
