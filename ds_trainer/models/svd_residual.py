@@ -66,7 +66,7 @@ class SVDResidualCore(nn.Module):
         self.S_r = nn.Parameter(s[k:].to(dtype).contiguous())
         self.Vh_r = nn.Parameter(vh[k:].to(dtype).contiguous())
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn, recurse: bool = True):
         # Buffers keep (at least) float32 through .half()/.bfloat16(): only their device follows `fn`.
         kept = {k: b for k, b in self._buffers.items() if b is not None}
         super()._apply(fn, recurse)
@@ -147,7 +147,7 @@ def apply_svd_residual(tower: nn.Module, r: int, projections: list[str]) -> list
 
 def merge_svd_residual(tower: nn.Module) -> nn.Module:
     """The tower with every `SVDResidualLinear` replaced by its merged `nn.Linear` (in place)."""
-    for name, module in list(tower.named_modules()):
+    for module in list(tower.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, SVDResidualLinear):
                 setattr(module, child_name, child.to_linear())
