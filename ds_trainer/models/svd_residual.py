@@ -34,6 +34,11 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy with row-major strides: DeepSpeed views parameters as bytes, which needs stride(-1) = 1."""
+    return torch.empty(t.shape, dtype=torch.float32).copy_(t)
+
+
 def _fro(a: torch.Tensor) -> torch.Tensor:
     """||a||_F with a zero (sub)gradient at a = 0, where sqrt's derivative is infinite."""
     return a.square().sum().clamp_min(torch.finfo(a.dtype).tiny).sqrt()
@@ -54,17 +59,16 @@ class SVDResidualCore(nn.Module):
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         k = min(m, n) - r
         residual = (u[:, k:] * s[k:]) @ vh[k:]
-        dtype = torch.float32
-        self.register_buffer("weight_main", (weight - residual).to(dtype))
-        bias = linear.bias.detach().to("cpu", dtype) if linear.bias is not None else torch.zeros(m, dtype=dtype)
-        self.register_buffer("bias", bias.clone())
-        self.register_buffer("u_main", u[:, :k].to(dtype).contiguous())
-        self.register_buffer("vh_main", vh[:k].to(dtype).contiguous())
+        self.register_buffer("weight_main", _dense(weight - residual))
+        bias = linear.bias.detach() if linear.bias is not None else torch.zeros(m)
+        self.register_buffer("bias", _dense(bias))
+        self.register_buffer("u_main", _dense(u[:, :k]))
+        self.register_buffer("vh_main", _dense(vh[:k]))
         # [1], not 0-dim: DeepSpeed's broadcast/partition code views tensors as 1-d.
-        self.register_buffer("weight_norm_sq", weight.square().sum().reshape(1).to(dtype))
-        self.U_r = nn.Parameter(u[:, k:].to(dtype).contiguous())
-        self.S_r = nn.Parameter(s[k:].to(dtype).contiguous())
-        self.Vh_r = nn.Parameter(vh[k:].to(dtype).contiguous())
+        self.register_buffer("weight_norm_sq", _dense(weight.square().sum().reshape(1)))
+        self.U_r = nn.Parameter(_dense(u[:, k:]))
+        self.S_r = nn.Parameter(_dense(s[k:]))
+        self.Vh_r = nn.Parameter(_dense(vh[k:]))
 
     def _apply(self, fn, recurse: bool = True):
         # Buffers keep (at least) float32 through .half()/.bfloat16(): only their device follows `fn`.
