@@ -196,7 +196,9 @@ def test_trains_in_process_and_export_merges(tmp_path, stage):
 
     tower = CLIPVisionModel.from_pretrained(out).eval()
     keys = set(tower.state_dict())
-    assert "vision_model.encoder.layers.0.self_attn.q_proj.weight" in keys and not any("svd" in k for k in keys)
+    assert any(k.endswith("encoder.layers.0.self_attn.q_proj.weight") for k in keys) and not any(
+        "svd" in k for k in keys
+    )
     head = load_file(str(out / HEAD_FILE))
     x = probe_batch()
     expected = engine_logits(trainer, x)
