@@ -18,7 +18,7 @@ from ds_trainer.ds_config import DeviceInfo, build_ds_config, optimizer_steps_pe
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "ds_configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "ds_configs").glob("*.yaml")) + sorted((REPO / "ds_configs" / "recipes").glob("*.yaml"))
 WORLD_SIZE = 8
 STEPS_PER_EPOCH = 1000
 GPU = DeviceInfo(type="cuda", bf16_supported=True)
@@ -83,7 +83,7 @@ def test_loads_and_header_says_how_to_launch(path):
     lines = path.read_text().splitlines()
     header = "\n".join(line for line in lines[: next(i for i, text in enumerate(lines) if not text.startswith("#"))])
     assert header, "a config starts with a comment saying what it is for"
-    assert f"--config ds_configs/{path.name}" in header, "the header must say how to launch it"
+    assert f"--config {path.relative_to(REPO)}" in header, "the header must say how to launch it"
 
 
 def test_ds_config_for_an_8_gpu_node(path):
@@ -183,5 +183,10 @@ def test_model_trains_what_the_strategy_says(path):
             assert any(f".{target}.lora_A." in n for n in lora), f"no adapter on {target}"
             assert any(f".{target}.lora_B." in n for n in lora), f"no adapter on {target}"
         assert any(n.endswith("q_proj.base_layer.weight") for n in frozen), "pretrained weights stay frozen"
+    elif strategy == "svd-residual":
+        residual = trainable - head
+        assert residual and all(n.rsplit(".", 1)[-1] in {"U_r", "S_r", "Vh_r"} for n in residual)
+        for proj in cfg.model.svd_residual.projections:  # its frozen main part is a buffer, not a parameter
+            assert any(f".{proj}.svd.S_r" in n for n in residual) and not any(f".{proj}." in n for n in frozen)
     else:
         pytest.fail(f"{path.name}: no trainable-parameter check for strategy {strategy}")
