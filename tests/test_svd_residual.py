@@ -153,6 +153,15 @@ def test_refusals(model, match):
 
 
 @pytest.mark.unit
+def test_python_api_takes_a_mapping():
+    model = CLIPModel(model_name="tiny", mode="svd-residual", svd_residual={"r": 2, "projections": ["q_proj"]})
+    attn = next(m for n, m in model.backbone.named_modules() if n.endswith("self_attn"))
+    assert attn.q_proj.svd.S_r.shape == (2,) and isinstance(attn.k_proj, nn.Linear)
+    with pytest.raises(ConfigError, match="model.svd_residual.r"):
+        CLIPModel(model_name="tiny", mode="svd-residual", svd_residual={"r": 0})
+
+
+@pytest.mark.unit
 def test_unknown_projection_in_code():
     with pytest.raises(ConfigError, match="choose from q_proj"):
         apply_svd_residual(nn.Module(), 1, ["qkv"])

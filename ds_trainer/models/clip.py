@@ -73,7 +73,7 @@ class CLIPModel(nn.Module):
         lora: LoraSection | Mapping[str, Any] | None = None,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
-        svd_residual: SvdResidualSection | None = None,
+        svd_residual: SvdResidualSection | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -91,7 +91,7 @@ class CLIPModel(nn.Module):
         self.attn_implementation = attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
         self.tokenizer: Any = None
-        self.svd_settings = svd_residual or SvdResidualSection()
+        self.svd_settings = _svd_section(svd_residual)
         self.svd_modules: list[nn.Module] = []
         if mode in TOWER_MODES:
             self._build_fine_tune(num_classes, lora_settings)
@@ -241,6 +241,19 @@ class CLIPModel(nn.Module):
     def _drop_prompt_cache(self) -> None:
         self.prompt_embeds = None
         self._prompt_embeds_for = None
+
+
+def _svd_section(section: SvdResidualSection | Mapping[str, Any] | None) -> SvdResidualSection:
+    if section is None or isinstance(section, SvdResidualSection):
+        return section or SvdResidualSection()
+    from pydantic import ValidationError
+
+    try:
+        return SvdResidualSection.model_validate(dict(section))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = "model.svd_residual." + ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{key}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def _logit_scale_as_buffer(clip: nn.Module) -> None:
