@@ -167,12 +167,12 @@ def test_unknown_projection_in_code():
         apply_svd_residual(nn.Module(), 1, ["qkv"])
 
 
-def train(tmp_path, zero_stage, lr=1e-2):
+def train(tmp_path, zero_stage, lr=1e-2, precision="fp32"):
     cfg = build_config({
         "model": SVD,
         "training": {"num_epochs": 1, "batch_size": 8, "learning_rate": lr, "scheduler": "none",
                      "monitor": "train_loss", "checkpoint_dir": str(tmp_path / "ckpt")},
-        "deepspeed": {"zero_stage": zero_stage, "precision": "fp32"},
+        "deepspeed": {"zero_stage": zero_stage, "precision": precision},
         "logging": {"run_dir": str(tmp_path / "run"), "tensorboard": False},
     })  # fmt: skip
     torch.manual_seed(0)
@@ -181,12 +181,13 @@ def train(tmp_path, zero_stage, lr=1e-2):
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if "weight_main" in n}
     trainer = Trainer(model, DataLoader(dataset(), batch_size=8), config=cfg, device="cpu")
     trainer.train()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    # bf16: DeepSpeed cast the frozen weights, which is no training step: compare in their dtype
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n].to(p.dtype))}
     assert changed and all(n.startswith("head.") or n.endswith(("U_r", "S_r", "Vh_r")) for n in changed)
     assert any(n.endswith("S_r") for n in changed), "the residuals train"
     for n, b in model.named_buffers():
         if n in buffers:
-            assert torch.equal(b.detach().cpu(), buffers[n]), f"{n} is frozen"
+            assert b.dtype == torch.float32 and torch.equal(b.detach().cpu(), buffers[n]), f"{n} is frozen, in fp32"
     return trainer
 
 
@@ -215,6 +216,18 @@ def test_trains_in_process_and_export_merges(tmp_path, stage):
         plain = tower(pixel_values=x).pooler_output @ head["weight"].t() + head["bias"]
     torch.testing.assert_close(plain, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(load_exported(out)(x), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.unit
+def test_bf16_keeps_the_frozen_part_in_fp32_and_exports(tmp_path):
+    """DeepSpeed casts the module to bf16; the SVD buffers must stay fp32 (the constraints need the precision)."""
+    trainer = train(tmp_path, 2, precision="bf16")
+    assert trainer.input_dtype == torch.bfloat16
+    assert any(p.dtype == torch.bfloat16 for p in trainer.engine.module.parameters())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(rows[-1]["train_loss"])
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export")  # verifies the merged logits itself
+    assert json.loads((out / EXPORT_FILE).read_text())["svd_residual_merged"]
 
 
 # make test-slow (~1-4 min on 2 cores): the ZeRO-3 path is where partitioned parameters could break the
