@@ -182,7 +182,8 @@ def tune_cpu(loader_workers: int) -> None:
 
 
 def describe(s: RunSettings, dtype: torch.dtype, model: nn.Module, group_names: list[str]) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 has partitioned the parameters by now (numel 0 here); ds_numel keeps each one's full size.
+    trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
     return (
         f"world size {s.world_size}, {s.steps_per_epoch} micro-batches of {s.batch_size} per rank per epoch, "
         f"precision {dtype}, ZeRO stage {s.zero_stage}, {trainable} trainable parameters in groups "

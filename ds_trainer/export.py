@@ -87,16 +87,25 @@ def _mode(model: nn.Module) -> str:
     return str(model.mode)
 
 
+def _exported_mode(model: nn.Module) -> str:
+    """The mode the export is rebuilt with: svd-residual's merged tower is a plain fine-tuned one."""
+    return "fine-tune" if _mode(model) == "svd-residual" else _mode(model)
+
+
 def _write_export(model: nn.Module, source: Source, out: Path) -> None:
     from safetensors.torch import save_file
 
     mode = _mode(model)
     clip = model.model if mode == "prompt-tuning" else model
-    if mode == "fine-tune":
+    if mode in ("fine-tune", "svd-residual"):
         tower = clip.backbone
         merged = hasattr(tower, "merge_and_unload")
         if merged:
             tower = tower.merge_and_unload()  # plain CLIPVisionModel weights: transformers loads them as is
+        if mode == "svd-residual":
+            from ds_trainer.models.svd_residual import merge_svd_residual
+
+            tower = merge_svd_residual(tower)  # W' = frozen main + trained residual, as plain q/k/v/out weights
         tower.save_pretrained(out)
         head = {"weight": clip.head.weight, "bias": clip.head.bias}
     else:
@@ -118,12 +127,14 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
     crop_mode = (source.config.get("data") or {}).get("crop", "resize")
     return {
         "format_version": FORMAT_VERSION,
-        "mode": _mode(model),
+        "mode": _exported_mode(model),
+        "trained_mode": _mode(model),
         "num_classes": int(section.get("num_classes", 2)),
         "labels": {"0": "nature (real)", "1": "ai (generated)"},
-        "prompts": {"real": clip.real_prompt, "ai": clip.ai_prompt} if _mode(model) != "fine-tune" else None,
+        "prompts": {"real": clip.real_prompt, "ai": clip.ai_prompt} if _exported_mode(model) != "fine-tune" else None,
         "prompt_length": int(model.prompt_length) if _mode(model) == "prompt-tuning" else None,
         "lora_merged": lora_merged,
+        "svd_residual_merged": _mode(model) == "svd-residual",
         "image_size": size,
         "preprocessing": {
             "resize": f"shortest side to {size} px, bicubic",

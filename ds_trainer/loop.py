@@ -45,6 +45,12 @@ class EpochResult:
     row: dict[str, Any] | None = None  # the epoch's metrics, when it finished
 
 
+def auxiliary_loss(model: Any) -> torch.Tensor | None:
+    """The model's own loss terms of its last forward (`auxiliary_loss()`, e.g. svd-residual), or None."""
+    fn = getattr(model, "auxiliary_loss", None)
+    return fn() if callable(fn) else None
+
+
 class TrainLoop:
     def __init__(
         self,
@@ -133,6 +139,9 @@ class TrainLoop:
         with self.hooks.measure():
             outputs = engine(inputs)
             loss = self.loss_fn(outputs, targets)
+            aux = auxiliary_loss(getattr(engine, "module", engine))
+            if aux is not None:  # svd-residual's constraint losses, computed inside the forward (ZeRO-3 safe)
+                loss = loss + aux.to(loss.dtype)
         self.micro_batches += 1
         loss = self.hooks.on_loss(self.micro_batches, loss)
         step = int(engine.global_steps) + 1

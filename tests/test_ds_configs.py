@@ -198,5 +198,10 @@ def test_model_trains_what_the_strategy_says(path):
     elif strategy == "prompt-tuning":
         assert trainable == {"prompt_ctx"}
         assert model.prompt_ctx.shape[0] == cfg.model.prompt_length
+    elif strategy == "svd-residual":
+        residual = trainable - head
+        assert residual and all(n.rsplit(".", 1)[-1] in {"U_r", "S_r", "Vh_r"} for n in residual)
+        for proj in cfg.model.svd_residual.projections:  # its frozen main part is a buffer, not a parameter
+            assert any(f".{proj}.svd.S_r" in n for n in residual) and not any(f".{proj}." in n for n in frozen)
     else:
         pytest.fail(f"{path.name}: no trainable-parameter check for strategy {strategy}")

@@ -32,5 +32,6 @@ def build_model(section) -> nn.Module:  # section: config.ModelSection
         lora=section.lora if section.lora.enabled else None,
         attn_implementation=section.attn_implementation,
         gradient_checkpointing=section.gradient_checkpointing,
+        svd_residual=section.svd_residual if section.mode == "svd-residual" else None,
         **prompts,
     )

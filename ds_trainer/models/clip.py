@@ -11,6 +11,7 @@ What trains, per strategy (the Trainer optimises exactly the parameters with req
 | fine-tune                                  | everything (`backbone.*`, `head.*`)|
 | fine-tune, `freeze_backbone=True` (probe)  | `head.*`                           |
 | fine-tune, `lora=...`                      | LoRA `lora_A`/`lora_B` + `head.*`  |
+| svd-residual (Effort, `svd_residual.py`)   | `...svd.U_r/S_r/Vh_r` + `head.*`   |
 | zero-shot                                  | nothing (evaluation only)          |
 | prompt-tuning (`PromptTuningWrapper`)      | `prompt_ctx` only                  |
 
@@ -34,15 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_trainer.config import LoraSection
+from ds_trainer.config import LoraSection, SvdResidualSection
 from ds_trainer.errors import ConfigError
 from ds_trainer.models.loading import TINY_TEXT_CONFIG, TINY_VISION_CONFIG, load_clip, load_vision_tower
 from ds_trainer.models.lora import apply_lora, lora_section
+from ds_trainer.models.svd_residual import apply_svd_residual
+from ds_trainer.models.svd_residual import auxiliary_loss as svd_auxiliary_loss
 
 __all__ = ["MODES", "TINY_TEXT_CONFIG", "TINY_VISION_CONFIG", "CLIPModel", "load_vision_tower"]
 
 # prompt-tuning is built as PromptTuningWrapper(CLIPModel(mode="zero-shot")), see build_model.
-MODES = ("fine-tune", "zero-shot")
+MODES = ("fine-tune", "zero-shot", "svd-residual")
+TOWER_MODES = ("fine-tune", "svd-residual")  # vision tower + linear head
 
 
 class CLIPModel(nn.Module):
@@ -69,6 +73,7 @@ class CLIPModel(nn.Module):
         lora: LoraSection | Mapping[str, Any] | None = None,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
+        svd_residual: SvdResidualSection | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -86,7 +91,9 @@ class CLIPModel(nn.Module):
         self.attn_implementation = attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
         self.tokenizer: Any = None
-        if mode == "fine-tune":
+        self.svd_settings = _svd_section(svd_residual)
+        self.svd_modules: list[nn.Module] = []
+        if mode in TOWER_MODES:
             self._build_fine_tune(num_classes, lora_settings)
         else:
             self._build_zero_shot(num_classes, lora_settings)
@@ -103,6 +110,13 @@ class CLIPModel(nn.Module):
         tower = load_vision_tower(self.model_name, attn_implementation=self.attn_implementation)
         self.vision_config = tower.config
         self.backbone = apply_lora(tower, lora) if lora is not None else tower
+        if self.mode == "svd-residual":
+            if lora is not None or self.freeze_backbone:
+                raise ConfigError("model.mode: svd-residual trains its own residuals; disable lora and freeze_backbone")
+            # Before any engine exists: the SVD needs the full weights, ZeRO-3 would have partitioned them.
+            svd = self.svd_settings
+            modules = apply_svd_residual(tower, svd.r, list(svd.projections))
+            self.svd_modules = modules  # a plain list: the modules stay registered under backbone only
         self.head = nn.Linear(tower.config.hidden_size, num_classes)
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -147,8 +161,15 @@ class CLIPModel(nn.Module):
         """(class 0 = real, class 1 = ai) texts."""
         return self.real_prompt, self.ai_prompt
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """svd-residual in training: the weighted constraint losses of the last forward (None otherwise)."""
+        if not self.svd_modules:
+            return None
+        s = self.svd_settings
+        return svd_auxiliary_loss(self.svd_modules, s.orthogonal_weight, s.singular_value_weight)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.mode == "fine-tune":
+        if self.mode in TOWER_MODES:
             return self.head(self.backbone(pixel_values=pixel_values).pooler_output)
         return self.similarity_logits(self.encode_images(pixel_values), self.encode_prompts())
 
@@ -220,6 +241,19 @@ class CLIPModel(nn.Module):
     def _drop_prompt_cache(self) -> None:
         self.prompt_embeds = None
         self._prompt_embeds_for = None
+
+
+def _svd_section(section: SvdResidualSection | Mapping[str, Any] | None) -> SvdResidualSection:
+    if section is None or isinstance(section, SvdResidualSection):
+        return section or SvdResidualSection()
+    from pydantic import ValidationError
+
+    try:
+        return SvdResidualSection.model_validate(dict(section))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = "model.svd_residual." + ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{key}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def _logit_scale_as_buffer(clip: nn.Module) -> None:
