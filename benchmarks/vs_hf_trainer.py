@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contextlib
 
 from benchmarks.common import REPO, fmt_spread, md_table, spread, write_result
+from benchmarks.peer import defaults
 from benchmarks.peer.shared import trainer_config
 from benchmarks.step_overhead import build_model, make_batches, small_clip_dir
 
@@ -167,14 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
     p.add_argument("--hidden", type=int, default=256, help="width of the random-init CLIP vision tower")
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--batch-size", type=int, default=16, help="per rank")
+    p.add_argument("--image-size", type=int, default=None, help="default 112 (--defaults: 224, ds_trainer's default)")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank (default 16; --defaults: 32, ds_trainer's)")
     p.add_argument("--launch-timeout", type=int, default=600, help="seconds one launch may take")
-    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/vs_hf_trainer.json)")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/vs_hf_trainer[_defaults].json)")
+    defaults.add_arguments(p)
     args = p.parse_args(argv)
     world_sizes = [int(w) for w in args.world_sizes.split(",") if w.strip()]
     if args.steps < 2 or not world_sizes or min(world_sizes) < 1 or args.repeats < 1:
         p.error("need --steps >= 2, --repeats >= 1 and world sizes >= 1")
+    args.image_size = args.image_size or (224 if args.defaults else 112)
+    args.batch_size = args.batch_size or (32 if args.defaults else 16)
+    if args.defaults:
+        args.world_sizes = world_sizes
+        return defaults.run(args, argv)
 
     # The parent imports both trainers first, so neither launch is the one that warms the page cache.
     import transformers  # noqa: F401
