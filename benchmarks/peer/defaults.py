@@ -186,4 +186,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shards", default="data_shards/demo", help="--defaults: the shard set (built when absent)")
     g.add_argument("--epochs", type=int, default=1, help="--defaults: epochs (both)")
     g.add_argument("--lr", type=float, default=1e-4, help="--defaults: learning rate (both)")
-    g.add_argument("--patch-size", type=int, default=16, help="patch of the CLIP tower")
+    g.add_argument("--patch-size", type=int, default=None, help="patch of the CLIP tower (16; --defaults: 32)")

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -21,6 +22,12 @@ from benchmarks.peer.shared import build_model, load_dataset, trainer_config, wo
 def main() -> int:
     p = worker_parser(__doc__.split("\n\n")[0])
     p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument(
+        "--preemption-poll",
+        choices=("on", "off"),
+        default="on",
+        help="off: the per-step poll stays on this rank (no all-reduce), for preemption_poll.py's A/B",
+    )
     args = p.parse_args()
 
     import torch
@@ -35,6 +42,7 @@ def main() -> int:
     )  # as HF's Trainer does
     trainer = Trainer(build_model(args.model_dir), loader, None,
                       config=trainer_config(args.run_dir, args.batch_size, args.zero_stage))  # fmt: skip
+    poll_s = time_preemption_poll(trainer.preemption, collective=args.preemption_poll == "on")
     (row,) = trainer.train()
     if trainer.env is not None and trainer.env.is_main:
         run_dir = Path(args.run_dir)
@@ -50,9 +58,27 @@ def main() -> int:
             "optimizer": type(trainer.engine.optimizer).__name__,
             "param_groups": len(trainer.group_names),
             "torch_threads": torch.get_num_threads(),
+            "preemption_poll": args.preemption_poll,
+            "poll_s": poll_s,
             "finished": time.time(),
         })  # fmt: skip
     return 0
+
+
+def time_preemption_poll(guard: Any, collective: bool) -> list[float]:
+    """Wall time of each of the guard's per-step polls; with collective False, the poll skips its all-reduce."""
+    times: list[float] = []
+    poll = guard.should_stop
+
+    def timed() -> bool:
+        start = time.perf_counter()
+        try:
+            return poll() if collective else guard.requested
+        finally:
+            times.append(time.perf_counter() - start)
+
+    guard.should_stop = timed
+    return times
 
 
 if __name__ == "__main__":
