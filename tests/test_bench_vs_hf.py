@@ -78,8 +78,12 @@ def test_preemption_poll_ab_writes_both_arms(tmp_path):
                     "--out", str(out)], timeout=480)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["settings"]["world_size"] == 2 and result["settings"]["order"] == ["poll_on_r0", "poll_off_r0"]
-    for arm in ("on", "off"):
+    assert result["settings"]["world_size"] == 2 and result["settings"]["order"] == [
+        "poll_sync_r0",
+        "poll_on_r0",
+        "poll_off_r0",
+    ]
+    for arm in ("sync", "on", "off"):
         (run,) = result["raw"][arm]
         assert len(run["poll_s"]) == 6 and run["median_step_s"] > 0  # one timed poll per optimizer step
     assert result["ratio_on_over_off"]["median"] > 0 and isinstance(result["above_1_percent"], bool)

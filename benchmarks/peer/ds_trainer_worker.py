@@ -42,7 +42,7 @@ def main() -> int:
     )  # as HF's Trainer does
     trainer = Trainer(build_model(args.model_dir), loader, None,
                       config=trainer_config(args.run_dir, args.batch_size, args.zero_stage))  # fmt: skip
-    poll_s = time_preemption_poll(trainer.preemption, collective=args.preemption_poll == "on")
+    poll_s = time_preemption_poll(trainer.preemption, args.preemption_poll)
     (row,) = trainer.train()
     if trainer.env is not None and trainer.env.is_main:
         run_dir = Path(args.run_dir)
@@ -65,15 +65,26 @@ def main() -> int:
     return 0
 
 
-def time_preemption_poll(guard: Any, collective: bool) -> list[float]:
-    """Wall time of each of the guard's per-step polls; with collective False, the poll skips its all-reduce."""
+def time_preemption_poll(guard: Any, arm: str) -> list[float]:
+    """Wall time of each of the guard's per-step polls, in the way `arm` names (see --preemption-poll)."""
+    import torch
+    import torch.distributed as dist
+
     times: list[float] = []
-    poll = guard.should_stop
+    shipped = guard.should_stop
+
+    def blocking() -> bool:  # the poll before it went asynchronous
+        flag = torch.tensor([guard.signum or 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=guard._group)
+        guard.seen = int(flag.item()) or None
+        return guard.seen is not None
+
+    poll = {"on": shipped, "sync": blocking, "off": lambda: guard.requested}[arm]
 
     def timed() -> bool:
         start = time.perf_counter()
         try:
-            return poll() if collective else guard.requested
+            return poll()
         finally:
             times.append(time.perf_counter() - start)
 
