@@ -24,9 +24,10 @@ def main() -> int:
     p.add_argument("--zero-stage", type=int, default=1)
     p.add_argument(
         "--preemption-poll",
-        choices=("on", "off"),
+        choices=("on", "sync", "off"),
         default="on",
-        help="off: the per-step poll stays on this rank (no all-reduce), for preemption_poll.py's A/B",
+        help="for preemption_poll.py: on (as shipped), sync (the former blocking all-reduce + .item() per step), "
+        "off (the poll stays on this rank, no all-reduce)",
     )
     args = p.parse_args()
 
