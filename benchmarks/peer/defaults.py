@@ -113,6 +113,8 @@ def launch(contender: str, world: int, args: argparse.Namespace, work: Path, tag
     else:
         result = json.loads(out.read_text())
     times = result["step_end_time"]
+    if result.get("world_size", world) != world:  # e.g. HF under torchrun on a CPU: each rank trains alone
+        raise RuntimeError(f"{contender} saw a world of {result['world_size']} in a {world}-rank launch")
     if len(times) < args.warmup_steps + 3:
         raise RuntimeError(f"{contender}: {len(times)} steps, too few for --warmup-steps {args.warmup_steps}")
     global_batch = args.batch_size * world
