@@ -81,6 +81,8 @@ lint: $(STAMP)
 bench: ops demo-data
 	$(BIN)/python benchmarks/step_overhead.py
 	$(BIN)/python benchmarks/vs_hf_trainer.py
+	$(BIN)/python benchmarks/vs_hf_trainer.py --defaults
+	$(BIN)/python benchmarks/preemption_poll.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/prepared_shards.py

@@ -50,12 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_spread, md_table, spread, write_result
 
 
-def small_clip_dir(root: Path, image_size: int, hidden: int, layers: int) -> Path:
+def small_clip_dir(root: Path, image_size: int, hidden: int, layers: int, patch_size: int = 16) -> Path:
     """A random-init CLIP vision tower saved as a local Hugging Face directory."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     cfg = CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=max(1, hidden // 64), image_size=image_size, patch_size=16,
+                           num_attention_heads=max(1, hidden // 64), image_size=image_size, patch_size=patch_size,
                            projection_dim=hidden)  # fmt: skip
     torch.manual_seed(0)
     out = root / "clip-small"

@@ -3,7 +3,8 @@
 Both train the same random-init CLIP vision tower + linear head (`ds_trainer.CLIPModel` of a small
 local config), on the same pre-generated seeded tensors served the same way (an in-memory
 map-style dataset, 0 loader workers, in order), with the same per-rank batch, number of steps,
-precision, ZeRO stage, optimizer (DeepSpeed's AdamW from the JSON), clipping and constant LR.
+precision, ZeRO stage, optimizer (DeepSpeed's AdamW from the JSON, over the same two parameter
+groups: no decay on biases/norms), clipping and constant LR.
 HF gets the DeepSpeed JSON ds_trainer derives for the run, verbatim; both effective configs
 are recorded. Each contender is a real `deepspeed --num_gpus N` launch of a worker script
 (benchmarks/peer/), so each launch pays imports, process group and engine start-up:
@@ -19,6 +20,7 @@ OMP_NUM_THREADS = cores / ranks (ds_trainer would pick that itself; HF would ove
 
     python benchmarks/vs_hf_trainer.py                            # ~5 minutes on 2 cores
     python benchmarks/vs_hf_trainer.py --world-sizes 2 --repeats 3 --zero-stage 2
+    python benchmarks/vs_hf_trainer.py --defaults   # each tool at its documented defaults (peer/defaults.py)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contextlib
 
 from benchmarks.common import REPO, fmt_spread, md_table, spread, write_result
+from benchmarks.peer import defaults
 from benchmarks.peer.shared import trainer_config
 from benchmarks.step_overhead import build_model, make_batches, small_clip_dir
 
@@ -71,7 +74,8 @@ def derived_ds_config(run_dir: Path, args: argparse.Namespace, world_size: int) 
                            detect_device())  # fmt: skip
 
 
-def launch(contender: str, world_size: int, args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
+def launch(contender: str, world_size: int, args: argparse.Namespace, work: Path, tag: str,
+           extra: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
     """One `deepspeed --num_gpus N` launch of a worker; rank 0's step times and config, and the launch time."""
     from ds_trainer.distributed import _free_port
 
@@ -82,6 +86,7 @@ def launch(contender: str, world_size: int, args: argparse.Namespace, work: Path
            "--out", str(out), "--steps", str(args.steps), "--batch-size", str(args.batch_size)]  # fmt: skip
     cmd += ["--ds-config", str(work / f"ds_config_{world_size}.json")] if contender == "hf" else [
         "--zero-stage", str(args.zero_stage)]  # fmt: skip
+    cmd += list(extra)
     env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS and not k.startswith("WANDB_")}
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if not torch.cuda.is_available():
@@ -120,6 +125,7 @@ def launch(contender: str, world_size: int, args: argparse.Namespace, work: Path
         "param_groups": result.get("param_groups"),
         "torch_threads": result.get("torch_threads"),
         "configured_state": result.get("configured_state"),
+        "poll_s": result.get("poll_s"),
         "ds_config": result["ds_config"],
     }
 
@@ -165,16 +171,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per launch (one epoch)")
     p.add_argument("--warmup-steps", type=int, default=4, help="first steps left out of samples/s")
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
-    p.add_argument("--hidden", type=int, default=256, help="width of the random-init CLIP vision tower")
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--batch-size", type=int, default=16, help="per rank")
+    p.add_argument(
+        "--hidden", type=int, default=None, help="width of the random-init CLIP tower (256; --defaults: 128)"
+    )
+    p.add_argument("--layers", type=int, default=None, help="its layers (6; --defaults: 2)")
+    p.add_argument("--image-size", type=int, default=None, help="default 112 (--defaults: 224, ds_trainer's default)")
+    p.add_argument("--batch-size", type=int, default=None, help="per rank (default 16; --defaults: 32, ds_trainer's)")
     p.add_argument("--launch-timeout", type=int, default=600, help="seconds one launch may take")
-    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/vs_hf_trainer.json)")
+    p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/vs_hf_trainer[_defaults].json)")
+    defaults.add_arguments(p)
     args = p.parse_args(argv)
     world_sizes = [int(w) for w in args.world_sizes.split(",") if w.strip()]
     if args.steps < 2 or not world_sizes or min(world_sizes) < 1 or args.repeats < 1:
         p.error("need --steps >= 2, --repeats >= 1 and world sizes >= 1")
+    # --defaults: a tower whose CPU step is near the loader's rate, so the data path shows (peer/defaults.py).
+    args.hidden = args.hidden or (128 if args.defaults else 256)
+    args.layers = args.layers or (2 if args.defaults else 6)
+    args.patch_size = args.patch_size or (32 if args.defaults else 16)
+    args.image_size = args.image_size or (224 if args.defaults else 112)
+    args.batch_size = args.batch_size or (32 if args.defaults else 16)
+    if args.defaults:
+        # HF's Trainer under torchrun on a CPU trains each rank alone (a world of 1): one rank unless asked.
+        args.world_sizes = world_sizes if "--world-sizes" in (argv or sys.argv) else [1]
+        return defaults.run(args, argv)
 
     # The parent imports both trainers first, so neither launch is the one that warms the page cache.
     import transformers  # noqa: F401
@@ -186,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     configs: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="ds_trainer_vs_hf_") as tmp:
         work = Path(tmp)
-        small_clip_dir(work, args.image_size, args.hidden, args.layers)
+        small_clip_dir(work, args.image_size, args.hidden, args.layers, args.patch_size)
         n_params = sum(q.numel() for q in build_model(work / "clip-small").parameters())
         batches = make_batches(args.steps * max(world_sizes), args.batch_size, args.image_size)
         torch.save({"pixel_values": torch.cat([x for x, _ in batches]), "labels": torch.cat([y for _, y in batches])},
@@ -257,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio is less sensitive to a shared machine's stalls); first step = seconds from spawning the launcher to "
         f"rank 0's first optimizer step (median). Differences left in: "
         f"ds_trainer runs with its default logging (steps.jsonl, loss and grad norm every 10 steps, MFU counted at "
-        f"the first step; no TensorBoard) and has {groups['ds_trainer']} optimizer parameter groups "
-        f"(no decay on biases/norms), HF logs nothing and passes {groups['hf']} group"
+        f"the first step; no TensorBoard), HF logs nothing. Both optimizers have the same parameter groups "
+        f"({groups['ds_trainer']} for ds_trainer, {groups['hf']} for HF: no decay on biases/norms; HF's worker hands "
+        f"DeepSpeed ds_trainer's groups in place of model.parameters(), peer/hf_worker.py)"
         + (f"; on CPU both get OMP_NUM_THREADS = cores / ranks, and a shared {os.cpu_count()}-core machine is noisy."
            if not torch.cuda.is_available() else ".")
     )  # fmt: skip

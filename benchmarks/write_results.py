@@ -21,6 +21,9 @@ HERE = Path(__file__).resolve().parent
 SECTIONS = [
     ("step_overhead", "1. Trainer overhead and MFU", "run `make bench`"),
     ("vs_hf_trainer", "2. The peer: Hugging Face Trainer", "run `make bench`"),
+    ("vs_hf_trainer_defaults", "2a. The peer at its defaults, on real shards (`vs_hf_trainer.py --defaults`)",
+     "run `make bench`"),
+    ("preemption_poll", "2b. The preemption poll per step at 2 ranks (`preemption_poll.py`)", "run `make bench`"),
     ("train_throughput", "3. End-to-end training throughput with data", "run `make bench`"),
     ("data_throughput", "3b. Loader rate per image size and format", "run `make bench`"),
     ("prepared_shards", "3c. Prepared shards (`ds-trainer prepare`) vs load-time alignment", "run `make bench`"),

@@ -59,6 +59,10 @@ class Hook:
     def should_stop(self) -> bool:
         return False
 
+    def should_stop_at_epoch_end(self) -> bool:
+        """After the epoch's last batch (trained or not), before its totals: a poll still in flight is read."""
+        return False
+
     def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
         pass
 
@@ -71,7 +75,7 @@ class Hooks(Hook):
     """Several hooks as one; each moment calls only the hooks that override it."""
 
     _MOMENTS = ("on_epoch_start", "measure", "on_loss", "on_backward", "on_before_step", "on_step",
-                "should_stop", "on_epoch_end")  # fmt: skip
+                "should_stop", "should_stop_at_epoch_end", "on_epoch_end")  # fmt: skip
 
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
         self.hooks = list(hooks)
@@ -111,6 +115,10 @@ class Hooks(Hook):
     def should_stop(self) -> bool:
         # Every hook is asked (a poll may be a collective every rank must join), not just up to the first yes.
         answers = [h.should_stop() for h in self._at["should_stop"]]
+        return any(answers)
+
+    def should_stop_at_epoch_end(self) -> bool:
+        answers = [h.should_stop_at_epoch_end() for h in self._at["should_stop_at_epoch_end"]]
         return any(answers)
 
     def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
@@ -261,13 +269,17 @@ class FaultInjection(Hook):
 
 
 class PreemptionPoll(Hook):
-    """After each optimizer step, every rank learns whether any rank received SIGTERM/SIGUSR1."""
+    """After each optimizer step, every rank learns whether any rank received SIGTERM/SIGUSR1 (one step
+    late: the poll's all-reduce overlaps the next step); at the epoch's end, the last poll is read."""
 
     def __init__(self, guard: Any) -> None:
         self.guard = guard
 
     def should_stop(self) -> bool:
         return bool(self.guard.should_stop())
+
+    def should_stop_at_epoch_end(self) -> bool:
+        return bool(self.guard.settle())
 
 
 def for_training(engine: Any, model: torch.nn.Module, sinks: Any, settings: RunSettings, log_every: int,

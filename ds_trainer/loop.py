@@ -119,6 +119,8 @@ class TrainLoop:
                     break
         finally:
             bar.close()
+        # The poll started after the epoch's last step (every rank has one in flight, or none has).
+        preempted = preempted or self.hooks.should_stop_at_epoch_end()
         elapsed = time.perf_counter() - began
         if not preempted:
             self.nonfinite.check()

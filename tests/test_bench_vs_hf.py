@@ -33,6 +33,8 @@ def test_vs_hf_trainer_writes_both_rates(tmp_path):
         (run,) = result["raw"]["1"][contender]
         assert run["samples_per_s"] > 0 and len(run["step_time_s"]) == 2
     assert one["ratio"]["median"] > 0 and one["ratio_median_step"]["median"] > 0
+    # Both optimizers over the same parameter groups (no decay on biases/norms).
+    assert one["param_groups"] == {"ds_trainer": 2, "hf": 2}
     # HF trained with the very JSON ds_trainer derived (accelerate only silences steps_per_print).
     assert one["ds_config"]["ds_trainer_wrote_the_derived_one"]
     assert all(d.startswith("steps_per_print") for d in one["ds_config"]["differences"])
@@ -41,3 +43,48 @@ def test_vs_hf_trainer_writes_both_rates(tmp_path):
     for contender in ("ds_trainer", "hf"):
         port = result["raw"]["1"][contender][0]["master_port"]
         assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.mark.distributed
+def test_vs_hf_trainer_defaults_on_real_shards(tmp_path):
+    """--defaults: launch.sh with YAML defaults vs HF's Trainer with default TrainingArguments, same decoded images."""
+    from ds_trainer.data import make_demo_shards
+
+    shards = tmp_path / "demo"
+    make_demo_shards(shards, progress=False, train_per_class=24, val_per_class=4)  # 96 training images
+    out = tmp_path / "vs_hf_trainer_defaults.json"
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "vs_hf_trainer.py"), "--defaults", "--shards",
+                    str(shards), "--hidden", "64", "--layers", "1", "--patch-size", "32", "--image-size", "64",
+                    "--batch-size", "8", "--warmup-steps", "2", "--world-sizes", "1", "--repeats", "1",
+                    "--out", str(out)], timeout=480)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["defaults"] and result["settings"]["train_images"] == 96
+    one = result["per_world_size"]["1"]
+    assert one["ratio"]["median"] > 0 and isinstance(one["meets_1_2x"], bool)
+    for contender in ("ds_trainer", "hf"):
+        (run,) = result["raw"]["1"][contender]
+        assert run["steps"] == 96 // 8 and run["samples_per_s"] > 0  # one epoch over the same images
+    hf = result["raw"]["1"]["hf"][0]
+    assert hf["dataloader_num_workers"] == 0 and hf["optimizer"].startswith("AdamW")  # HF's own defaults
+    assert "| world size |" in result["markdown"] and "vs_hf_trainer_defaults: 1 rank" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_preemption_poll_ab_writes_both_arms(tmp_path):
+    out = tmp_path / "preemption_poll.json"
+    proc = run_cmd([sys.executable, str(REPO / "benchmarks" / "preemption_poll.py"), "--hidden", "64", "--layers", "1",
+                    "--image-size", "32", "--batch-size", "4", "--steps", "6", "--warmup-steps", "2", "--repeats", "1",
+                    "--out", str(out)], timeout=480)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["world_size"] == 2 and result["settings"]["order"] == [
+        "poll_sync_r0",
+        "poll_on_r0",
+        "poll_off_r0",
+    ]
+    for arm in ("sync", "on", "off"):
+        (run,) = result["raw"][arm]
+        assert len(run["poll_s"]) == 6 and run["median_step_s"] > 0  # one timed poll per optimizer step
+    assert result["ratio_on_over_off"]["median"] > 0 and isinstance(result["above_1_percent"], bool)
+    assert "| poll |" in result["markdown"] and "preemption_poll: 2 ranks" in proc.stdout

@@ -25,12 +25,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.peer.shared import build_model, load_dataset, worker_parser, write_json
+from benchmarks.peer.shared import build_model, load_dataset, trainer_config, worker_parser, write_json
 
 
 class LossWrapper(nn.Module):
@@ -66,6 +67,7 @@ def main() -> int:
             step_end.append(time.time())
 
     configured = cpu and configure_cpu_state()
+    same_param_groups_as_ds_trainer(trainer_config(args.run_dir, args.batch_size, 1).training)
     training_args = TrainingArguments(
         output_dir=args.run_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         num_train_epochs=1, max_steps=args.steps, learning_rate=opt["lr"], weight_decay=opt.get("weight_decay", 0.0),
@@ -100,6 +102,30 @@ def main() -> int:
             "finished": time.time(),
         })  # fmt: skip
     return 0
+
+
+def same_param_groups_as_ds_trainer(training: Any) -> None:
+    """DeepSpeed builds HF's optimizer from the JSON's `optimizer` block over the groups ds_trainer makes.
+
+    HF hands DeepSpeed `model.parameters()`, one group, so weight decay would also hit biases and
+    norms. HF's own grouping (used only when the JSON has no optimizer block) differs too: it
+    decays 1-d parameters that are not biases or LayerNorm weights (CLIP's class embedding) and
+    would replace DeepSpeed's AdamW by torch's. So the JSON stays verbatim and only the parameters
+    change: `transformers.integrations.deepspeed.deepspeed_optim_sched` (called by HF's
+    deepspeed_init with the trainable parameters) gets `ds_trainer.optim.param_groups` of the model
+    instead, which accelerate passes to `deepspeed.initialize` as `model_parameters`.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from ds_trainer.optim import param_groups
+
+    original = hf_deepspeed.deepspeed_optim_sched
+
+    def grouped(trainer, hf_deepspeed_config, args, num_training_steps, model_parameters):
+        groups = [{k: v for k, v in g.items() if k != "name"} for g in param_groups(trainer.model, training)]
+        return original(trainer, hf_deepspeed_config, args, num_training_steps, groups)
+
+    hf_deepspeed.deepspeed_optim_sched = grouped
 
 
 def configure_cpu_state() -> bool:
