@@ -79,8 +79,14 @@ class DataSection(Section):
     # --- bias-aware preprocessing ("Fake or JPEG?", Grommelt et al. 2024) and detector augmentations
     crop: Literal["resize", "native"] = Field(
         "resize",
-        description="resize: shortest side to image_size, then crop; native: crop without resizing (tile small images)",
+        description="resize: shortest side to image_size (or resize_shortest), then crop; native: crop without "
+        "resizing (tile small images)",
     )
+    resize_shortest: int | None = Field(
+        None, ge=32, le=1024,
+        description="crop resize: the shortest side is resized to this, then the image_size crop is taken "
+        "(random in training, centre at eval), e.g. 256 then 224 as UnivFD; default: image_size",
+    )  # fmt: skip
     eval_crops: int = Field(
         1,
         ge=1,
@@ -129,6 +135,11 @@ class DataSection(Section):
                 f"eval_crops {self.eval_crops} places crops on the image at its native resolution; "
                 f"set crop: native (crop {self.crop} resizes the shortest side to the crop, so its corners "
                 "would repeat the centre)"
+            )
+        if self.resize_shortest is not None and (self.crop != "resize" or self.resize_shortest < self.image_size):
+            raise ValueError(
+                f"resize_shortest {self.resize_shortest} is the side crop: resize scales to before its "
+                f"image_size {self.image_size} crop: give crop: resize and a value of at least {self.image_size}"
             )
         for name in ("blur_sigma", "jpeg_quality"):
             low, high = getattr(self, name)

@@ -125,6 +125,7 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
     section = source.config["model"]
     size = int(model.image_size)
     crop_mode = (source.config.get("data") or {}).get("crop", "resize")
+    side = (source.config.get("data") or {}).get("resize_shortest") or size
     return {
         "format_version": FORMAT_VERSION,
         "mode": _exported_mode(model),
@@ -137,14 +138,16 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
         "svd_residual_merged": _mode(model) == "svd-residual",
         "image_size": size,
         "preprocessing": {
-            "resize": f"shortest side to {size} px, bicubic",
+            "resize": f"shortest side to {side} px, bicubic",
             "crop": f"center {size}x{size}",
             "rescale": "1/255 (RGB, alpha composited on white)",
             "mean": list(CLIP_MEAN),
             "std": list(CLIP_STD),
             # data.crop of the training run: "native" crops without resizing (tiling small images).
             "crop_mode": crop_mode,
-            "function": f"ds_trainer.data.transforms.Preprocess(image_size, crop={crop_mode!r})(img, 0, train=False)",
+            "resize_shortest": side if crop_mode == "resize" else None,  # data.resize_shortest (or image_size)
+            "function": f"ds_trainer.data.transforms.Preprocess(image_size, crop={crop_mode!r}, "
+            f"resize_shortest={side if crop_mode == 'resize' else None})(img, 0, train=False)",
         },
         "decision": decision_block(source),
         "source": {
@@ -252,6 +255,7 @@ def load_exported(path: str | Path) -> nn.Module:
     model = build_model(section)
     _load_head(model, path, info["mode"])
     model.crop_mode = (info.get("preprocessing") or {}).get("crop_mode", "resize")
+    model.resize_shortest = (info.get("preprocessing") or {}).get("resize_shortest")  # older exports: image_size
     # an export written before decisions were recorded: GenImage's 0.5, no temperature
     model.decision = info.get("decision") or {"mode": "fixed", "threshold": 0.5, "temperature": None}
     return model.float().eval()
@@ -288,7 +292,9 @@ class Prediction:
     p_ai_calibrated: float | None = None
 
 
-def load_image_tensor(path: str | Path, image_size: int, crop: str = "resize", *, uint8: bool = False) -> torch.Tensor:
+def load_image_tensor(
+    path: str | Path, image_size: int, crop: str = "resize", *, uint8: bool = False, resize_shortest: int | None = None
+) -> torch.Tensor:
     """One file → [3, size, size], decoded and preprocessed as evaluation does (no EXIF rotation there either);
     `uint8`: the crop's pixels, left for predict_tensors to normalise.
 
@@ -301,7 +307,8 @@ def load_image_tensor(path: str | Path, image_size: int, crop: str = "resize", *
     try:
         # the loader's checks: a regular file (a FIFO would block), and the one bound on an image's size
         with open_checked(path) as img:
-            return Preprocess(image_size, crop=crop, draft=False, uint8=uint8)(img, 0, train=False)
+            pre = Preprocess(image_size, crop=crop, draft=False, uint8=uint8, resize_shortest=resize_shortest)
+            return pre(img, 0, train=False)
     except Exception as exc:  # noqa: BLE001 - broken images raise many types (PIL's bomb error, MemoryError ...)
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {first_line(exc)}") from None
 
@@ -319,7 +326,8 @@ def predict_paths(model: nn.Module, paths: Sequence[str | Path], batch_size: int
         tensors, ok = [], []
         for pred in chunk:
             try:
-                tensors.append(load_image_tensor(pred.path, size, getattr(model, "crop_mode", "resize"), uint8=True))
+                tensors.append(load_image_tensor(pred.path, size, getattr(model, "crop_mode", "resize"), uint8=True,
+                                                 resize_shortest=getattr(model, "resize_shortest", None)))  # fmt: skip
                 ok.append(pred)
             except DataError as exc:
                 pred.error = str(exc)

@@ -49,6 +49,7 @@ def prepared(tmp_path_factory, tiny_shards, varied_shards) -> dict[str, Path]:
         "align-resize-raw": (varied_shards, Preparation(96, 32, "raw")),
         "resize-raw": (varied_shards, Preparation(None, 32, "raw")),
         "align-resize-jpeg": (varied_shards, Preparation(96, 32, "jpeg")),
+        "resize40-raw": (varied_shards, Preparation(None, 40, "raw")),  # read at 32 with data.resize_shortest 40
     }
     for name, (src, prep) in sets.items():
         _prepare(src, root / name, prep)
@@ -70,20 +71,22 @@ def _same(a: list[dict], b: list[dict]) -> None:
         assert torch.equal(x["pixel_values"], y["pixel_values"]), x["key"]
 
 
-EXACT = [  # (prepared set, data.align_jpeg_quality, image_size): the source set with these at load time
-    ("align-jpeg", 96, 224),
-    ("align-raw", 96, 224),
-    ("align-resize-raw", 96, 32),
-    ("resize-raw", None, 32),
+EXACT = [  # (prepared set, data.align_jpeg_quality, image_size, data.resize_shortest): the source set at load time
+    ("align-jpeg", 96, 224, None),
+    ("align-raw", 96, 224, None),
+    ("align-resize-raw", 96, 32, None),
+    ("resize-raw", None, 32, None),
+    ("resize40-raw", None, 32, 40),
 ]
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name,quality,size", EXACT, ids=[e[0] for e in EXACT])
+@pytest.mark.parametrize("name,quality,size,side", EXACT, ids=[e[0] for e in EXACT])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_prepared_tensors_equal_the_load_time_path(prepared, tiny_shards, varied_shards, name, quality, size, train):
+def test_prepared_tensors_equal_the_load_time_path(prepared, tiny_shards, varied_shards, name, quality, size, side,
+                                                    train):  # fmt: skip
     source = tiny_shards if size == 224 else varied_shards
-    pre = Preprocess(image_size=size, align_jpeg_quality=quality, draft=False)
+    pre = Preprocess(image_size=size, align_jpeg_quality=quality, draft=False, resize_shortest=side)
     split = "train" if train else "val"
     want, got = _batches(source, split, pre, train), _batches(prepared[name], split, pre, train)
     assert want and sum(len(b["key"]) for b in want) >= 8
@@ -221,6 +224,12 @@ CONTRADICTIONS = [  # (preparation, Preprocess changes, train, message)
     (Preparation(96), {"align_jpeg_quality": 90}, False, r"is 90, but .* set data\.align_jpeg_quality: 96"),
     (Preparation(None, 224, "raw"), {"image_size": 256}, False, r"data\.image_size 256, but .*resized to 224"),
     (Preparation(None, 224, "raw"), {"crop": "native"}, False, r"data\.crop is native"),
+    (
+        Preparation(None, 256, "raw"),
+        {"resize_shortest": 240},
+        False,
+        r"data\.resize_shortest 240, but .*resized to 256",
+    ),
     (Preparation(None, 224, "raw"), {"align_jpeg_quality": 96}, False, r"re-encoded after the resize"),
     (Preparation(None, 224, "raw"), {"blur_prob": 0.5}, True, r"data\.blur_prob 0\.5"),
     (Preparation(None, 224, "raw"), {"perturb": Perturbation("blur", 1.0)}, False, r"perturbation acts on the full"),
@@ -247,6 +256,8 @@ def test_agreeing_settings_are_accepted_minus_what_the_set_holds():
     assert for_run(_Manifest(Preparation(96)), pre, train=True).align_jpeg_quality is None
     resized = for_run(_Manifest(Preparation(96, 224, "raw")), Preprocess(224, align_jpeg_quality=96), train=True)
     assert resized == Preprocess(224)
+    wider = Preprocess(224, resize_shortest=256)  # UnivFD's 256 then 224, on a set pre-resized to 256
+    assert for_run(_Manifest(Preparation(None, 256, "raw")), wider, train=True) == wider
     # augmentation on a resized set only matters to training: its eval loader is accepted
     assert for_run(_Manifest(Preparation(None, 224)), Preprocess(224, blur_prob=0.5), train=False).blur_prob == 0.5
     # a raw, unresized, unaligned set: load-time alignment of its pixels is the source's

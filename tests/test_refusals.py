@@ -935,7 +935,7 @@ CASES = [
          r"data\.align_jpeg_quality is 90, but .*quality 96.*set data\.align_jpeg_quality: 96",
          train_prepared(("--align-jpeg", "96"), align_jpeg_quality=90)),
     Case("prepared-resize-image-size", "data.image_size differs from the set's --resize-shortest", 2,
-         r"data\.crop is resize at data\.image_size 224, but .*resized to 256.*data\.image_size: 256",
+         r"data\.crop is resize at data\.image_size 224, but .*resized to 256.*data\.image_size \(or data\.resize_shortest\): 256",
          train_prepared(("--resize-shortest", "256", "--store", "raw"))),
     Case("prepared-resize-augment", "Blur/JPEG training augmentation on a pre-resized set", 2,
          r"data\.blur_prob 0\.5 / data\.jpeg_prob 0\.0: training augmentation acts on the full-size image",
@@ -977,6 +977,12 @@ CASES = [
     Case("svd-residual-section-other-mode", "a model.svd_residual section while mode is fine-tune", 2,
          r"svd_residual applies to mode svd-residual, not fine-tune",
          train(model={"svd_residual": {"r": 2}})),
+    Case("data-resize-shortest-below-crop", "data.resize_shortest smaller than data.image_size", 2,
+         r"data: resize_shortest 48 is the side crop: resize scales to before its image_size 64 crop",
+         train(data={"image_size": 64, "resize_shortest": 48})),
+    Case("data-resize-shortest-native", "data.resize_shortest with crop: native (which does not resize)", 2,
+         r"resize_shortest 256 .*give crop: resize",
+         train(data={"crop": "native", "resize_shortest": 256})),
 ]  # fmt: skip
 
 RESULTS: dict[str, tuple[int, str]] = {}

@@ -71,7 +71,7 @@ class Preparation:
             raise ConfigError(f"--align-jpeg {q}: a JPEG quality is a whole number from 1 to 100, e.g. 96")
         if n is not None and not RESIZE_RANGE[0] <= n <= RESIZE_RANGE[1]:
             raise ConfigError(
-                f"--resize-shortest {n}: give data.image_size of the runs that will read the set "
+                f"--resize-shortest {n}: give data.image_size (or data.resize_shortest) of the runs that will read the set "
                 f"({RESIZE_RANGE[0]} to {RESIZE_RANGE[1]}, e.g. 224)"
             )
         if self.store not in STORES:

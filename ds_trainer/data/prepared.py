@@ -7,7 +7,8 @@ set or on a prepared one alike; the loader leaves out what the set already holds
   not unset: the config, which every checkpoint saves, must say what the data is, so that it gives
   the same tensors on the source set, aligned at load time, and on the prepared one); the loader
   then does not re-encode them again;
-* a set prepared with `--resize-shortest N` needs `data.crop: resize` at `data.image_size: N`, no
+* a set prepared with `--resize-shortest N` needs `data.crop: resize` resizing to N (`data.image_size: N`, or
+  `data.resize_shortest: N`), no
   Blur/JPEG training augmentation and no eval perturbation (they act before the resize at load
   time, on the full-size image, so on a pre-resized image they would not be the same operation);
 * `ds-trainer eval --align-jpeg` is refused on aligned fakes (they would be compressed twice) and on
@@ -82,10 +83,13 @@ def for_run(manifest: Any, preprocess: Any, *, train: bool) -> Any:
             )
         preprocess = dataclasses.replace(preprocess, align_jpeg_quality=None)
     if n is not None:
-        if preprocess.crop != "resize" or preprocess.image_size != n:
+        if preprocess.crop != "resize" or preprocess.resize_side != n:
+            at = f"data.image_size {preprocess.image_size}"
+            if preprocess.resize_shortest is not None:
+                at = f"data.resize_shortest {preprocess.resize_shortest}"
             raise ConfigError(
-                f"data.crop is {preprocess.crop} at data.image_size {preprocess.image_size}, but {where}; "
-                f"set data.crop: resize and data.image_size: {n}, or use {_source(block)}"
+                f"data.crop is {preprocess.crop} at {at}, but {where}; "
+                f"set data.crop: resize and data.image_size (or data.resize_shortest): {n}, or use {_source(block)}"
             )
         if preprocess.align_jpeg_quality is not None:
             raise ConfigError(

@@ -206,6 +206,7 @@ class Preprocess:
     perturb: Perturbation | None = None
     eval_crops: int = 1
     uint8: bool = False
+    resize_shortest: int | None = None
 
     def __post_init__(self) -> None:
         # tuples (not lists from YAML) keep the instance hashable and the rng draws typed
@@ -217,6 +218,9 @@ class Preprocess:
                f"eval_crops must be one of {', '.join(map(str, EVAL_CROPS))}, got {self.eval_crops!r}")  # fmt: skip
         _check(self.eval_crops == 1 or self.crop == "native",
                f"eval_crops {self.eval_crops} needs crop 'native', got {self.crop!r}")  # fmt: skip
+        r = self.resize_shortest
+        _check(r is None or (self.crop == "resize" and r >= self.image_size),
+               f"resize_shortest {r} needs crop 'resize' and at least image_size {self.image_size}")  # fmt: skip
         q = self.align_jpeg_quality
         _check(q is None or 1 <= q <= 100, f"align_jpeg_quality must be None or in [1, 100], got {q}")
         _check(self.align_classes in ALIGN_CLASSES,
@@ -242,6 +246,7 @@ class Preprocess:
             draft=draft,
             eval_crops=data.eval_crops,
             uint8=uint8,
+            resize_shortest=getattr(data, "resize_shortest", None),
         )
 
     def __call__(
@@ -266,7 +271,13 @@ class Preprocess:
     def _apply_draft(self, img: Image.Image) -> None:
         # a no-op for non-JPEG, for already loaded images, and when the image is < 2x the size
         if self.draft and self.crop == "resize" and img.format == "JPEG":
-            img.draft("RGB", (self.image_size, self.image_size))
+            side = self.resize_side
+            img.draft("RGB", (side, side))
+
+    @property
+    def resize_side(self) -> int:
+        """What crop resize scales the shortest side to before the image_size crop."""
+        return self.resize_shortest or self.image_size
 
     def _augment(self, img: Image.Image, rng: random.Random) -> Image.Image:
         """Blur, then JPEG, each with its probability; a probability of 0 draws nothing, so the
@@ -288,7 +299,7 @@ class Preprocess:
             if rng is not None and rng.random() < 0.5:
                 arr = arr[:, ::-1]
             return tensor(arr)
-        img = resize_shortest(img, size)
+        img = resize_shortest(img, self.resize_side)
         img = img.crop(_crop_box(*img.size, size, rng))
         if rng is not None and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
