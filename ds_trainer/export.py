@@ -124,8 +124,9 @@ def _export_info(model: nn.Module, clip: nn.Module, source: Source, lora_merged:
 
     section = source.config["model"]
     size = int(model.image_size)
-    crop_mode = (source.config.get("data") or {}).get("crop", "resize")
-    side = (source.config.get("data") or {}).get("resize_shortest") or size
+    data = source.config.get("data") or {}
+    crop_mode = data.get("crop", "resize")
+    side = data.get("resize_shortest") or size
     return {
         "format_version": FORMAT_VERSION,
         "mode": _exported_mode(model),
