@@ -309,11 +309,20 @@ def interrupt_once(signum: int, frame: object) -> None:
     included. Those deaths are expected from here on, so torch's SIGCHLD handler, which raises
     "DataLoader worker ... is killed by signal: Terminated" wherever the rank is (in CI: inside the
     loader's `__del__`, printed as an ignored traceback), is set aside too.
+
+    Both are set aside with a Python handler that does nothing, not SIG_IGN or SIG_DFL: a signal that
+    arrived beside this one (a worker's SIGCHLD in the same instant, which CI saw) was already noted for
+    its old Python handler, and Python, finding no Python handler when it gets to it, prints
+    "Signal 17 ignored due to race condition" as an ignored traceback.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _ignore_signal)
     if hasattr(signal, "SIGCHLD"):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, _ignore_signal)
     raise KeyboardInterrupt
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A handler that does nothing (see `interrupt_once`)."""
 
 
 # What gloo and NCCL raise when a peer is gone or a collective outlived distributed.timeout_s.
