@@ -127,6 +127,11 @@ def _torchvision_decode() -> Any:
     return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
 
 
+def gpu_decoder_available() -> bool:
+    """Whether torchvision's decode_jpeg imports (nvJPEG on CUDA); without it decode_batch uses the CPU fallback."""
+    return _torchvision_decode() is not None
+
+
 @functools.cache
 def _say_backend(name: str) -> None:
     logger.info("data.decode gpu: JPEGs are decoded by %s", name)
