@@ -15,9 +15,9 @@ classes go through the same decoder: the first sample that is not stops the run 
 (`refusal`). What acts on the decoded full-size image in the worker cannot be done here and is refused:
 Blur/JPEG augmentation, `jpeg_draft` and crop native (config), load-time JPEG alignment, eval perturbations and
 a set stored as raw pixels (`for_loader`). JPEGs in a colour space other than RGB / grey (CMYK, YCCK) are
-decoded by Pillow with `to_rgb` as on the CPU path; a JPEG whose stream does not end in an EOI marker
-(truncated) is a bad sample in the worker, and one that still fails to decode on the device is dropped from its
-batch and counted bad there.
+decoded by Pillow with `to_rgb` as on the CPU path, and so is a file nvJPEG refuses; a JPEG whose stream does
+not end in an EOI marker (truncated) is a bad sample in the worker, and one that the host decoder refuses too is
+dropped from its batch and counted bad there.
 """
 
 from __future__ import annotations
@@ -164,20 +164,25 @@ def _decode(datas: list[torch.Tensor], pillow: list[bool], device: torch.device)
     gpu = _torchvision_decode() if device.type == "cuda" else None
     if gpu is not None and native:
         _say_backend(f"nvJPEG on {device} (torchvision.io.decode_jpeg, batched)")
+        # torchvision's CUDA decoder writes on a stream of its own into blocks the caching allocator may hand it
+        # while kernels queued on ours still read them (pytorch/vision PR 9606): let those finish first
+        torch.cuda.current_stream(device).synchronize()
         try:
             for i, img in zip(native, gpu([datas[i] for i in native], device=device), strict=True):
                 out[i] = img
             native = []
         except Exception:  # noqa: BLE001 - one bad stream fails the batch call: decode one by one below
             pass
+        failed = []
         for i in native:
             try:
                 out[i] = gpu(datas[i], device=device)
-            except Exception as exc:  # noqa: BLE001 - dropped and counted bad by decode_batch
-                out[i] = exc
-        native = []
+            except Exception:  # noqa: BLE001 - nvJPEG refused it: the host decoder decides, as on the CPU path
+                failed.append(i)
+        native = failed
     elif native:
         _say_backend("the CPU fallback (simplejpeg or Pillow, on the host; no CUDA torchvision here)")
+    # on the host: Pillow's colour spaces, and (on CUDA) what nvJPEG refused; a file refused here is bad
     for i, p in enumerate(pillow):
         if p or i in native:
             try:
