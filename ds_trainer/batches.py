@@ -16,8 +16,14 @@ def unpack(batch: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.
 
     uint8 pixel_values (the trainer's loaders ship the crops' 8-bit pixels) are copied as they are and
     normalised with the CLIP mean/std there, the one place training, evaluation and their dummies get it;
-    float ones are taken as already normalised.
+    float ones are taken as already normalised. A data.decode gpu batch (JPEG bytes and crops) is decoded
+    here first (`device_decode.decode_batch`, which drops and counts in `bad_samples` a file that fails).
     """
+    if isinstance(batch, Mapping) and "jpeg" in batch:
+        from ds_trainer.data.device_decode import decode_batch
+
+        inputs = normalize(decode_batch(batch, device))  # type: ignore[arg-type]
+        return inputs.to(dtype=dtype), batch["labels"].to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         inputs, targets = batch["pixel_values"], batch["labels"]
     elif isinstance(batch, (list, tuple)) and len(batch) >= 2:

@@ -112,6 +112,11 @@ class DataSection(Section):
     pin_memory: bool = Field(
         True, description="on a GPU: page-locked batches, copied to the device without blocking (no effect on CPU)"
     )
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="cpu: loader workers decode and crop; gpu: they ship JPEG bytes and the crop, decoded in a batch "
+        "on the device (nvJPEG through torchvision; every sample must be JPEG, e.g. after ds-trainer prepare)",
+    )
 
     @field_validator("eval_crops")
     @classmethod
@@ -141,6 +146,8 @@ class DataSection(Section):
                 f"resize_shortest {self.resize_shortest} is the side crop: resize scales to before its "
                 f"image_size {self.image_size} crop: give crop: resize and a value of at least {self.image_size}"
             )
+        if self.decode == "gpu":
+            self._check_device_decode()
         for name in ("blur_sigma", "jpeg_quality"):
             low, high = getattr(self, name)
             if low > high or low < 0:
@@ -150,6 +157,18 @@ class DataSection(Section):
         if not (self.jpeg_quality[0] >= 1 and self.jpeg_quality[1] <= 100):
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {list(self.jpeg_quality)}")
         return self
+
+    def _check_device_decode(self) -> None:
+        # what the device decoder cannot do: these act on the decoded full-size image in the worker
+        if self.crop != "resize":
+            raise ValueError(f"decode gpu resizes on the device: it needs crop: resize, not {self.crop}")
+        if self.blur_prob > 0 or self.jpeg_prob > 0:
+            raise ValueError(
+                f"decode gpu does not decode in the loader workers, where blur_prob ({self.blur_prob:g}) and "
+                f"jpeg_prob ({self.jpeg_prob:g}) act: set both to 0, or use decode: cpu"
+            )
+        if self.jpeg_draft:
+            raise ValueError("jpeg_draft shrinks JPEGs inside the workers' decoder; with decode gpu set it false")
 
 
 # The epoch metrics a run can monitor (early stopping, `best`, the plateau scheduler).

@@ -101,7 +101,6 @@ class TrainLoop:
                 if i < skip:
                     # The loader is seeded per epoch: the batches after these are the ones the interrupted run saw next.
                     continue
-                bad += batches.bad_samples(batch)
                 if batches.size(batch) == 0:
                     # Skipping it on this rank alone would leave the others waiting in the step's collectives.
                     raise DataError(
@@ -110,6 +109,7 @@ class TrainLoop:
                         "ds-trainer shard (it verifies every image)"
                     )
                 trained, stepped = self._micro_batch(batch, epoch, sums, bar)
+                bad += batches.bad_samples(batch)  # after unpack: data.decode gpu counts the files it could not decode
                 if not trained:
                     nonfinite += 1
                     continue

@@ -162,6 +162,12 @@ def run_evaluation(
         raise ConfigError("ds-trainer eval scores data.val_split; it is null in this config")
     if len(datasets or ()) > 1 and tracks is not None and tracks.any:
         raise ConfigError("--perturb, --align-jpeg and --size-matched score one shard set; give a single --shards")
+    if tracks is not None and (tracks.perturbations or tracks.align_jpeg is not None) and cfg.data.decode == "gpu":
+        # before the clean pass: these degrade the decoded image in the loader workers (device_decode.for_loader)
+        raise ConfigError(
+            "--perturb and --align-jpeg act on the decoded image in the loader workers, which data.decode gpu does "
+            "not decode in: score these tracks with --set data.decode=cpu"
+        )
     if tracks is not None and tracks.any:
         from ds_trainer.data.manifest import load_manifest
         from ds_trainer.data.prepared import check_tracks

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ds_trainer.data.device_decode import DeviceJpeg, NotJpeg
 from ds_trainer.data.fast_decode import decoded, fast_formats
 from ds_trainer.data.image_limits import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, open_checked
 from ds_trainer.data.raw_pixels import RAW_KEY, raw_image
@@ -88,6 +89,8 @@ def decode_samples(
     skip_raw: int,
     max_failures_in_row: int,
 ) -> Iterator[dict[str, Any]]:
+    # decode gpu (device_decode): the JPEG's bytes and its crop go to the device, no pixel is decoded here
+    ship = preprocess.ship if isinstance(preprocess, DeviceJpeg) else None
     fast = fast_formats(preprocess)  # PNG / JPEG through pyspng / simplejpeg where the pixels are Pillow's
     skipped = 0
     in_row = 0
@@ -104,9 +107,17 @@ def decode_samples(
             if sample.get(UNREADABLE):
                 raise _StandIn
             label = _label(sample)
-            with _open_image(sample, fast) as img:
-                size = img.size  # the file's own, before any draft decode or resize
-                pixels = preprocess(img, label=label, train=train, rng=rng)
+            if ship is not None:
+                shipped = ship(sample, rng)
+            else:
+                with _open_image(sample, fast) as img:
+                    size = img.size  # the file's own, before any draft decode or resize
+                    shipped = {"pixel_values": preprocess(img, label=label, train=train, rng=rng), "size": size}
+        except NotJpeg as exc:
+            # the run is refused, in the main process (ShardLoader): this item fills every batch from here on
+            refusal = {"refused": str(exc), "bad": 0, "worker": worker, "position": position}
+            while True:
+                yield refusal
         except Exception as exc:  # broken images raise many types; one bad file must not stop training
             skipped += 1
             in_row += 1
@@ -124,8 +135,8 @@ def decode_samples(
             continue
         in_row = 0
         yield {
-            "pixel_values": pixels, "label": label, "generator": sample["__generator__"], "key": key,
-            "size": size, "bad": pending_bad, "worker": worker, "position": position,
+            **shipped, "label": label, "generator": sample["__generator__"], "key": key,
+            "bad": pending_bad, "worker": worker, "position": position,
         }  # fmt: skip
         pending_bad = 0
     if pending_bad:
@@ -134,10 +145,21 @@ def decode_samples(
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """One batch; an eval batch may end with decode_samples' tail, or be only that (no samples: see ShardLoader)."""
-    samples = [s for s in items if "pixel_values" in s]
+    """One batch; an eval batch may end with decode_samples' tail, or be only that (no samples: see ShardLoader).
+
+    decode gpu: "jpeg" (a list of each file's bytes) and "geometry" (long [B, 9]) instead of "pixel_values";
+    a batch that met a non-JPEG sample is {"refused": why, ...} alone.
+    """
+    refused = next((s["refused"] for s in items if "refused" in s), None)
+    if refused is not None:
+        return {"refused": refused, "worker": items[-1]["worker"], "position": items[-1]["position"]}
+    samples = [s for s in items if "label" in s]
+    if samples and "jpeg" in samples[0]:
+        pixels = {"jpeg": [s["jpeg"] for s in samples], "geometry": torch.stack([s["geometry"] for s in samples])}
+    else:
+        pixels = {"pixel_values": torch.stack([s["pixel_values"] for s in samples]) if samples else torch.zeros(0)}
     return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]) if samples else torch.zeros(0),
+        **pixels,
         "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "generator": [s["generator"] for s in samples],
         "key": [s["key"] for s in samples],

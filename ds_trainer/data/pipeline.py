@@ -45,6 +45,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ds_trainer.data.decode import Preprocessor, clip_preprocessor, collate, decode_samples
+from ds_trainer.data.device_decode import for_loader
 from ds_trainer.data.manifest import ShardInfo, load_manifest
 from ds_trainer.data.prepared import for_run
 from ds_trainer.data.rank_plan import RankPlan, plan_rank, split_holdout
@@ -75,6 +76,14 @@ def _fold_empty(batches: Iterable[dict[str, Any]], where: str) -> Iterator[dict[
         yield held
     elif held is not None:
         logger.warning("%s: no sample could be used; its %d bad samples are in no batch", where, held["bad_samples"])
+
+
+def _refused(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The batches, until one says the run is refused (decode gpu met a sample that is not a JPEG)."""
+    for batch in batches:
+        if "refused" in batch:
+            raise DataError(batch["refused"])
+        yield batch
 
 
 class _RankStream(IterableDataset):
@@ -142,7 +151,8 @@ class ShardLoader:
     Batches: {"pixel_values": float [B,3,S,S] (uint8 with a Preprocess(uint8=True), the trainer's: normalised
     on the device by batches.unpack; [B,K,3,S,S] at eval with data.eval_crops K > 1: the K crops of each
     image stay together in its row), "labels": long [B], "generator": list[str],
-    "key": list[str]}. Call set_epoch(e) before each epoch; the same (seed, epoch, rank,
+    "key": list[str]}; with data.decode gpu "jpeg" and "geometry" instead of "pixel_values", decoded by
+    batches.unpack (device_decode). Call set_epoch(e) before each epoch; the same (seed, epoch, rank,
     world_size, num_workers) always gives the same batches.
 
     `pin_memory`: on a GPU machine the DataLoader copies each batch's tensors into page-locked
@@ -297,7 +307,8 @@ class ShardLoader:
         if self.train and produced >= self._len:
             return
         # train streams are endless; stopping at len is what makes every rank agree
-        for batch in loader if self.train else _fold_empty(loader, f"{self.name}: rank {self.rank}"):
+        checked = _refused(loader)
+        for batch in checked if self.train else _fold_empty(checked, f"{self.name}: rank {self.rank}"):
             positions[batch["worker"]] = batch["position"]
             produced += 1
             self._consumed["batches"] = produced
@@ -339,6 +350,7 @@ def make_shard_loader(
     manifest = load_manifest(shard_dir)
     # a prepared set (ds-trainer prepare): refused when `preprocess` contradicts it, else minus what it holds
     preprocess = for_run(manifest, preprocess, train=train)
+    preprocess = for_loader(manifest, preprocess)  # decode gpu: the workers ship JPEG bytes (device_decode)
     shards = manifest.select(split, generators)
     if holdout_fraction > 0:
         kept, held = split_holdout(shards, holdout_fraction, f"{manifest.root}/{split}")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -100,6 +100,17 @@ def resize_shortest(img: Image.Image, size: int) -> Image.Image:
     """Resize so the shorter side equals `size` (bicubic); untouched when it already does."""
     new = resize_shortest_size(*img.size, size)
     return img if new == img.size else img.resize(new, Image.Resampling.BICUBIC)
+
+
+class ResizeCrop(NamedTuple):
+    """crop resize's geometry of one image: resize to (width, height), take the size x size crop at (left, top),
+    then mirror it when `flip`. What `Preprocess.resize_crop` draws; `device_decode` applies it on the device."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+    flip: bool
 
 
 def _crop_box(w: int, h: int, size: int, rng: random.Random | None) -> tuple[int, int, int, int]:
@@ -169,6 +180,8 @@ def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
 
 Crop = Literal["resize", "native"]
 CROP_MODES = ("resize", "native")
+Decode = Literal["cpu", "gpu"]
+DECODE_MODES = ("cpu", "gpu")
 AlignClasses = Literal["fakes", "both"]
 ALIGN_CLASSES = ("fakes", "both")
 
@@ -192,6 +205,10 @@ class Preprocess:
 
     uint8: return the crop's pixels as uint8, not normalised (the trainer's loaders: `batches.unpack`
     normalises them on the device right before the forward, `normalize`); the same model inputs.
+
+    decode: where the trainer's loaders decode (`data.decode`): "gpu" makes `make_shard_loader` ship each
+    JPEG's bytes and its `resize_crop` geometry instead of pixels (`device_decode`); calling the instance is
+    always the CPU path.
     """
 
     image_size: int = 224
@@ -207,6 +224,7 @@ class Preprocess:
     eval_crops: int = 1
     uint8: bool = False
     resize_shortest: int | None = None
+    decode: Decode = "cpu"
 
     def __post_init__(self) -> None:
         # tuples (not lists from YAML) keep the instance hashable and the rng draws typed
@@ -214,6 +232,8 @@ class Preprocess:
         object.__setattr__(self, "jpeg_quality", tuple(int(v) for v in self.jpeg_quality))
         _check(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
         _check(self.crop in CROP_MODES, f"crop must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        _check(self.decode in DECODE_MODES,
+               f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")  # fmt: skip
         _check(self.eval_crops in EVAL_CROPS,
                f"eval_crops must be one of {', '.join(map(str, EVAL_CROPS))}, got {self.eval_crops!r}")  # fmt: skip
         _check(self.eval_crops == 1 or self.crop == "native",
@@ -247,6 +267,7 @@ class Preprocess:
             eval_crops=data.eval_crops,
             uint8=uint8,
             resize_shortest=getattr(data, "resize_shortest", None),
+            decode=getattr(data, "decode", "cpu"),
         )
 
     def __call__(
@@ -299,11 +320,20 @@ class Preprocess:
             if rng is not None and rng.random() < 0.5:
                 arr = arr[:, ::-1]
             return tensor(arr)
-        img = resize_shortest(img, self.resize_side)
-        img = img.crop(_crop_box(*img.size, size, rng))
-        if rng is not None and rng.random() < 0.5:
+        geo = self.resize_crop(*img.size, rng)
+        if (geo.width, geo.height) != img.size:
+            img = img.resize((geo.width, geo.height), Image.Resampling.BICUBIC)
+        img = img.crop((geo.left, geo.top, geo.left + size, geo.top + size))
+        if geo.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return tensor(img)
+
+    def resize_crop(self, width: int, height: int, rng: random.Random | None) -> ResizeCrop:
+        """crop resize's geometry for a width x height image: the draws `__call__` makes from `rng` (crop left,
+        top, then the flip), in that order, so the device decoder's crops are the CPU path's for the same seed."""
+        w, h = resize_shortest_size(width, height, self.resize_side)
+        left, top, _, _ = _crop_box(w, h, self.image_size, rng)
+        return ResizeCrop(w, h, left, top, rng is not None and rng.random() < 0.5)
 
 
 def _check(ok: bool, message: str) -> None:
