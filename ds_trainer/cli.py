@@ -273,9 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.environ.get(LAUNCHED_ENV) == "1" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, interrupt_once)
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        _end_cleanly()
+        return code
     except Preempted as exc:
         # Information, not an error: rank 0 already said what it saved and how to resume; 75 asks for a requeue.
+        _end_cleanly()
         return exc.exit_code
     except DsTrainerError as exc:
         if args.debug:
@@ -299,6 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"ds-trainer {args.command}: error: {lost}", file=sys.stderr)
         return lost.exit_code
+
+
+def _end_cleanly() -> None:
+    """The command ended with every rank in step: its process group (if it started one) goes at exit."""
+    dist_module = sys.modules.get("ds_trainer.distributed")  # not imported: no process group to destroy
+    if dist_module is not None:
+        dist_module.end_cleanly()
 
 
 def interrupt_once(signum: int, frame: object) -> None:

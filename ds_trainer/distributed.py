@@ -10,6 +10,7 @@ a deepspeed launcher started inside an srun step sets RANK for its children.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
@@ -85,7 +86,35 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
                 log.debug("deepspeed: %s", line)
         _share_cpu_threads()
         _unlink_shm_buffer()
+        atexit.register(_destroy_at_exit)
     return read_env()
+
+
+_ended_cleanly = False
+
+
+def end_cleanly() -> None:
+    """This process's command finished, or every rank agreed to stop (preemption): no collective is
+    in flight, so the process group is destroyed at exit (`_destroy_at_exit`)."""
+    global _ended_cleanly
+    _ended_cleanly = True
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group while the interpreter is still whole, after a clean end only.
+
+    Left to the interpreter's finalisation, gloo's worker threads can still hold work whose tensors
+    reach back into Python; destroying them then aborts the process ("terminate called without an
+    active exception", exit -6), which turned a preempted rank's exit 75 into 250 in CI. After a
+    failure the group is left alone: a peer may be gone mid-collective, and destroying would wait on it.
+    """
+    import torch.distributed as dist
+
+    if _ended_cleanly and dist.is_available() and dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+        log.debug("process group destroyed at exit")
 
 
 SHM_DIR = Path("/dev/shm")
