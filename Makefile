@@ -88,6 +88,7 @@ bench: ops demo-data
 	$(BIN)/python benchmarks/prepared_shards.py
 	$(BIN)/python benchmarks/decode_path.py
 	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/loader_profile.py
 	$(BIN)/python benchmarks/zero_memory.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/speed_switches.py

@@ -30,6 +30,7 @@ SECTIONS = [
     ("decode_path", "3d. Decoders and uint8 batches (pyspng / simplejpeg vs Pillow, uint8 vs float)",
      "run `make bench`"),
     ("loader", "3e. What a GPU needs from the loader: img/s per core and cores per GPU (issue 14)", "run `make bench`"),
+    ("loader_profile", "3f. Where a loader worker's time goes (`loader_profile.py`, issue 14)", "run `make bench`"),
     ("zero_memory", "5. Memory per ZeRO stage", "run `make bench`"),
     ("scaling", "6. Scaling and communication volume", "run `make bench`"),
     ("speed_switches", "7. Speed switches", "run `make bench`"),
