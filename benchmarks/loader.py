@@ -8,7 +8,8 @@ with `shard_genimage` (what `ds-trainer shard` runs):
 - Midjourney: fakes 1024² PNG, the same reals.
 
 Each set is read by the streaming train loader (`make_shard_loader(train=True)`, the `Preprocess`
-that `ds-trainer train` builds from its `data:` section, `data.jpeg_draft` off as by default) under
+that `ds-trainer train` builds from its `data:` section, `data.jpeg_draft` off as by default, uint8
+batches as it ships them) under
 each preprocessing users run: the defaults (`crop: resize` to 224), `crop: native`,
 `align_jpeg_quality: 96`, and Blur+JPEG(0.5) augmentation (`blur_prob` = `jpeg_prob` = 0.5), at 1
 and 2 workers. The SD mix is also read as prepared shards (`ds-trainer prepare`): `--align-jpeg 96`
@@ -190,7 +191,7 @@ def steady_rate(shards: Path, setting: str, workers: int, args: argparse.Namespa
     loader = make_shard_loader(
         d.shards, d.train_split, batch_size=args.batch_size, train=True, num_workers=d.num_workers,
         image_size=d.image_size, shuffle_buffer=args.shuffle_buffer, seed=0, pin_memory=d.pin_memory,
-        preprocess=Preprocess.from_config(d, draft=d.jpeg_draft),
+        preprocess=Preprocess.from_config(d, draft=d.jpeg_draft, uint8=True),
     )  # fmt: skip
     loader.set_epoch(epoch)
     warm = max(loader.plan().num_workers, 1)
@@ -289,7 +290,7 @@ def report(args: argparse.Namespace, argv: list[str] | None, rates: dict, need: 
         f"{md_table(['target', 'measured', ''], targets)}\n\n**Every variant:**\n\n{table}\n\n"
         f"{args.images} distinct images in the SD v1.4 mix, {args.mj_images} in the Midjourney mix (half fakes: "
         f"SD v1.4 512² PNG, Midjourney 1024² PNG; half reals: JPEG q{QUALITY} ~500x375, the same in both mixes), sharded with `shard_genimage`{made}, read by `make_shard_loader(train=True)` with the `Preprocess` of `ds-trainer train` "
-        f"(224 px, `jpeg_draft` off), batch {args.batch_size}, shuffle buffer {args.shuffle_buffer}; "
+        f"(224 px, `jpeg_draft` off, uint8 batches), batch {args.batch_size}, shuffle buffer {args.shuffle_buffer}; "
         f"{args.batches} timed batches per variant after every worker's first; median and range of "
         f"{args.rounds} rounds, every variant once per round. img/s per core = img/s / workers (the main process "
         f"only collates). `vs today` is the median over rounds of the ratio to that round's SD default row at "
