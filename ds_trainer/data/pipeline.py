@@ -33,10 +33,13 @@ The stages: rank_plan (who reads which samples), tar_stream (raw samples and sta
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
+import multiprocessing
 import random
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,45 +89,72 @@ def _refused(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield batch
 
 
+class _Pass:
+    """Where one pass over the rank's stream starts: the epoch, the rotation of the workers and each stream's
+    raw position (exact resume), in memory shared with the loader's workers.
+
+    The ShardLoader writes it before each pass; a worker reads it when its stream starts, which for a
+    persistent worker is when the DataLoader's next iterator restarts it (the restart is queued after the
+    write, so the worker sees it).
+    """
+
+    def __init__(self, streams: int) -> None:
+        self._values = multiprocessing.RawArray("q", 2 + streams)  # epoch, rotation, a raw position per stream
+
+    def write(self, epoch: int, rotate: int, positions: dict[int, int]) -> None:
+        values = self._values
+        values[0], values[1] = epoch, rotate
+        for stream in range(len(values) - 2):
+            values[2 + stream] = positions.get(stream, 0)
+
+    def read(self) -> tuple[int, int, dict[int, int]]:
+        values = self._values
+        return values[0], values[1], {i: values[2 + i] for i in range(len(values) - 2) if values[2 + i]}
+
+
 class _RankStream(IterableDataset):
-    """One rank's stream; inside a DataLoader worker it reads only that worker's parts."""
+    """One rank's stream; inside a DataLoader worker it reads only that worker's parts.
+
+    Each pass reads its start from `start` (_Pass) and plans its epoch with `plan_for`, so one set of
+    persistent workers serves every epoch.
+    """
 
     def __init__(
         self,
-        plan: RankPlan,
+        plan_for: Callable[[int], RankPlan],
+        start: _Pass,
         *,
         train: bool,
         batch_size: int,
         preprocess: Preprocessor,
         shuffle_buffer: int,
-        seed_tag: str,
+        seed: int,
         rank: int,
-        skip_raw: dict[int, int] | None = None,
-        rotate: int = 0,
     ) -> None:
         super().__init__()
-        self.plan = plan
+        self.plan_for = plan_for
+        self.start = start
         self.train = train
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.shuffle_buffer = shuffle_buffer
-        self.seed_tag = seed_tag
+        self.seed = seed
         self.rank = rank
-        self.skip_raw = skip_raw or {}
-        self.rotate = rotate
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, rotate, skip_raw = self.start.read()
+        plan = self.plan_for(epoch)
         info = get_worker_info()
-        streams = max(1, self.plan.num_workers)
+        streams = max(1, plan.num_workers)
         # After a resume, DataLoader worker 0 plays the stream whose batch comes next.
-        worker = ((info.id if info is not None else 0) + self.rotate) % streams
-        parts = self.plan.worker_parts[worker]
-        tag = f"{self.seed_tag}:{worker}"
+        worker = ((info.id if info is not None else 0) + rotate) % streams
+        parts = plan.worker_parts[worker]
+        tag = f"{self.seed}:{epoch}:{self.rank}:{worker}"
         pipeline = wds.DataPipeline(
             functools.partial(
                 read_samples,
                 parts,
-                stride=self.plan.stride,
+                stride=plan.stride,
                 rank=self.rank,
                 repeat=self.train,
                 rng=random.Random(f"{tag}:order") if self.train else None,
@@ -136,13 +166,35 @@ class _RankStream(IterableDataset):
                 preprocess=self.preprocess,
                 seed_tag=f"{tag}:augment",
                 worker=worker,
-                skip_raw=self.skip_raw.get(worker, 0),
+                skip_raw=skip_raw.get(worker, 0),
                 max_failures_in_row=max(sum(p.kept for p in parts), 1),
             ),
             # train batches are always full: the stream is endless, a partial one never forms
             wds.batched(self.batch_size, collation_fn=collate, partial=not self.train),
         )
         return iter(pipeline)
+
+
+# Each ShardLoader's DataLoader, held here rather than by the loader: a loader collected as part of a
+# reference cycle (a Trainer's, say) then stops its workers with the DataLoader's queues still working. Held
+# by the loader itself, the DataLoader would be in the same garbage, its queues' finalisers could run first,
+# its stop message would never reach the workers, and its shutdown would wait 5 s for each before killing it.
+_WORKERS: dict[int, DataLoader] = {}
+_TOKENS = itertools.count()
+
+
+def _stop_workers(token: int) -> None:
+    loader = _WORKERS.pop(token, None)
+    workers = getattr(loader, "_iterator", None)  # the DataLoader's persistent iterator: its workers
+    if workers is not None and hasattr(workers, "_shutdown_workers"):
+        workers._shutdown_workers()
+
+
+def _epoch_plan(
+    shards: list[ShardInfo], rank: int, world_size: int, workers: int, seed: int, train: bool, epoch: int
+) -> RankPlan:
+    """The rank's plan for `epoch`: train passes reshuffle which shards go where, identically on every rank."""
+    return plan_rank(shards, rank, world_size, workers, f"{seed}:{epoch}:shards" if train else None)
 
 
 class ShardLoader:
@@ -159,9 +211,12 @@ class ShardLoader:
     memory (its pin thread, off the training loop), so `.to(device, non_blocking=True)` overlaps
     the copy with compute; strings and counts pass through unchanged. Without CUDA it is off.
 
-    Workers are not persistent: each epoch's DataLoader gets that epoch's shard plan, stream rotation and
-    fast-forward positions (exact resume) in its dataset, and a train stream stopped at len would leave a
-    persistent worker holding batches of the old epoch; the cost is one fork per worker per epoch.
+    Workers are persistent: they start on the first pass and serve every later one (each epoch, each
+    evaluation) until `close()` or the loader is collected. A pass's start (epoch, rotation, fast-forward
+    positions) goes to them through shared memory (_Pass), and each worker plans its epoch itself, as the
+    main process does; batches a train pass made past len are dropped by the DataLoader when the next pass
+    restarts the workers. (The worker count is the same every epoch: the balancing gives a rank the same
+    number of shards whatever the shuffle; a plan with another count would start new workers.)
 
     An eval loader may yield more batches than len() when a shard's tar holds more samples than its
     manifest counts (each is read once, a warning names the shard); `may_exceed_len` tells
@@ -207,6 +262,10 @@ class ShardLoader:
         self.name = name or "shards"
         self.preprocess = preprocess or clip_preprocessor(image_size)
         self.epoch = 0
+        self._pass = _Pass(max(1, num_workers))
+        self._token = next(_TOKENS)  # its DataLoader, whose workers persist between passes: _WORKERS[token]
+        weakref.finalize(self, _stop_workers, self._token)
+        self._passes = 0  # passes started: a pass overtaken by a newer one (same workers) must not go on
         self._consumed: dict[str, Any] = {"epoch": 0, "batches": 0, "positions": {}}
         self._resume: dict[str, Any] | None = None
         self.total_samples = sum(s.count for s in self.shards)
@@ -278,8 +337,36 @@ class ShardLoader:
 
     def plan(self) -> RankPlan:
         """The shard -> worker assignment of this rank for the current epoch."""
-        shuffle_seed = f"{self.seed}:{self.epoch}:shards" if self.train else None
-        return plan_rank(self.shards, self.rank, self.world_size, self.requested_workers, shuffle_seed)
+        return self._plan_for(self.epoch)
+
+    @property
+    def _plan_for(self) -> Callable[[int], RankPlan]:
+        # not a bound method: the workers' dataset must not hold the loader (a cycle that only the garbage
+        # collector frees, and then without the clean shutdown of __del__)
+        return functools.partial(
+            _epoch_plan, self.shards, self.rank, self.world_size, self.requested_workers, self.seed, self.train
+        )
+
+    def _workers(self, num_workers: int) -> DataLoader:
+        """The DataLoader over this rank's stream with `num_workers` workers: the one of the previous pass
+        (its workers persist) unless that had another count."""
+        loader = _WORKERS.get(self._token)
+        if loader is not None and loader.num_workers == num_workers:
+            return loader
+        self.close()
+        stream = _RankStream(
+            self._plan_for, self._pass, train=self.train, batch_size=self.batch_size, preprocess=self.preprocess,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=self.rank,
+        )  # fmt: skip
+        loader = _WORKERS[self._token] = DataLoader(
+            stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+            pin_memory=self.pin_memory,
+        )  # fmt: skip
+        return loader
+
+    def close(self) -> None:
+        """Stop the workers now (also done when the loader is collected); the next pass starts new ones."""
+        _stop_workers(self._token)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         plan = self.plan()
@@ -289,26 +376,21 @@ class ShardLoader:
         produced = resume["batches"] if resume else 0
         positions = dict(resume["positions"]) if resume else {}
         streams = max(1, plan.num_workers)
-        stream = _RankStream(
-            plan,
-            train=self.train,
-            batch_size=self.batch_size,
-            preprocess=self.preprocess,
-            shuffle_buffer=self.shuffle_buffer,
-            seed_tag=f"{self.seed}:{self.epoch}:{self.rank}",
-            rank=self.rank,
-            skip_raw=positions,
-            rotate=produced % streams,
-        )
-        loader = DataLoader(
-            stream, batch_size=None, num_workers=plan.num_workers, persistent_workers=False, pin_memory=self.pin_memory
-        )
+        self._passes += 1
+        this_pass = self._passes
+        self._pass.write(self.epoch, produced % streams, positions)
+        loader = self._workers(plan.num_workers)
         self._consumed = {"epoch": self.epoch, "batches": produced, "positions": positions}
         if self.train and produced >= self._len:
             return
         # train streams are endless; stopping at len is what makes every rank agree
         checked = _refused(loader)
         for batch in checked if self.train else _fold_empty(checked, f"{self.name}: rank {self.rank}"):
+            if self._passes != this_pass:
+                raise RuntimeError(
+                    f"{self.name}: a new pass over this loader started while this one was being read; its "
+                    "workers now serve the new one (read one pass at a time)"
+                )
             positions[batch["worker"]] = batch["position"]
             produced += 1
             self._consumed["batches"] = produced
