@@ -342,7 +342,7 @@ class ShardLoader:
     @property
     def _plan_for(self) -> Callable[[int], RankPlan]:
         # not a bound method: the workers' dataset must not hold the loader (a cycle that only the garbage
-        # collector frees, and then without the clean shutdown of __del__)
+        # collector frees; see _WORKERS)
         return functools.partial(
             _epoch_plan, self.shards, self.rank, self.world_size, self.requested_workers, self.seed, self.train
         )
