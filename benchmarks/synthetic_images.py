@@ -6,7 +6,7 @@ Gaussian noise of a random strength. The noise and edges keep PNG and JPEG codin
 real photos; a smooth or repeated image would flatter the decoder. Seeded with numpy, so a tree is
 reproducible, and quick (a 1024² image in tens of milliseconds before encoding).
 
-`write_genimage_tree` writes a GenImage-layout tree <root>/<generator>/train/{ai,nature}/, the
+`write_genimage_tree` writes a GenImage-layout tree <root>/<generator>/<split>/{ai,nature}/, the
 fakes as PNG, the reals as JPEG at `real_quality` with ImageNet-like sizes around 500x375.
 """
 
@@ -57,8 +57,9 @@ def _write_range(folder: Path, kind: str, start: int, stop: int, fake_size: int,
 
 
 def write_genimage_tree(root: Path, generator: str, fakes: int, reals: int, fake_size: int, *, seed: int,
-                        real_seed: int | None = None, real_quality: int = 96, workers: int = 1) -> None:  # fmt: skip
-    """<root>/<generator>/train/{ai,nature}/: `fakes` PNGs of fake_size², `reals` JPEGs at `real_quality`.
+                        real_seed: int | None = None, real_quality: int = 96, workers: int = 1,
+                        split: str = "train") -> None:  # fmt: skip
+    """<root>/<generator>/<split>/{ai,nature}/: `fakes` PNGs of fake_size², `reals` JPEGs at `real_quality`.
 
     Fakes draw seeds from `seed`, reals from `real_seed` (default `seed`): two generators given the
     same `real_seed` get the same real images, as GenImage's generators share ImageNet's reals.
@@ -67,7 +68,7 @@ def write_genimage_tree(root: Path, generator: str, fakes: int, reals: int, fake
     real_seed = seed if real_seed is None else real_seed
     jobs = []
     for kind, count, kind_seed in (("ai", fakes, seed), ("nature", reals, real_seed)):
-        folder = root / generator / "train" / kind
+        folder = root / generator / split / kind
         folder.mkdir(parents=True, exist_ok=True)
         step = max(1, -(-count // (4 * workers)))
         jobs += [(folder, kind, a, min(a + step, count), fake_size, kind_seed, real_quality)

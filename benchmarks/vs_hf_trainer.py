@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args.image_size = args.image_size or (224 if args.defaults else 112)
     args.batch_size = args.batch_size or (32 if args.defaults else 16)
     if args.defaults:
-        # HF's Trainer under torchrun on a CPU trains each rank alone (a world of 1): one rank unless asked.
-        args.world_sizes = world_sizes if "--world-sizes" in (argv or sys.argv) else [1]
+        args.world_sizes = world_sizes
         return defaults.run(args, argv)
 
     # The parent imports both trainers first, so neither launch is the one that warms the page cache.

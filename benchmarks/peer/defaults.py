@@ -7,7 +7,8 @@
 - HF: `python hf_defaults_worker.py` (`torchrun --nproc_per_node N` on more ranks), a map-style
   Dataset decoding the same training images (extracted from the same shards to a folder per
   class, as a user's image folder) in `__getitem__`, default `TrainingArguments` but batch size,
-  epochs and LR (dataloader_num_workers 0, AdamW, linear decay, no DeepSpeed).
+  epochs and LR (dataloader_num_workers 0, AdamW, linear decay, no DeepSpeed), and `use_cpu=True`
+  on a machine without CUDA, as HF's CPU docs show (without it a CPU torchrun world is N worlds of 1).
 
 Neither launch gets OMP_NUM_THREADS: each picks its own threads, as a user would get them.
 samples/s: rank 0's steady optimizer steps (after --warmup-steps) times the global batch.
@@ -19,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,9 +111,17 @@ def launch(contender: str, world: int, args: argparse.Namespace, work: Path, tag
         raise RuntimeError(f"{contender} (defaults) at world size {world} failed (exit {proc.returncode}):\n{tail}")
     if contender == "ds_trainer":
         rows = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line.strip()]
-        result = {"step_end_time": [r["time"] for r in rows]}
+        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        # the share of its epochs the step spent waiting for a batch (ds_trainer's own data_wait_fraction)
+        wait = sum(e["data_wait_s"] for e in epochs) / sum(e["epoch_time_s"] for e in epochs)
+        result = {"step_end_time": [r["time"] for r in rows], "data_wait_fraction": wait}
     else:
         result = json.loads(out.read_text())
+        begin, end = result.pop("step_begin_time"), result["step_end_time"]
+        # after the warm-up steps: from one step's end to the next one's begin, HF's loop fetched (decoded) a batch
+        skip = args.warmup_steps
+        waits = [begin[i] - end[i - 1] for i in range(skip + 1, len(end))]
+        result["data_wait_fraction"] = sum(waits) / (end[-1] - end[skip]) if len(end) > skip + 1 else float("nan")
     times = result["step_end_time"]
     if result.get("world_size", world) != world:  # e.g. HF under torchrun on a CPU: each rank trains alone
         raise RuntimeError(f"{contender} saw a world of {result['world_size']} in a {world}-rank launch")
@@ -129,15 +139,52 @@ def launch(contender: str, world: int, args: argparse.Namespace, work: Path, tag
     }  # fmt: skip
 
 
+# SD v1.4's proportions in GenImage: 512² PNG fakes, ImageNet-like JPEG reals (~500x375, q96), half each
+SD_TRAIN, SD_VAL, SD_FAKE_SIDE, SD_QUALITY = 1600, 400, 512, 96
+
+
+def sd_mix_shards(cache: Path, workers: int = 2) -> Path:
+    """The SD v1.4-like shard set (train SD_TRAIN, val SD_VAL distinct images), built once into `cache`."""
+    from benchmarks.synthetic_images import write_genimage_tree
+    from ds_trainer.data.shards import shard_genimage
+
+    shards = cache / f"vs-hf-sd-t{SD_TRAIN}-v{SD_VAL}-q{SD_QUALITY}"
+    if (shards / "manifest.json").is_file():
+        return shards
+    src = cache / f"{shards.name}-src"
+    print(f"writing {SD_TRAIN + SD_VAL} distinct SD v1.4-like images and their shards in {shards}", flush=True)
+    for split, n, seed in (("train", SD_TRAIN, 11), ("val", SD_VAL, 12)):  # other seeds: no image in both
+        write_genimage_tree(src, "sd", n - n // 2, n // 2, SD_FAKE_SIDE, seed=seed, real_quality=SD_QUALITY,
+                            workers=workers, split=split)  # fmt: skip
+    shard_genimage(src, shards, max_count=200, workers=workers, progress=False)
+    shutil.rmtree(src)
+    return shards
+
+
+def resolve_shards(args: argparse.Namespace) -> tuple[Path, str]:
+    """The shard set of the run and how the report describes it: --shards, else --images (sd or demo)."""
+    if args.shards is None and args.images == "sd":
+        shards = sd_mix_shards(Path(args.cache))
+        what = (f"an SD v1.4-like shard set as GenImage's ({SD_FAKE_SIDE}² PNG fakes, ~500x375 JPEG reals at "
+                f"q{SD_QUALITY}, distinct generated images, benchmarks/synthetic_images.py)")  # fmt: skip
+        return shards, what
+    shards = Path(args.shards or "data_shards/demo")
+    shards = shards if shards.is_absolute() else REPO / shards
+    if not (shards / "manifest.json").exists():
+        from ds_trainer.data import make_demo_shards
+
+        print(f"building the demo shard set in {shards} (as `make demo-data`)", flush=True)
+        make_demo_shards(shards, progress=False)
+    return (
+        shards,
+        f"the shards in {args.shards or 'data_shards/demo'} (the demo's: 224–256 px JPEG reals and PNG fakes)",
+    )
+
+
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     from benchmarks.step_overhead import small_clip_dir
 
-    args.shards = Path(args.shards) if Path(args.shards).is_absolute() else REPO / args.shards
-    if not (args.shards / "manifest.json").exists():
-        from ds_trainer.data import make_demo_shards
-
-        print(f"building the demo shard set in {args.shards} (as `make demo-data`)", flush=True)
-        make_demo_shards(args.shards, progress=False)
+    args.shards, described = resolve_shards(args)
     raw: dict[int, dict[str, list[dict[str, Any]]]] = {w: {c: [] for c in CONTENDERS} for w in args.world_sizes}
     order: list[str] = []
     with tempfile.TemporaryDirectory(prefix="ds_trainer_vs_hf_defaults_") as tmp:
@@ -161,19 +208,26 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         rate = {c: spread([m["samples_per_s"] for m in raw[w][c]]) for c in CONTENDERS}
         per_world[str(w)] = {"samples_per_s": rate, "ratio": spread(ratios), "ratio_median_step": spread(median_ratios),
                              "meets_1_2x": spread(ratios)["median"] >= 1.2}  # fmt: skip
+        wait = {c: spread([m["data_wait_fraction"] for m in raw[w][c]]) for c in CONTENDERS}
+        per_world[str(w)]["data_wait_fraction"] = wait
         rows.append([w, fmt_spread(rate["ds_trainer"], 1), fmt_spread(rate["hf"], 1), fmt_spread(spread(ratios)),
-                     fmt_spread(spread(median_ratios)), hf[-1].get("torch_threads")])  # fmt: skip
+                     fmt_spread(spread(median_ratios)), fmt_spread(wait["ds_trainer"], 2), fmt_spread(wait["hf"], 2),
+                     hf[-1].get("torch_threads")])  # fmt: skip
         summary.append(f"{w} rank{'s' if w > 1 else ''}: ds_trainer/HF samples/s {fmt_spread(spread(ratios))}")
     table = md_table(["world size", "ds_trainer samples/s", "HF samples/s", "ratio ds_trainer/HF",
-                      "ratio, median steps", "HF torch threads"], rows)  # fmt: skip
+                      "ratio, median steps", "ds_trainer data wait", "HF data wait", "HF torch threads"],
+                     rows)  # fmt: skip
     markdown = (
-        f"{table}\n\nEach tool as its docs show, on the demo shards ({n_images} training images, 224–256 px JPEG "
-        f"reals and PNG fakes, decoded and CLIP-preprocessed by both): ds_trainer through `./launch.sh --config` with "
+        f"{table}\n\nEach tool as its docs show, on {described}: {n_images} training images, decoded and "
+        f"CLIP-preprocessed by both. ds_trainer through `./launch.sh --config` with "
         f"its YAML defaults and the streaming loader; HF's `Trainer` with a map-style Dataset decoding in "
-        f"`__getitem__` and default `TrainingArguments`. Only batch {args.batch_size}/rank, {args.epochs} epoch(s) "
+        f"`__getitem__` and default `TrainingArguments` (`use_cpu=True` without CUDA: HF's DDP over gloo). Only batch {args.batch_size}/rank, {args.epochs} epoch(s) "
         f"and LR {args.lr:g} set equal (plus the model: a random-init CLIP tower, {args.hidden} wide, {args.layers} "
         f"layers, patch {args.patch_size}, {args.image_size} px). samples/s is steady state (after step "
-        f"{args.warmup_steps}), median (range) of {args.repeats} alternated launches; target ≥ 1.2×."
+        f"{args.warmup_steps}), median (range) of {args.repeats} alternated launches; target ≥ 1.2×. Data wait: "
+        f"the share of the time the training step waited for its batch (ds_trainer: its epochs' "
+        f"`data_wait_fraction`; HF: from each step's end to the next one's begin, where its loop decodes the "
+        f"batch, after step {args.warmup_steps})."
     )
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     write_result("vs_hf_trainer_defaults", args.out, argv, "; ".join(summary), markdown,
@@ -185,7 +239,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("--defaults run")
     g.add_argument("--defaults", action="store_true", help="each tool at its documented defaults, on real shards")
-    g.add_argument("--shards", default="data_shards/demo", help="--defaults: the shard set (built when absent)")
+    g.add_argument("--images", choices=("sd", "demo"), default="sd",
+                   help="--defaults: an SD v1.4-like set (512² PNG fakes, JPEG reals; built once into --cache) "
+                   "or the demo shards")  # fmt: skip
+    g.add_argument("--shards", default=None, help="--defaults: a shard set of your own (the demo's built when absent)")
+    g.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ds_trainer_bench"),
+                   help="--defaults: where the SD-like set is kept between runs")  # fmt: skip
     g.add_argument("--epochs", type=int, default=1, help="--defaults: epochs (both)")
     g.add_argument("--lr", type=float, default=1e-4, help="--defaults: learning rate (both)")
     g.add_argument("--patch-size", type=int, default=None, help="patch of the CLIP tower (16; --defaults: 32)")

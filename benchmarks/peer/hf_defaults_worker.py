@@ -5,7 +5,10 @@ Dataset that opens and decodes each image in `__getitem__` (PIL, then the same C
 ds_trainer applies to a training sample, `ds_trainer.data.transforms.Preprocess` at its defaults),
 and `TrainingArguments` left at their defaults except batch size, epochs and LR. So: no DeepSpeed,
 the default AdamW, linear decay, `dataloader_num_workers=0` (decoding in the training process),
-HF's own DDP on more ranks. A callback records the wall time of each optimizer step; rank 0
+HF's own DDP on more ranks. On a machine without CUDA it also sets `use_cpu=True`, as HF's CPU
+training docs do: without it accelerate sets up no process group on a CPU under torchrun (each rank
+trains alone, a world of 1); with it, DDP over gloo. One rank trains the same either way. A
+callback records the wall time each optimizer step begins (its batch in hand) and ends; rank 0
 writes --out.
 """
 
@@ -64,14 +67,21 @@ def main() -> int:
 
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    step_begin: list[float] = []
     step_end: list[float] = []
 
     class StepTimes(TrainerCallback):
+        # HF's loop takes the next batch from its DataLoader (decoding it here: 0 workers), then calls
+        # on_step_begin: the time from one step's end to the next one's begin is the wait for data
+        def on_step_begin(self, args, state, control, **kwargs):
+            step_begin.append(time.time())
+
         def on_step_end(self, args, state, control, **kwargs):
             step_end.append(time.time())
 
     training_args = TrainingArguments(output_dir=args.run_dir, per_device_train_batch_size=args.batch_size,
-                                      num_train_epochs=args.epochs, learning_rate=args.lr)  # fmt: skip
+                                      num_train_epochs=args.epochs, learning_rate=args.lr,
+                                      use_cpu=not torch.cuda.is_available())  # fmt: skip
     dataset = ImageFiles(Path(args.index), args.image_size)
     trainer = Trainer(model=LossWrapper(build_model(args.model_dir)), args=training_args, train_dataset=dataset,
                       callbacks=[StepTimes()])  # fmt: skip
@@ -81,6 +91,7 @@ def main() -> int:
             "contender": "hf",
             "world_size": training_args.world_size,
             "step_end_time": step_end,
+            "step_begin_time": step_begin,
             "train_loss": result.training_loss,
             "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                               else trainer.optimizer).__name__,
