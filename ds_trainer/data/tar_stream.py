@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import re
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,25 @@ def _log_and_continue(url: str, exc: Exception) -> bool:
     return True
 
 
-def _open_shard(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-    """The shard's stream for tar_file_expander (as webdataset's url_opener, local files only), closed after.
+# webdataset's names for members that are no sample's (skipped as its tar reader skips them)
+_META = re.compile(r"__[^/]*__($|/)")
 
-    Only a regular file is opened: a FIFO put in a shard's place after load_manifest checked it
-    would block the reader forever.
+
+def _is_meta(name: str) -> bool:
+    return bool(_META.match(name)) or ("/" not in name and name.startswith("__") and name.endswith("__"))
+
+
+def _shard_files(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """The shard's regular members as {"fname", "data", "__url__"}, then {} (the end-of-shard marker).
+
+    What webdataset's tar_file_expander yields, read another way. webdataset opens the tar as a
+    stream ("r|*"), which copies every member through 10 KiB chunks. A shard is a regular file, so
+    here it is opened seekable ("r:*", compressed tars too) and each member is read in one piece.
+    Measured in the train loader (one process, 3 alternated rounds), prepared raw 224² samples:
+    x1.43 img/s (1.35-1.67); SD v1.4 PNG/JPEG samples: unchanged within the noise. Errors go to
+    `handler` as webdataset's do: one that opens or iterates the tar ends the shard, one that reads a
+    member skips that member. Only a regular file is opened: a FIFO put in a shard's place after
+    load_manifest checked it would block the reader forever.
     """
     try:
         stream = open_regular(url)
@@ -48,7 +64,24 @@ def _open_shard(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict
         handler(exc)
         return
     with stream:
-        yield {"url": url, "stream": stream}
+        try:
+            with tarfile.open(fileobj=stream, mode="r:*") as tar:
+                while (info := tar.next()) is not None:
+                    tar.members = []  # each TarInfo is kept otherwise: flat memory on a long shard
+                    if not info.isreg() or _is_meta(info.name):
+                        continue
+                    try:
+                        data = tar.extractfile(info).read()
+                    except Exception as exc:  # noqa: BLE001 - as webdataset: a damaged member raises many types
+                        exc.args = (*exc.args, url)
+                        handler(exc)
+                        continue
+                    yield {"fname": info.name, "data": data, "__url__": url}
+        except Exception as exc:  # noqa: BLE001 - as webdataset: a damaged tar (or its compression) raises many types
+            exc.args = (*exc.args, url)
+            handler(exc)
+            return
+    yield {}
 
 
 def _split_repeated_members(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -125,7 +158,7 @@ def _shard_samples(parts: list[ShardPart], stride: int, rank: int) -> Iterator[d
     for part in parts:
         # one reader per shard so the enumerate index is the index inside the shard
         handler = functools.partial(_log_and_continue, part.url)
-        files = tariterators.tar_file_expander(_open_shard(part.url, handler), handler=handler)
+        files = _shard_files(part.url, handler)
         samples = tariterators.group_by_keys(_split_repeated_members(files), handler=handler)
         seen: set[str] = set()
         read, key = 0, None
