@@ -152,6 +152,8 @@ def sd_mix_shards(cache: Path, workers: int = 2) -> Path:
     if (shards / "manifest.json").is_file():
         return shards
     src = cache / f"{shards.name}-src"
+    for partial in (src, shards):  # what an interrupted build left
+        shutil.rmtree(partial, ignore_errors=True)
     print(f"writing {SD_TRAIN + SD_VAL} distinct SD v1.4-like images and their shards in {shards}", flush=True)
     for split, n, seed in (("train", SD_TRAIN, 11), ("val", SD_VAL, 12)):  # other seeds: no image in both
         write_genimage_tree(src, "sd", n - n // 2, n // 2, SD_FAKE_SIDE, seed=seed, real_quality=SD_QUALITY,
