@@ -232,10 +232,7 @@ def variants(mixes: list[str], workers: list[int]) -> list[tuple[str, str, str, 
     """(mix, set kind, setting, workers) in the order each round runs them."""
     out = [(*TODAY[:2], BEFORE, w) for w in workers]
     out += [(m, "source", s, w) for m in mixes for s in SETTINGS for w in workers]
-    if "sd" in mixes:
-        out += [("sd", name, setting, w) for name, (_, setting) in PREPARED["sd"].items() for w in workers]
-    if "mj" in mixes:
-        out += [("mj", name, setting, w) for name, (_, setting) in PREPARED["mj"].items() for w in workers]
+    out += [(m, name, setting, w) for m in mixes for name, (_, setting) in PREPARED[m].items() for w in workers]
     return out
 
 

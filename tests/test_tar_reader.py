@@ -7,6 +7,7 @@ counts the loader's other tests check stay what they were.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import tarfile
@@ -43,28 +44,28 @@ def _write_tar(path, mode="w"):
         add("empty.txt", b"")
 
 
+def _handler(errors):
+    """Raise each error, or (given a list) collect it and go on, as the loader's handler does."""
+
+    def handler(exc):
+        if errors is None:
+            raise exc
+        errors.append(exc)
+        return True
+
+    return handler
+
+
 def _webdataset(path, errors=None):
     def opened():
         with open_regular(str(path)) as stream:
             yield {"url": str(path), "stream": stream}
 
-    def handler(exc):
-        if errors is None:
-            raise exc
-        errors.append(exc)
-        return True
-
-    return list(tariterators.tar_file_expander(opened(), handler=handler))
+    return list(tariterators.tar_file_expander(opened(), handler=_handler(errors)))
 
 
 def _ours(path, errors=None):
-    def handler(exc):
-        if errors is None:
-            raise exc
-        errors.append(exc)
-        return True
-
-    return list(tar_stream._shard_files(str(path), handler))
+    return list(tar_stream._shard_files(str(path), _handler(errors)))
 
 
 @pytest.mark.parametrize("mode", ["w", "w:gz"])
@@ -108,7 +109,8 @@ def test_not_a_tar_and_missing_file_go_to_the_handler(tmp_path, caplog):
     errors.clear()
     assert _ours(tmp_path / "gone.tar", errors) == [] and isinstance(errors[0], FileNotFoundError)
     with caplog.at_level(logging.WARNING, logger="ds_trainer.data.pipeline"):
-        assert list(tar_stream._shard_files(str(junk), tar_stream._log_and_continue.__get__(str(junk)))) == []
+        handler = functools.partial(tar_stream._log_and_continue, str(junk))  # the loader's own handler
+        assert list(tar_stream._shard_files(str(junk), handler)) == []
     assert "unreadable tar data in" in caplog.text and "junk.tar" in caplog.text
 
 

@@ -82,6 +82,10 @@ def ds_trainer_yaml(path: Path, model_dir: Path, shards: Path, run_dir: Path, ar
     return path
 
 
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def launch(contender: str, world: int, args: argparse.Namespace, work: Path, tag: str) -> dict[str, Any]:
     from ds_trainer.distributed import _free_port
 
@@ -110,8 +114,7 @@ def launch(contender: str, world: int, args: argparse.Namespace, work: Path, tag
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise RuntimeError(f"{contender} (defaults) at world size {world} failed (exit {proc.returncode}):\n{tail}")
     if contender == "ds_trainer":
-        rows = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines() if line.strip()]
-        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows, epochs = _jsonl(run_dir / "steps.jsonl"), _jsonl(run_dir / "metrics.jsonl")
         # the share of its epochs the step spent waiting for a batch (ds_trainer's own data_wait_fraction)
         wait = sum(e["data_wait_s"] for e in epochs) / sum(e["epoch_time_s"] for e in epochs)
         result = {"step_end_time": [r["time"] for r in rows], "data_wait_fraction": wait}

@@ -42,7 +42,10 @@ _META = re.compile(r"__[^/]*__($|/)")
 
 
 def _is_meta(name: str) -> bool:
-    return bool(_META.match(name)) or ("/" not in name and name.startswith("__") and name.endswith("__"))
+    top_level = (
+        "/" not in name and name.startswith(tariterators.meta_prefix) and name.endswith(tariterators.meta_suffix)
+    )
+    return top_level or bool(_META.match(name))
 
 
 def _shard_files(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
